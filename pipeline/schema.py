@@ -1,0 +1,152 @@
+"""Parquet schemas of every artifact the pipeline writes, and strict readers/writers for them.
+
+Each artifact is one Parquet file with images embedded as encoded bytes (PNG or JPEG), so an
+artifact is one file, not thousands. A schema is explicit here so that every stage, and every
+user's notebook, agrees on column names and types.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ANSWER_TYPES = ("closed", "open")
+
+# One VQA entry: the unit of `data/prepared/{train,test}.parquet` and `data/pool.parquet`.
+VQA_FIELDS = [
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("dataset", pa.string(), nullable=False),
+    pa.field("split", pa.string(), nullable=False),
+    pa.field("image", pa.binary(), nullable=False),  # encoded PNG/JPEG bytes
+    pa.field("question", pa.string(), nullable=False),
+    pa.field("answer", pa.string(), nullable=False),
+    pa.field("answer_type", pa.string(), nullable=False),  # "closed" | "open"
+    pa.field("modality", pa.string(), nullable=False),
+    pa.field("question_type", pa.string(), nullable=False),
+]
+VQA_SCHEMA = pa.schema(VQA_FIELDS)
+
+# `data/pool.parquet`: the entries preferences are built from, plus why each was chosen.
+POOL_SCHEMA = pa.schema(
+    VQA_FIELDS
+    + [
+        pa.field("mine_strategy", pa.string(), nullable=False),
+        pa.field("mine_score", pa.float64(), nullable=True),  # hardness, where the strategy computes one
+    ]
+)
+
+# One dispreferred candidate made by `sample` (HSCR §3.1).
+CANDIDATE_TYPE = pa.struct(
+    [
+        pa.field("text", pa.string()),
+        pa.field("token_ids", pa.list_(pa.int32())),
+        pa.field("level", pa.int32()),  # 1..k: how many sensitive positions were replaced
+        pa.field("positions", pa.list_(pa.int32())),  # replaced positions within the answer tokens
+        pa.field("original_tokens", pa.list_(pa.string())),
+        pa.field("replacement_tokens", pa.list_(pa.string())),
+        pa.field("logprob", pa.float64()),  # log p_sft(candidate | full image, question)
+    ]
+)
+
+# `data/candidates.parquet`
+CANDIDATES_SCHEMA = pa.schema(
+    VQA_FIELDS
+    + [
+        pa.field("chosen_token_ids", pa.list_(pa.int32())),
+        pa.field("chosen_logprob", pa.float64()),
+        pa.field("sensitivity", pa.list_(pa.float64())),  # per answer position: logit shift full - dropped
+        pa.field("candidates", pa.list_(CANDIDATE_TYPE)),
+    ]
+)
+
+# One dispreferred response kept by `rerank` (HSCR §3.2), in rank order (most similar first).
+REJECTED_TYPE = pa.struct(
+    [
+        pa.field("text", pa.string()),
+        pa.field("similarity", pa.float64()),
+        pa.field("level", pa.int32()),
+        pa.field("logprob", pa.float64()),
+    ]
+)
+
+# `data/ranked.parquet`: `answer` is the chosen (preferred) response.
+RANKED_SCHEMA = pa.schema(VQA_FIELDS + [pa.field("rejected", pa.list_(REJECTED_TYPE))])
+
+# The judges' verdict on one dispreferred response (MMedPO §3.2), aligned with `rejected`.
+JUDGEMENT_TYPE = pa.struct(
+    [
+        pa.field("score", pa.float64()),  # null when every judge answer was missing
+        pa.field("rounds", pa.int32()),
+        pa.field("agreed", pa.bool_()),
+        pa.field("weight", pa.float64()),
+        pa.field("transcript", pa.string()),  # JSON list of every judge turn, for audit
+    ]
+)
+
+# `data/scored.parquet`
+SCORED_SCHEMA = pa.schema(
+    VQA_FIELDS
+    + [
+        pa.field("rejected", pa.list_(REJECTED_TYPE)),
+        pa.field("judgements", pa.list_(JUDGEMENT_TYPE)),
+    ]
+)
+
+# `reports/predictions/*.parquet`: one row per evaluated question.
+PREDICTION_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("model", pa.string(), nullable=False),  # e.g. "sft", "sft_blind"
+        pa.field("question", pa.string()),
+        pa.field("answer", pa.string()),
+        pa.field("prediction", pa.string()),
+        pa.field("answer_type", pa.string()),
+        pa.field("modality", pa.string()),
+        pa.field("question_type", pa.string()),
+        pa.field("score", pa.float64()),  # closed: 0/1 correctness; open: token recall
+    ]
+)
+
+
+class SchemaError(ValueError):
+    """An artifact does not match the schema a stage expects."""
+
+
+def write_table(table: pa.Table, path: str | Path, schema: pa.Schema) -> None:
+    """Cast `table` to `schema` and write it atomically (a crash never leaves half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    missing = [name for name in schema.names if name not in table.column_names]
+    if missing:
+        raise SchemaError(f"{path}: missing columns {missing}")
+    table = table.select(schema.names).cast(schema)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+
+
+def write_rows(rows: list[dict], path: str | Path, schema: pa.Schema) -> None:
+    """Write a list of row dicts with `schema` (see `write_table`)."""
+    write_table(pa.Table.from_pylist(rows, schema=schema), path, schema)
+
+
+def read_table(path: str | Path, schema: pa.Schema) -> pa.Table:
+    """Read an artifact and check it carries every column of `schema` with the right type."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: run the stage that writes it first (`dvc repro`)")
+    table = pq.read_table(path)
+    for field in schema:
+        if field.name not in table.column_names:
+            raise SchemaError(f"{path}: missing column {field.name!r}")
+        have = table.schema.field(field.name).type
+        if have != field.type:
+            raise SchemaError(f"{path}: column {field.name!r} is {have}, expected {field.type}")
+    return table.select(schema.names)
+
+
+def read_rows(path: str | Path, schema: pa.Schema) -> list[dict]:
+    """Read an artifact as a list of row dicts (see `read_table`)."""
+    return read_table(path, schema).to_pylist()

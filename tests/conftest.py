@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny models built from configs in code, tiny VQA rows made with PIL."""
+
+from __future__ import annotations
+
+import io
+import random
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from pipeline.models.profiles import build_tiny
+
+
+def make_rows(n: int, seed: int = 0, size: int = 32) -> list[dict]:
+    """A one-template VQA set: a bright disc is present or not; the answer needs the image."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        present = rng.random() < 0.5
+        image = Image.new("RGB", (size, size), (20, 20, 20))
+        if present:
+            x, y = rng.randint(4, size - 16), rng.randint(4, size - 16)
+            ImageDraw.Draw(image).ellipse([x, y, x + 11, y + 11], fill=(240, 240, 240))
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        rows.append(
+            {
+                "id": f"row-{i:04d}",
+                "dataset": "unit",
+                "split": "train",
+                "image": buf.getvalue(),
+                "question": "is there a lesion in the left lung ?",
+                "answer": "yes" if present else "no",
+                "answer_type": "closed",
+                "modality": "ct",
+                "question_type": "presence",
+            }
+        )
+    return rows
+
+
+@pytest.fixture
+def rows() -> list[dict]:
+    return make_rows(16)
+
+
+@pytest.fixture
+def tiny_vlm(rows):
+    torch.manual_seed(0)
+    texts = [r["question"] for r in rows] + ["yes", "no", "left", "right", "large", "small", "1", "2", "3"]
+    return build_tiny(texts, seed=0)

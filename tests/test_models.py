@@ -1,0 +1,106 @@
+"""The model core: profiles, prompts, persistence, visual-token dropout and greedy decoding."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.batching import collate_prompts, collate_sequences
+from pipeline.generation import greedy_generate
+from pipeline.models.profiles import load_vlm
+from pipeline.models.vlm import position_ids_from_mask
+from pipeline.visual_dropout import blind_mask, drop_visual_tokens
+
+
+def test_tiny_profile_is_small_llava(tiny_vlm):
+    n_params = sum(p.numel() for p in tiny_vlm.model.parameters())
+    assert 10_000 < n_params < 5_000_000
+    assert type(tiny_vlm.model).__name__ == "LlavaForConditionalGeneration"
+
+
+def test_prompt_expands_image_placeholder(tiny_vlm):
+    ids = tiny_vlm.prompt_ids("is there a lesion ?")
+    assert sum(i == tiny_vlm.image_token_id for i in ids) == tiny_vlm.settings.num_image_tokens
+    assert tiny_vlm.answer_ids("yes")[-1] == tiny_vlm.eos_token_id
+
+
+def test_save_load_round_trip_gives_same_logits(tiny_vlm, rows, tmp_path):
+    batch = collate_sequences(tiny_vlm, [r["image"] for r in rows[:3]], [r["question"] for r in rows[:3]],
+                              [r["answer"] for r in rows[:3]])
+    before = tiny_vlm.forward(batch.attention_mask, batch.input_ids, batch.pixel_values).logits
+    tiny_vlm.save(tmp_path / "m")
+    loaded = load_vlm(tmp_path / "m", device="cpu", dtype=torch.float32)
+    assert loaded.settings == tiny_vlm.settings
+    batch2 = collate_sequences(loaded, [r["image"] for r in rows[:3]], [r["question"] for r in rows[:3]],
+                               [r["answer"] for r in rows[:3]])
+    assert torch.equal(batch.input_ids, batch2.input_ids)
+    after = loaded.forward(batch2.attention_mask, batch2.input_ids, batch2.pixel_values).logits
+    torch.testing.assert_close(before, after)
+
+
+def _removed_logits(vlm, batch, keep_mask):
+    """Reference: physically delete the masked tokens and run the shorter sequences one by one."""
+    embeds = vlm.embed(batch.input_ids, batch.pixel_values)
+    out = []
+    for b in range(embeds.shape[0]):
+        keep = keep_mask[b].bool()
+        e = embeds[b][keep].unsqueeze(0)
+        mask = torch.ones(1, e.shape[1], dtype=torch.long)
+        logits = vlm.model(inputs_embeds=e, attention_mask=mask,
+                           position_ids=position_ids_from_mask(mask)).logits[0]
+        out.append((logits, keep))
+    return out
+
+
+def test_dropout_by_masking_equals_removing_visual_tokens(tiny_vlm, rows):
+    batch = collate_sequences(tiny_vlm, [r["image"] for r in rows[:4]], [r["question"] for r in rows[:4]],
+                              ["yes", "no", "left lung", "no"])
+    dropped = drop_visual_tokens(batch.attention_mask, batch.image_mask, 0.7, seeds=[1, 2, 3, 4])
+    masked = tiny_vlm.forward(dropped, batch.input_ids, batch.pixel_values).logits
+    for b, (ref, keep) in enumerate(_removed_logits(tiny_vlm, batch, dropped)):
+        torch.testing.assert_close(masked[b][keep], ref, atol=1e-5, rtol=1e-4)
+
+
+def test_dropout_counts_seeds_and_ratio_zero(tiny_vlm, rows):
+    batch = collate_prompts(tiny_vlm, [r["image"] for r in rows[:3]], [r["question"] for r in rows[:3]])
+    n_visual = tiny_vlm.settings.num_image_tokens
+    same = drop_visual_tokens(batch.attention_mask, batch.image_mask, 0.0, seeds=[0, 1, 2])
+    assert torch.equal(same, batch.attention_mask)
+    a = drop_visual_tokens(batch.attention_mask, batch.image_mask, 0.5, seeds=[0, 1, 2])
+    b = drop_visual_tokens(batch.attention_mask, batch.image_mask, 0.5, seeds=[0, 1, 2])
+    c = drop_visual_tokens(batch.attention_mask, batch.image_mask, 0.5, seeds=[5, 6, 7])
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    dropped_per_row = (batch.attention_mask - a).sum(-1)
+    assert dropped_per_row.tolist() == [round(0.5 * n_visual)] * 3
+    # only visual positions are ever dropped
+    assert not ((batch.attention_mask != a) & ~batch.image_mask).any()
+    blind = blind_mask(batch.attention_mask, batch.image_mask)
+    assert int((batch.attention_mask - blind).sum()) == 3 * n_visual
+
+
+def test_blind_answers_ignore_the_image(tiny_vlm, rows):
+    questions = [rows[0]["question"]] * 2
+    images = [rows[0]["image"], rows[1]["image"]]
+    batch = collate_prompts(tiny_vlm, images, questions)
+    blind = greedy_generate(tiny_vlm, batch, 5, attention_mask=blind_mask(batch.attention_mask, batch.image_mask))
+    assert blind[0] == blind[1]
+
+
+def test_cached_greedy_matches_no_cache_reference(tiny_vlm, rows):
+    batch = collate_prompts(tiny_vlm, [r["image"] for r in rows[:4]],
+                            [r["question"] for r in rows[:3]] + ["is there ?"])
+    got = greedy_generate(tiny_vlm, batch, 6)
+    embeds = tiny_vlm.embed(batch.input_ids, batch.pixel_values)
+    for b in range(4):
+        keep = batch.attention_mask[b].bool()
+        e = embeds[b][keep].unsqueeze(0)
+        ref: list[int] = []
+        for _ in range(6):
+            mask = torch.ones(1, e.shape[1], dtype=torch.long)
+            logits = tiny_vlm.model(inputs_embeds=e, attention_mask=mask,
+                                    position_ids=position_ids_from_mask(mask)).logits
+            nxt = int(logits[0, -1].argmax())
+            if nxt == tiny_vlm.eos_token_id:
+                break
+            ref.append(nxt)
+            e = torch.cat([e, tiny_vlm.model.get_input_embeddings()(torch.tensor([[nxt]]))], dim=1)
+        assert got[b] == ref
