@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
 
@@ -97,6 +97,9 @@ def _load_pil(data: bytes, label: str) -> Image.Image:
             # Photographs (pathology, endoscopy) may carry an EXIF rotation the viewer applies.
             im = ImageOps.exif_transpose(im)
             return _pil_to_rgb(im)
+    except UnidentifiedImageError as e:
+        # PIL's own message names an anonymous BytesIO, which tells the user nothing.
+        raise ImageError(f"{label}: not a PNG/JPEG/DICOM image (unrecognised format)") from e
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImageError(f"{label}: not a readable PNG/JPEG/DICOM image ({e})") from e
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,11 +155,11 @@ def ingest(
             f"{source}: {len(bad_rows)} of {len(records)} rows are bad; fix them, or set "
             f"skip_bad: true to leave them out (each one is then reported):\n{_summarize(issues)}"
         )
-    skipped = [f"{label}: " + "; ".join(f"{i.kind}: {i.detail}" for i in its) for label, its in bad_rows.items()]
+    skipped = [
+        f"{label}: " + "; ".join(f"{i.kind}: {i.detail}" for i in its) for label, its in bad_rows.items()
+    ]
     if not rows:
-        raise IngestError(
-            f"{source}: no usable rows: all {len(records)} rows are bad:\n{_summarize(issues)}"
-        )
+        raise IngestError(f"{source}: no usable rows: all {len(records)} rows are bad:\n{_summarize(issues)}")
     return IngestResult(rows=rows, skipped=skipped)
 
 
@@ -211,7 +211,7 @@ def _read_parquet(source: Path) -> Iterator[_Record]:
     except Exception as e:  # pyarrow raises ArrowInvalid/OSError for non-Parquet files
         raise IngestError(f"{source}: not a readable Parquet file ({e})") from e
     index = 0
-    # Batches bound the memory of the decoded Python objects; images can be large.
+    # Batches avoid holding the whole Arrow table and its Python copy (image bytes included) at once.
     for batch in file.iter_batches(batch_size=256):
         for item in batch.to_pylist():
             yield _Record(index, f"row {index}", item)
@@ -294,9 +294,13 @@ def _conversation(data: dict[str, Any]) -> tuple[Any, Any, str | None]:
     human = [t.get("value") for t in turns if str(t.get("from", "")).lower() in HUMAN_ROLES]
     gpt = [t.get("value") for t in turns if str(t.get("from", "")).lower() in GPT_ROLES]
     if len(human) != 1 or len(gpt) != 1:
-        return None, None, (
-            f"`{CONVERSATION_FIELD}` has {len(human)} human and {len(gpt)} gpt turns; "
-            "a VQA row needs exactly one of each"
+        return (
+            None,
+            None,
+            (
+                f"`{CONVERSATION_FIELD}` has {len(human)} human and {len(gpt)} gpt turns; "
+                "a VQA row needs exactly one of each"
+            ),
         )
     return human[0], gpt[0], None
 
@@ -334,7 +338,10 @@ def _build_row(
     if question is not None:
         question = question.replace(IMAGE_PLACEHOLDER, "").strip()
     if not question:
-        bad("empty question", "no question text" if raw_q is None or question == "" else f"not text: {raw_q!r}")
+        bad(
+            "empty question",
+            "no question text" if raw_q is None or question == "" else f"not text: {raw_q!r}",
+        )
     answer = _text(raw_a)
     if not answer:
         bad("empty answer", "no answer text" if raw_a is None or answer == "" else f"not text: {raw_a!r}")
@@ -343,7 +350,10 @@ def _build_row(
     if has_answer_types:
         raw_type = data.get(ANSWER_TYPE_FIELD)
         answer_type = ANSWER_TYPE_MAP.get(str(raw_type).strip().lower()) if raw_type is not None else None
-        if answer_type is None:
+        if raw_type is None:
+            # Inferring for some rows only would mix two labelling schemes in one dataset.
+            bad("missing answer type", f"the file has `{ANSWER_TYPE_FIELD}`, but not this row")
+        elif answer_type is None:
             bad("unknown answer type", f"{raw_type!r} (expected one of {sorted(ANSWER_TYPE_MAP)})")
     elif answer:
         answer_type = infer_answer_type(answer)
@@ -372,11 +382,11 @@ def _build_row(
 
 
 def infer_answer_type(answer: str) -> str:
-    """"closed" iff the answer is yes or no (case, spaces and a final period ignored), else "open"."""
+    """Return "closed" iff the answer is yes or no (case, spaces and a final period ignored), else "open"."""
     return "closed" if answer.strip().lower().rstrip(".!").strip() in YES_NO else "open"
 
 
-def _optional(data: dict[str, Any], names: tuple[str, ...], bad: Any) -> str:
+def _optional(data: dict[str, Any], names: tuple[str, ...], bad: Callable[[str, str], None]) -> str:
     value = _first(data, names)
     if value is None:
         return UNKNOWN
@@ -393,8 +403,11 @@ def _image_png(value: Any, root: Path, cache: dict[str, bytes | str]) -> bytes |
     Datasets ask many questions about one image (VQA-RAD: ~11 per image), so each distinct image
     is decoded once; failures are cached too so every row that uses a broken image is reported.
     """
+    name = "embedded image"
     if isinstance(value, dict):
         # Hub "Image" struct: embedded bytes, or a path when the bytes were not embedded.
+        if value.get("bytes") is not None and isinstance(value.get("path"), str) and value["path"]:
+            name = f"embedded image {value['path']}"  # a ".dcm" name also marks the bytes as DICOM
         value = value.get("bytes") if value.get("bytes") is not None else value.get("path")
     if value is None:
         return _Issue("missing image", "", f"none of {list(IMAGE_FIELDS)} is set")
@@ -403,7 +416,6 @@ def _image_png(value: Any, root: Path, cache: dict[str, bytes | str]) -> bytes |
         if not data:
             return _Issue("unreadable image", "", "embedded image is empty (0 bytes)")
         key = "sha256:" + hashlib.sha256(data).hexdigest()
-        name = "embedded image"
         source: bytes | Path = data
     elif isinstance(value, str) and value.strip():
         path = root / value.strip()

@@ -10,6 +10,7 @@ import typer
 from dvclive import Live
 
 from pipeline.device import default_device
+from pipeline.live import PhaseLogger
 from pipeline.params import load_params, section
 from pipeline.reporting import write_json
 from pipeline.schema import VQA_SCHEMA, read_rows
@@ -62,21 +63,6 @@ def main(
                     "parameters": sum(p.numel() for p in vlm.model.parameters())})
     write_json(metrics, summary)
     typer.echo(f"sft: saved {out}")
-
-
-class PhaseLogger:
-    """DVCLive has one step counter; each training phase logs against its own step axis."""
-
-    def __init__(self, live) -> None:
-        self.live = live
-        self.steps: dict[str, int] = {}
-
-    def __call__(self, phase: str, values: dict[str, float]) -> None:
-        step = self.steps.get(phase, 0)
-        self.live.step = step
-        for name, value in values.items():
-            self.live.log_metric(f"{phase}/{name}", value)
-        self.steps[phase] = step + 1
 
 
 if __name__ == "__main__":

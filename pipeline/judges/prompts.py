@@ -1,0 +1,143 @@
+"""Loading the versioned prompt file (`prompts.yaml`) and rendering judge requests from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from string import Template
+from typing import Any
+
+import yaml
+
+from pipeline.judges.judge import JudgeRequest
+
+_CASE_FIELDS = {"question", "reference", "response", "rubric"}
+_PREVIOUS_FIELDS = {"previous_judge", "previous_score", "previous_reason"}
+_REQUIRED = {
+    "first_turn": (_CASE_FIELDS - {"rubric"}, _CASE_FIELDS),
+    "followup_turn": (_CASE_FIELDS - {"rubric"} | {"previous_score"}, _CASE_FIELDS | _PREVIOUS_FIELDS),
+    "retry_turn": (set(), {"error"}),
+}
+
+
+class PromptFileError(ValueError):
+    """The prompt file is missing a part or uses an unknown placeholder."""
+
+
+@dataclass(frozen=True)
+class Case:
+    """One dispreferred response to judge, with its context (the image is not shown: MMedPO §3.2.1)."""
+
+    question: str
+    reference: str  # the preferred answer
+    response: str  # the dispreferred answer
+
+
+@dataclass(frozen=True)
+class Previous:
+    """The score the next judge is shown: the latest valid one in the response's history."""
+
+    judge: str
+    score: int
+    reason: str
+
+
+def _identifiers(template: Template, where: str) -> set[str]:
+    names = set()
+    for match in template.pattern.finditer(template.template):
+        if match.group("invalid") is not None:
+            raise PromptFileError(f"{where}: invalid `$` placeholder (write $$ for a literal $)")
+        name = match.group("named") or match.group("braced")
+        if name:
+            names.add(name)
+    return names
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    version: Any
+    roles: dict[str, str]
+    rubric: str
+    first_turn: Template
+    followup_turn: Template
+    retry_turn: Template
+    prefill: str
+    path: str
+
+    def request(self, case: Case, role: str, previous: Previous | None, prefill: bool) -> JudgeRequest:
+        """The request for one judge turn: a fresh verdict, or a verdict on the previous judge's score."""
+        if role not in self.roles:
+            raise PromptFileError(f"{self.path}: no role {role!r} (roles: {sorted(self.roles)})")
+        values = {"question": case.question, "reference": case.reference, "response": case.response,
+                  "rubric": self.rubric}
+        if previous is None:
+            user = self.first_turn.substitute(values)
+        else:
+            user = self.followup_turn.substitute(
+                values, previous_judge=previous.judge, previous_score=str(previous.score),
+                previous_reason=previous.reason or "(none given)",
+            )
+        messages = (("system", self.roles[role]), ("user", user))
+        return JudgeRequest(messages=messages, prefill=self.prefill if prefill else "")
+
+    def retry(self, request: JudgeRequest, error: str) -> JudgeRequest:
+        """Re-ask after a malformed answer: the original turn with a correction naming the error.
+
+        The correction is appended to the last user message rather than sent after the bad answer
+        as a new turn: small models otherwise copy their bad answer verbatim. The request differs
+        from the first, so a deterministic (greedy) judge can answer differently, and the retry
+        has a cache key of its own.
+        """
+        *head, (role, content) = request.messages
+        if role != "user":
+            raise ValueError(f"the last message of a judge request must be the user's, got {role!r}")
+        note = self.retry_turn.substitute(error=error)
+        messages = (*head, ("user", f"{content}\n\n{note}"))
+        return JudgeRequest(messages=messages, prefill=request.prefill)
+
+
+def load_prompts(path: str | Path) -> PromptSet:
+    """Read and validate a prompt file (see pipeline/judges/prompts.yaml for the format)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"prompt file {path} not found (score.prompts in params.yaml)")
+    raw = yaml.safe_load(path.read_text())
+    if not isinstance(raw, dict):
+        raise PromptFileError(f"{path}: expected a mapping")
+    needed = {"version", "roles", "rubric", "first_turn", "followup_turn", "retry_turn"}
+    missing = sorted(needed - set(raw))
+    if missing:
+        raise PromptFileError(f"{path}: missing key(s) {missing}")
+    unknown = sorted(set(raw) - needed - {"prefill"})
+    if unknown:
+        raise PromptFileError(f"{path}: unknown key(s) {unknown}")
+    roles = raw["roles"]
+    if not isinstance(roles, dict) or not roles or not all(
+        isinstance(k, str) and isinstance(v, str) and v.strip() for k, v in roles.items()
+    ):
+        raise PromptFileError(f"{path}: `roles` must map role names to non-empty system prompts")
+    for key in ("rubric", "first_turn", "followup_turn", "retry_turn"):
+        if not isinstance(raw[key], str) or not raw[key].strip():
+            raise PromptFileError(f"{path}: `{key}` must be a non-empty string")
+    templates = {}
+    for key, (required, allowed) in _REQUIRED.items():
+        template = Template(raw[key])
+        names = _identifiers(template, f"{path}: {key}")
+        if names - allowed:
+            raise PromptFileError(f"{path}: {key} uses unknown placeholder(s) {sorted(names - allowed)}")
+        if required - names:
+            raise PromptFileError(f"{path}: {key} must use placeholder(s) {sorted(required - names)}")
+        templates[key] = template
+    prefill = raw.get("prefill", "")
+    if not isinstance(prefill, str):
+        raise PromptFileError(f"{path}: `prefill` must be a string")
+    return PromptSet(
+        version=raw["version"],
+        roles=dict(roles),
+        rubric=raw["rubric"],
+        first_turn=templates["first_turn"],
+        followup_turn=templates["followup_turn"],
+        retry_turn=templates["retry_turn"],
+        prefill=prefill,
+        path=str(path),
+    )

@@ -1,0 +1,127 @@
+"""Ranked rows in, scored rows out: the library half of the `score` stage.
+
+Every dispreferred response of the dataset (each entry's `rejected` list, flattened) is judged by
+the panel (`consensus.run_consensus`), the final scores are turned into weights over the whole
+dataset (`weights.clinical_weights`), and each row gets a `judgements` list aligned with its
+`rejected` list.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.judges.cache import ResponseCache
+from pipeline.judges.consensus import Outcome, PanelJudge, run_consensus
+from pipeline.judges.judge import build_judges
+from pipeline.judges.metrics import score_metrics
+from pipeline.judges.panel import PanelConfigError, ScoreConfig
+from pipeline.judges.prompts import Case, PromptSet, load_prompts
+from pipeline.judges.weights import clinical_weights
+from pipeline.reporting import write_json
+from pipeline.schema import RANKED_SCHEMA, SCORED_SCHEMA, read_rows, write_rows
+
+
+def check_panel(config: ScoreConfig, prompts: PromptSet) -> None:
+    """Fail before any judging if the panel and the prompt file do not fit together."""
+    for judge in config.judges:
+        if judge.role not in prompts.roles:
+            raise PanelConfigError(
+                f"judge {judge.name}: role {judge.role!r} is not in {prompts.path} (roles: {sorted(prompts.roles)})"
+            )
+        if judge.prefill and not prompts.prefill:
+            raise PanelConfigError(f"judge {judge.name}: prefill is on but {prompts.path} has no `prefill` text")
+
+
+def cases_from_rows(rows: Sequence[dict]) -> tuple[list[Case], list[tuple[int, int]]]:
+    """Flatten the dispreferred responses; also return (row index, position in `rejected`) of each."""
+    cases, where = [], []
+    for r, row in enumerate(rows):
+        for j, rejected in enumerate(row["rejected"] or []):
+            cases.append(Case(question=row["question"], reference=row["answer"], response=rejected["text"]))
+            where.append((r, j))
+    return cases, where
+
+
+@dataclass
+class ScoringResult:
+    rows: list[dict]  # SCORED_SCHEMA rows
+    outcomes: list[Outcome]  # one per dispreferred response, in flattened order (shared by duplicates)
+    weights: list[float]
+    unique: int  # distinct (question, reference, response) triples judged
+
+
+def score_rows(
+    rows: Sequence[dict],
+    judges: Sequence[PanelJudge],
+    prompts: PromptSet,
+    config: ScoreConfig,
+    on_turn: Callable[[int, int, str, int], None] | None = None,
+) -> ScoringResult:
+    """Judge every dispreferred response of `rows` (RANKED_SCHEMA) and attach the judgements."""
+    cases, where = cases_from_rows(rows)
+    # The judges see text only (MMedPO §3.2.1: no image), so entries sharing question, reference and
+    # response get one verdict; templated datasets repeat such triples a lot.
+    unique = list(dict.fromkeys(cases))
+    verdicts = run_consensus(unique, judges, prompts, rounds=config.rounds, retries=config.retries, on_turn=on_turn)
+    by_case = dict(zip(unique, verdicts, strict=True))
+    outcomes = [by_case[c] for c in cases]
+    weights = clinical_weights([o.score for o in outcomes], config.weights)
+    judgements: list[list[dict]] = [[] for _ in rows]
+    for (r, _j), outcome, weight in zip(where, outcomes, weights, strict=True):
+        judgements[r].append(
+            {"score": outcome.score, "rounds": outcome.rounds, "agreed": outcome.agreed, "weight": weight,
+             "transcript": outcome.transcript()}
+        )
+    scored = [{**row, "judgements": judgements[r]} for r, row in enumerate(rows)]
+    return ScoringResult(rows=scored, outcomes=outcomes, weights=weights, unique=len(unique))
+
+
+def score_file(
+    config: ScoreConfig,
+    input_path: str | Path,
+    output_path: str | Path,
+    metrics_path: str | Path,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The whole stage: read ranked rows, judge them (through the cache), write scored rows and metrics.
+
+    Output and metrics are written only at the end, atomically; the answers received so far are
+    in the cache at every moment, so an interrupted run loses no judge answer.
+    """
+    from tqdm import tqdm
+
+    prompts = load_prompts(config.prompts)
+    check_panel(config, prompts)
+    rows = read_rows(input_path, RANKED_SCHEMA)
+    start = time.perf_counter()
+    with ResponseCache(config.cache) as cache:
+        judges = build_judges(config.judges, cache, prompts.version, config.request_retry)
+        bar = tqdm(total=0, unit="answer", desc="score", disable=not progress, dynamic_ncols=True)
+
+        def on_turn(turn: int, rnd: int, name: str, n: int) -> None:
+            bar.set_description(f"score round {rnd} {name}")
+            bar.total += n
+            bar.refresh()
+
+        for judge in judges:
+            judge.on_answer = bar.update
+        try:
+            result = score_rows(rows, judges, prompts, config, on_turn=on_turn)
+        finally:
+            bar.close()
+    seconds = time.perf_counter() - start
+    retries: Counter[str] = Counter()
+    for judge in judges:
+        retries.update(getattr(judge.backend, "retries", {}))  # only the openai backend retries requests
+    metrics = score_metrics(
+        result.outcomes, result.weights, config, entries=len(rows), unique=result.unique,
+        cache_stats={j.name: j.stats for j in judges}, request_retries=retries, seconds=seconds,
+    )
+    write_rows(result.rows, output_path, SCORED_SCHEMA)
+    write_json(metrics_path, metrics)
+    return metrics

@@ -1,0 +1,143 @@
+"""The `mine` stage's library: choosing the entries of the training split that preferences are built from.
+
+A strategy takes VQA rows (`pipeline.schema.VQA_SCHEMA`) and returns pool rows
+(`POOL_SCHEMA`): the chosen entries plus `mine_strategy` and `mine_score` (a hardness score
+where the strategy computes one, else null).
+
+Strategies live in `STRATEGIES`, keyed by the name `params.yaml` uses (`mine.strategy`).
+Strategy-specific settings go in a sub-mapping named after the strategy (`mine.hard: {...}`),
+so `params.yaml` can hold the settings of several strategies while only the active one's are
+read and checked.
+
+- `random`: a seeded uniform draw without replacement (HSCR §4.1 builds its preferences from a
+  random 2K subset). Asking for more entries than the split holds takes the whole split; the
+  stage reports it (`capped` in its metrics) and warns, rather than failing, so small
+  demonstration profiles can use the same `size` as a full run.
+- `hard` (CheXPO hard-example mining, DESIGN.md §2) is planned, not implemented: asking for it
+  raises `NotImplementedError`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+# Strategies that have a reserved name but no implementation yet, with what they will do.
+PLANNED_STRATEGIES = {
+    "hard": "CheXPO-style hard-example mining (DESIGN.md §2, 'Hard-example mining')",
+}
+
+
+class MiningStrategy(Protocol):
+    """Chooses pool entries from VQA rows."""
+
+    name: str
+
+    def select(self, rows: Sequence[Mapping[str, Any]], size: int, seed: int, **options: Any) -> list[dict]:
+        """Return at most `size` rows of `rows` as POOL_SCHEMA rows (with `mine_strategy`, `mine_score`)."""
+        ...
+
+
+def _check_ids_unique(rows: Sequence[Mapping[str, Any]]) -> None:
+    # Every later stage joins on `id`; a duplicate would silently pair one entry's candidates
+    # with another's image.
+    counts = Counter(row["id"] for row in rows)
+    duplicates = [key for key, n in counts.items() if n > 1]
+    if duplicates:
+        raise ValueError(f"input has duplicate ids ({len(duplicates)}), e.g. {duplicates[:5]}")
+
+
+class RandomStrategy:
+    """Uniform draw without replacement from a seeded `random.Random`; rows keep their input order."""
+
+    name = "random"
+
+    def select(self, rows: Sequence[Mapping[str, Any]], size: int, seed: int, **options: Any) -> list[dict]:
+        if options:
+            raise ValueError(f"strategy 'random' takes no options, got {sorted(options)}")
+        if size < 1:
+            raise ValueError(f"mine size must be >= 1, got {size}")
+        if not rows:
+            raise ValueError("no rows to mine from: the input split is empty")
+        _check_ids_unique(rows)
+        n = min(size, len(rows))
+        # Sorting the drawn indices keeps the pool in input order, so pools drawn with the same
+        # seed from the same split are byte-identical and easy to diff.
+        chosen = sorted(random.Random(seed).sample(range(len(rows)), n))
+        return [{**rows[i], "mine_strategy": self.name, "mine_score": None} for i in chosen]
+
+
+STRATEGIES: dict[str, MiningStrategy] = {"random": RandomStrategy()}
+
+
+def get_strategy(name: str) -> MiningStrategy:
+    """The strategy registered as `name`; a clear error naming the available ones otherwise."""
+    if name in STRATEGIES:
+        return STRATEGIES[name]
+    available = ", ".join(sorted(STRATEGIES))
+    if name in PLANNED_STRATEGIES:
+        raise NotImplementedError(
+            f"mining strategy {name!r} ({PLANNED_STRATEGIES[name]}) is not implemented yet; "
+            f"available strategies: {available}"
+        )
+    raise ValueError(f"unknown mining strategy {name!r}; available strategies: {available}")
+
+
+@dataclass(frozen=True)
+class MineConfig:
+    """The `mine:` section of `params.yaml`."""
+
+    strategy: str
+    size: int
+    seed: int
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_section(cls, cfg: Mapping[str, Any]) -> MineConfig:
+        """Parse and check `mine:`; unknown keys are an error so a typo never goes unnoticed."""
+        required = ("strategy", "size", "seed")
+        missing = [key for key in required if key not in cfg]
+        if missing:
+            raise KeyError(f"params.yaml `mine:` lacks {missing}")
+        strategy_names = set(STRATEGIES) | set(PLANNED_STRATEGIES)
+        unknown = sorted(set(cfg) - set(required) - strategy_names)
+        if unknown:
+            raise KeyError(
+                f"params.yaml `mine:` has unknown keys {unknown}; expected {list(required)} "
+                f"and optional per-strategy sections {sorted(strategy_names)}"
+            )
+        strategy = str(cfg["strategy"])
+        options = cfg.get(strategy) or {}
+        if not isinstance(options, Mapping):
+            raise ValueError(f"params.yaml `mine.{strategy}` must be a mapping, got {type(options).__name__}")
+        return cls(strategy=strategy, size=int(cfg["size"]), seed=int(cfg["seed"]), options=dict(options))
+
+
+def mine(rows: Sequence[Mapping[str, Any]], config: MineConfig) -> tuple[list[dict], dict[str, Any]]:
+    """Run the configured strategy; return the pool rows and the stage's metrics."""
+    strategy = get_strategy(config.strategy)
+    pool = strategy.select(rows, config.size, config.seed, **config.options)
+    return pool, mining_summary(pool, requested=config.size, available=len(rows), config=config)
+
+
+def mining_summary(
+    pool: Sequence[Mapping[str, Any]], requested: int, available: int, config: MineConfig
+) -> dict[str, Any]:
+    """Metrics for `reports/mine.json`: sizes (and whether the request was capped) and counts per group."""
+    scores = [row["mine_score"] for row in pool if row["mine_score"] is not None]
+    return {
+        "strategy": config.strategy,
+        "seed": config.seed,
+        "requested_size": requested,
+        "available": available,
+        "size": len(pool),
+        "capped": len(pool) < requested,
+        "mean_mine_score": sum(scores) / len(scores) if scores else None,
+        "modality": dict(sorted(Counter(row["modality"] for row in pool).items())),
+        "answer_type": dict(sorted(Counter(row["answer_type"] for row in pool).items())),
+        "question_type": dict(sorted(Counter(row["question_type"] for row in pool).items())),
+        "dataset": dict(sorted(Counter(row["dataset"] for row in pool).items())),
+    }

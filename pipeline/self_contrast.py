@@ -1,0 +1,269 @@
+"""Token-level self-contrastive rewarding (HSCR §3.1, A.4–A.5; decisions in DESIGN.md §2).
+
+For each entry the preferred answer y_w is teacher-forced under two views of the image, the full
+view and a view with a share `mask_ratio` of the visual tokens dropped (attention-masked, which is
+the same as removing them). Both views run as one batched forward. Then:
+
+- sensitivity at answer position t: logit_full[t, y_t] - logit_drop[t, y_t], how much the image
+  supports the token that is there; the top-n positions are the modality-coupled tokens;
+- replacement tokens at a sensitive position are the ones plausible without the image (dropped
+  view probability >= cutoff * its max, at least `min_plausible` of them), excluding y_t and
+  special tokens, ranked by ascending P_diff = softmax((1+β)·logit_full − β·logit_drop): the
+  token the language prior likes and the image contradicts. A seeded Gumbel draw at a
+  temperature orders them, so candidates differ;
+- candidate r of k replaces the top m_r sensitive positions, m_r growing with r (graded
+  incorrectness); a one-token answer still yields k different replacements.
+
+`mode="decode"` keeps the prefix up to the first replaced position, puts the replacement there
+and lets the dropped view continue greedily, so the hallucination carries on. That runs both
+views autoregressively with their own KV-cache rows (stacked in one batch), the full view scoring
+the continuation. Reusing one view's cache for the other is the VCD bug this avoids.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from pipeline.batching import SequenceBatch, answer_logprobs, collate_sequences, decode_image
+from pipeline.models.vlm import VLM, position_ids_from_mask
+from pipeline.visual_dropout import drop_visual_tokens
+
+
+@dataclass
+class SampleConfig:
+    mask_ratio: float = 0.7
+    n_sensitive: int = 10  # HSCR n
+    k: int = 4  # candidates per entry
+    beta: float = 0.9  # contrast strength of P_diff
+    plausibility: float = 0.1  # keep tokens with p_drop >= plausibility * max p_drop
+    min_plausible: int = 3
+    temperature: float = 1.0  # of the Gumbel draw over -log P_diff; 0 = strictly ascending P_diff
+    mode: str = "replace"  # replace | decode
+    max_new_tokens: int = 16  # decode mode: continuation length cap
+    seed: int = 0
+
+
+def entry_seed(seed: int, entry_id: str) -> int:
+    """A per-entry seed that does not depend on batch composition or order."""
+    return zlib.crc32(f"{seed}:{entry_id}".encode())
+
+
+@torch.no_grad()
+def two_view_answer_logits(vlm: VLM, batch: SequenceBatch, dropped_mask: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L, V) logits predicting each answer token, for the full and the dropped view.
+
+    One forward over the stacked [full; dropped] batch; the vision tower runs once. Row b's
+    answer token i sits at column answer_start[b] + i and is predicted at the column before.
+    """
+    embeds = vlm.embed(batch.input_ids, batch.pixel_values)
+    masks = torch.cat([batch.attention_mask, dropped_mask])
+    hidden = vlm.model.model(
+        inputs_embeds=torch.cat([embeds, embeds]),
+        attention_mask=masks,
+        position_ids=position_ids_from_mask(masks),
+    ).last_hidden_state
+    n = batch.input_ids.shape[0]
+    length = int(batch.answer_length.max())
+    cols = batch.answer_start.unsqueeze(1) - 1 + torch.arange(length, device=hidden.device).unsqueeze(0)
+    cols = cols.clamp(max=hidden.shape[1] - 1).repeat(2, 1)
+    picked = hidden.gather(1, cols.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    logits = vlm.model.lm_head(picked).float()
+    return logits[:n], logits[n:]
+
+
+def _special_ids(vlm: VLM) -> torch.Tensor:
+    ids = set(vlm.tokenizer.all_special_ids) | {vlm.eos_token_id, vlm.pad_token_id, vlm.image_token_id}
+    return torch.tensor(sorted(ids))
+
+
+def replacement_order(logit_full: torch.Tensor, logit_drop: torch.Tensor, token: int, cfg: SampleConfig,
+                      special: torch.Tensor, generator: torch.Generator) -> list[int]:
+    """Replacement tokens for one position, best first (DESIGN.md §2 'Replacement')."""
+    p_drop = torch.softmax(logit_drop, -1)
+    banned = torch.zeros_like(p_drop, dtype=torch.bool)
+    banned[special.clamp(max=p_drop.shape[0] - 1)] = True
+    banned[token] = True
+    p_drop = p_drop.masked_fill(banned, 0.0)
+    plausible = (p_drop >= cfg.plausibility * p_drop.max()).nonzero().squeeze(-1)
+    if plausible.numel() < cfg.min_plausible:
+        plausible = p_drop.topk(min(cfg.min_plausible, int((p_drop > 0).sum()))).indices
+    log_p_diff = torch.log_softmax((1 + cfg.beta) * logit_full - cfg.beta * logit_drop, -1)[plausible]
+    score = -log_p_diff  # ascending P_diff first
+    if cfg.temperature > 0:
+        u = torch.rand(score.shape, generator=generator).clamp(1e-9, 1 - 1e-9)
+        score = score / cfg.temperature - torch.log(-torch.log(u))
+    return plausible[score.argsort(descending=True)].tolist()
+
+
+def levels(n_positions: int, k: int) -> list[int]:
+    """How many sensitive positions candidate r = 1..k replaces: from one up to all n."""
+    if n_positions <= 0:
+        return []
+    return [max(1, math.ceil(r * n_positions / k)) for r in range(1, k + 1)]
+
+
+@dataclass
+class EntryPlan:
+    """The replacements of one entry: per candidate the (position, token) pairs."""
+
+    sensitivity: list[float]
+    candidates: list[list[tuple[int, int]]]
+
+
+def plan_entry(answer: list[int], logit_full: torch.Tensor, logit_drop: torch.Tensor, cfg: SampleConfig,
+               special: torch.Tensor, seed: int) -> EntryPlan:
+    """Sensitive positions and replacement tokens for one entry; `answer` ends with EOS."""
+    body = len(answer) - 1  # the final end-of-turn token is never replaced
+    positions = torch.arange(body)
+    tokens = torch.tensor(answer[:body])
+    shift = logit_full[positions, tokens] - logit_drop[positions, tokens]
+    n = min(cfg.n_sensitive, body)
+    top = shift.argsort(descending=True)[:n].tolist()
+    generator = torch.Generator().manual_seed(seed)
+    orders = {t: replacement_order(logit_full[t], logit_drop[t], answer[t], cfg, special, generator)
+              for t in top}
+    candidates = []
+    for r, m in enumerate(levels(n, cfg.k)):
+        chosen = [t for t in top[:m] if orders[t]]
+        candidates.append([(t, orders[t][r % len(orders[t])]) for t in sorted(chosen)])
+    return EntryPlan(sensitivity=shift.tolist(), candidates=candidates)
+
+
+def apply_replacements(answer: list[int], replacements: list[tuple[int, int]]) -> list[int]:
+    out = list(answer)
+    for position, token in replacements:
+        out[position] = token
+    return out
+
+
+@torch.no_grad()
+def two_view_decode(vlm: VLM, images: list, questions: list[str], prefixes: list[list[int]],
+                    dropped_seeds: list[int], mask_ratio: float, max_new_tokens: int
+                    ) -> tuple[list[list[int]], list[float]]:
+    """Continue each answer prefix greedily under the dropped view, scoring under the full view.
+
+    Rows of both views are stacked in one batch with their own KV-cache rows. Returns the
+    continuations (EOS appended when reached) and the full-view log-probability of each
+    continuation's tokens, EOS included.
+    """
+    rows = [vlm.prompt_ids(q) + p for q, p in zip(questions, prefixes, strict=True)]
+    width = max(len(r) for r in rows)
+    n = len(rows)
+    device = vlm.device
+    input_ids = torch.full((n, width), vlm.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for b, r in enumerate(rows):
+        input_ids[b, width - len(r):] = torch.tensor(r)
+        mask[b, width - len(r):] = 1
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    image_mask = input_ids == vlm.image_token_id
+    dropped = drop_visual_tokens(mask, image_mask, mask_ratio, dropped_seeds)
+    pixel_values = vlm.pixel_values([im if not isinstance(im, bytes) else decode_image(im) for im in images])
+    embeds = vlm.embed(input_ids, pixel_values)
+    masks = torch.cat([mask, dropped])
+    cache = DynamicCache()
+    out = vlm.forward(masks, inputs_embeds=torch.cat([embeds, embeds]), past_key_values=cache, logits_to_keep=1)
+    positions = position_ids_from_mask(masks)[:, -1:]
+    finished = torch.zeros(n, dtype=torch.bool, device=device)
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    logprob = torch.zeros(n, dtype=torch.float64, device=device)
+    embed = vlm.model.get_input_embeddings()
+    for _ in range(max_new_tokens):
+        logits = out.logits[:, -1].float()
+        full_logp = torch.log_softmax(logits[:n], -1)
+        next_ids = logits[n:].argmax(-1)  # the dropped view decides: the language prior speaks
+        step_logp = full_logp.gather(-1, next_ids.unsqueeze(-1)).squeeze(-1).double()
+        logprob += step_logp.masked_fill(finished, 0.0)
+        for b in (~finished).nonzero().squeeze(-1).tolist():
+            tokens[b].append(int(next_ids[b]))
+            if int(next_ids[b]) == vlm.eos_token_id:
+                finished[b] = True
+        if bool(finished.all()):
+            break
+        step = next_ids.masked_fill(finished, vlm.pad_token_id).repeat(2)
+        masks = torch.cat([masks, torch.ones((2 * n, 1), dtype=masks.dtype, device=device)], dim=1)
+        positions = positions + 1
+        out = vlm.forward(masks, inputs_embeds=embed(step.unsqueeze(-1)), past_key_values=out.past_key_values,
+                          position_ids=positions)
+    return tokens, logprob.tolist()
+
+
+@torch.no_grad()
+def sample_batch(vlm: VLM, rows: list[dict], cfg: SampleConfig) -> list[dict]:
+    """CANDIDATES_SCHEMA rows for a batch of VQA rows."""
+    seeds = [entry_seed(cfg.seed, r["id"]) for r in rows]
+    images = [r["image"] for r in rows]
+    questions = [r["question"] for r in rows]
+    batch = collate_sequences(vlm, images, questions, [r["answer"] for r in rows])
+    dropped = drop_visual_tokens(batch.attention_mask, batch.image_mask, cfg.mask_ratio, seeds)
+    logit_full, logit_drop = two_view_answer_logits(vlm, batch, dropped)
+    special = _special_ids(vlm)
+    plans, answers, chosen_logprob = [], [], []
+    for b, _row in enumerate(rows):
+        length = int(batch.answer_length[b])
+        start = int(batch.answer_start[b])
+        answer = batch.input_ids[b, start:start + length].tolist()
+        answers.append(answer)
+        chosen_logprob.append(float(torch.log_softmax(logit_full[b, :length], -1)
+                                    .gather(-1, torch.tensor(answer, device=logit_full.device).unsqueeze(-1)).sum()))
+        plans.append(plan_entry(answer, logit_full[b, :length], logit_drop[b, :length], cfg, special, seeds[b]))
+
+    # Build every candidate's token ids, then score them all under the full image in one pass.
+    flat: list[tuple[int, list[int], list[tuple[int, int]], int]] = []
+    for b, plan in enumerate(plans):
+        for level, replacements in enumerate(plan.candidates, start=1):
+            if replacements:
+                flat.append((b, apply_replacements(answers[b], replacements), replacements, level))
+    logprobs: list[float] = []
+    if flat and cfg.mode == "decode":
+        prefixes, decode_seeds = [], []
+        for b, ids, replacements, _level in flat:
+            first = min(p for p, _ in replacements)
+            prefixes.append(ids[: first + 1])
+            decode_seeds.append(seeds[b])
+        cont, cont_logp = two_view_decode(vlm, [images[b] for b, *_ in flat], [questions[b] for b, *_ in flat],
+                                          prefixes, decode_seeds, cfg.mask_ratio, cfg.max_new_tokens)
+        new_flat = []
+        for (b, _ids, replacements, level), prefix, tail in zip(flat, prefixes, cont, strict=True):
+            first = min(p for p, _ in replacements)
+            ids = prefix + tail
+            if ids[-1] != vlm.eos_token_id:
+                ids = ids + [vlm.eos_token_id]
+            new_flat.append((b, ids, [(p, t) for p, t in replacements if p == first], level))
+        flat = new_flat
+    if flat:
+        scored = collate_sequences(vlm, [images[b] for b, *_ in flat], [questions[b] for b, *_ in flat],
+                                   [ids for _, ids, _, _ in flat])
+        out = vlm.forward(scored.attention_mask, scored.input_ids, scored.pixel_values)
+        logprobs = answer_logprobs(out.logits, scored.labels).tolist()
+
+    results = []
+    for b, row in enumerate(rows):
+        candidates = []
+        for (fb, ids, replacements, level), lp in zip(flat, logprobs, strict=True):
+            if fb != b:
+                continue
+            candidates.append({
+                "text": vlm.decode(ids),
+                "token_ids": ids,
+                "level": level,
+                "positions": [p for p, _ in replacements],
+                "original_tokens": vlm.tokenizer.convert_ids_to_tokens([answers[b][p] for p, _ in replacements]),
+                "replacement_tokens": vlm.tokenizer.convert_ids_to_tokens([t for _, t in replacements]),
+                "logprob": lp,
+            })
+        results.append({
+            **{k: row[k] for k in ("id", "dataset", "split", "image", "question", "answer", "answer_type",
+                                   "modality", "question_type")},
+            "chosen_token_ids": answers[b],
+            "chosen_logprob": chosen_logprob[b],
+            "sensitivity": plans[b].sensitivity,
+            "candidates": candidates,
+        })
+    return results

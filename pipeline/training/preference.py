@@ -1,0 +1,547 @@
+"""Preference training on the SFT model: DPO, weighted DPO (MMedPO eq. 3) and MLPO (HSCR eq. 5–7).
+
+LoRA adapters (peft) go on the language model of the SFT checkpoint; the vision tower and the
+projector stay frozen. The reference policy π_sft is the same model with its adapter disabled,
+so no second copy of the weights is held.
+
+Throughput decisions (DESIGN.md §2 "Losses"):
+
+- An entry is one image, one prompt and 1 + J answers (the chosen answer, then the dispreferred
+  ones in rank order). A batch of E entries is scored by one call of `GroupedScorer`: the vision
+  tower runs once per entry, not once per sequence, and the 1 + J answers are rows of one batch,
+  never 2·(J + J(J−1)/2) pairwise rows.
+- `share_prompt` (default): the prompt (visual tokens + question, ~50 tokens) is run once per
+  entry, with gradient, and its key/value cache is shared by the entry's 1 + J answers (a few
+  tokens each), which run as the rows of a second call on top of it. With answers of a few
+  tokens that is ~3.5x fewer tokens than 1 + J full rows. Off, each row carries its own copy of
+  the prompt in a single forward; both give the same log-probs (tests/test_preference.py).
+- Logits are projected onto the vocabulary only at answer positions.
+- Reference log-probs are computed once, before the first step, with the adapter disabled, and
+  kept in a table indexed by entry; they are never recomputed during training.
+
+The loop runs through `accelerate`: CPU, one GPU, or several GPUs under `accelerate launch`
+(DDP; each process computes the full reference table, a forward-only pass over the data).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from pipeline.batching import IGNORE_INDEX, decode_image
+from pipeline.losses import LossOutput, dpo_loss, mlpo_loss, sequence_logprobs
+from pipeline.models.vlm import VLM, position_ids_from_mask
+
+LogFn = Callable[[str, dict[str, float]], None]
+
+LOSSES = ("dpo", "mlpo")
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+STEP_METRICS = ("loss", "explicit", "implicit", "reward_margin", "reward_accuracy", "ranking_accuracy")
+
+
+@dataclass
+class PreferenceConfig:
+    """The `train:` section of params.yaml (docs/training.md explains the defaults)."""
+
+    loss: str = "mlpo"  # dpo | mlpo
+    explicit: bool = True  # MLPO L_E: chosen vs each dispreferred (mlpo only)
+    implicit: bool = True  # MLPO L_I: higher- vs lower-ranked dispreferred (mlpo only)
+    weighted: bool = True  # multiply terms by the judges' weights (MMedPO eq. 3)
+    gamma: float = 0.1
+    lr: float = 1e-4
+    epochs: int = 2
+    batch_size: int = 8  # entries per micro-batch (each entry is 1 + J sequences)
+    grad_accum: int = 1
+    warmup_fraction: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    seed: int = 0
+    max_rejected: int | None = 3  # J cap: the top-ranked J dispreferred of each entry; null keeps all
+    share_prompt: bool = True
+    mixed_precision: str = "auto"  # auto: bf16 on a GPU that has it, else no
+    evaluate_after: bool = True  # one forward-only pass over the data for the final reward metrics
+
+    def validate(self) -> None:
+        """Raise ValueError on a configuration that cannot train."""
+        if self.loss not in LOSSES:
+            raise ValueError(f"train.loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.loss == "mlpo" and not (self.explicit or self.implicit):
+            raise ValueError(
+                "train: loss mlpo with explicit and implicit both false has no term to optimize; "
+                "switch at least one on (HSCR Table 4 ablates one at a time)"
+            )
+        if self.loss == "mlpo" and self.implicit and not self.explicit and self.max_rejected is not None \
+                and self.max_rejected < 2:
+            raise ValueError("train: implicit-only MLPO ranks dispreferred pairs, so max_rejected must be >= 2")
+        if self.gamma <= 0:
+            raise ValueError(f"train.gamma must be positive, got {self.gamma}")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr must be positive, got {self.lr}")
+        for name in ("epochs", "batch_size", "grad_accum", "lora_r"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ValueError(f"train.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if self.max_rejected is not None and self.max_rejected < 1:
+            raise ValueError(f"train.max_rejected must be >= 1 or null, got {self.max_rejected}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"train.mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
+        if not self.lora_targets:
+            raise ValueError("train.lora_targets is empty: LoRA needs at least one target module")
+
+    @classmethod
+    def from_params(cls, section: dict[str, Any]) -> PreferenceConfig:
+        """Build from the `train:` section; an unknown key is an error, not silently ignored."""
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise ValueError(f"train: unknown params {unknown}; known: {sorted(known)}")
+        cfg = cls(**section)
+        cfg.validate()
+        return cfg
+
+
+# ----- entries ------------------------------------------------------------------------------------
+
+
+@dataclass
+class PreferenceEntry:
+    """One scored row, tokenized once: a prompt and its chosen + dispreferred answers."""
+
+    id: str
+    image: bytes
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[list[int]]  # rank order, top-ranked (most similar to the chosen) first
+    weights: list[float]  # one per rejected; all 1.0 when training unweighted
+
+
+def rejected_per_entry(cfg: PreferenceConfig) -> int | None:
+    """How many dispreferred answers an entry contributes: DPO uses only the top-ranked one."""
+    return 1 if cfg.loss == "dpo" else cfg.max_rejected
+
+
+def build_entries(vlm: VLM, rows: list[dict], cfg: PreferenceConfig) -> list[PreferenceEntry]:
+    """Tokenize scored rows (SCORED_SCHEMA): prompt, `answer` as chosen, `rejected[*].text` as dispreferred.
+
+    Weights come from `judgements[*].weight`, aligned with `rejected`, and are read only when
+    `cfg.weighted`; a missing weight is an error rather than a silent 1.0.
+    """
+    cap = rejected_per_entry(cfg)
+    entries = []
+    for row in rows:
+        rid = row.get("id", "?")
+        rejected = list(row.get("rejected") or [])
+        if not rejected:
+            raise ValueError(f"train: entry {rid} has no dispreferred answer (rerank should have dropped it)")
+        if cap is not None:
+            rejected = rejected[:cap]
+        if cfg.weighted:
+            judgements = list(row.get("judgements") or [])
+            if len(judgements) < len(rejected):
+                raise ValueError(
+                    f"train: entry {rid} has {len(row['rejected'])} dispreferred answers but "
+                    f"{len(judgements)} judgements; weighted training needs one weight per answer"
+                )
+            weights = []
+            for j in range(len(rejected)):
+                w = judgements[j].get("weight")
+                if w is None or not math.isfinite(float(w)):
+                    raise ValueError(
+                        f"train: entry {rid}, dispreferred {j} has no judge weight ({w!r}); rerun `score`, "
+                        "or train with weighted: false"
+                    )
+                weights.append(float(w))
+        else:
+            weights = [1.0] * len(rejected)
+        entries.append(
+            PreferenceEntry(
+                id=str(rid),
+                image=row["image"],
+                prompt=vlm.prompt_ids(row["question"]),
+                chosen=vlm.answer_ids(row["answer"]),
+                rejected=[vlm.answer_ids(r["text"]) for r in rejected],
+                weights=weights,
+            )
+        )
+    if not entries:
+        raise ValueError("train: no preference entries")
+    return entries
+
+
+class EntryCollator:
+    """DataLoader collate: entry indices -> one batch of CPU tensors (accelerate moves them).
+
+    - `prompt_ids` / `prompt_mask` (E, P): prompts left-padded, so every prompt ends at column
+      P − 1, where the logit predicting the first answer token is read.
+    - `answer_ids` / `answer_mask` (R, A): every answer of every entry as a right-padded row.
+    - `row_entry` (R,): which entry (0..E−1) a row belongs to.
+    - `slots` (E, 1 + J): the row of the chosen answer (slot 0) and of each dispreferred answer,
+      −1 where an entry has fewer than J.
+    - `weights` (E, J), `entry` (E,) the entry's index into the dataset (for the reference table).
+
+    Positions follow the attention mask, so padding between prompt and answer is invisible.
+    """
+
+    def __init__(self, vlm: VLM, entries: list[PreferenceEntry], n_rejected: int):
+        self.vlm = vlm
+        self.entries = entries
+        self.n_rejected = n_rejected
+
+    def __call__(self, indices: list[int]) -> dict[str, Tensor]:
+        chunk = [self.entries[i] for i in indices]
+        n, width = len(chunk), 1 + self.n_rejected
+        prompt_len = max(len(e.prompt) for e in chunk)
+        prompt_ids = torch.full((n, prompt_len), self.vlm.pad_token_id, dtype=torch.long)
+        prompt_mask = torch.zeros((n, prompt_len), dtype=torch.long)
+        slots = torch.full((n, width), -1, dtype=torch.long)
+        weights = torch.ones((n, self.n_rejected), dtype=torch.float32)
+        answers: list[list[int]] = []
+        row_entry: list[int] = []
+        for b, e in enumerate(chunk):
+            prompt_ids[b, prompt_len - len(e.prompt):] = torch.tensor(e.prompt)
+            prompt_mask[b, prompt_len - len(e.prompt):] = 1
+            for k, ids in enumerate([e.chosen] + e.rejected[: self.n_rejected]):
+                slots[b, k] = len(answers)
+                answers.append(ids)
+                row_entry.append(b)
+            weights[b, : len(e.weights[: self.n_rejected])] = torch.tensor(e.weights[: self.n_rejected])
+        answer_len = max(len(a) for a in answers)
+        answer_ids = torch.full((len(answers), answer_len), self.vlm.pad_token_id, dtype=torch.long)
+        answer_mask = torch.zeros((len(answers), answer_len), dtype=torch.long)
+        for r, ids in enumerate(answers):
+            answer_ids[r, : len(ids)] = torch.tensor(ids)
+            answer_mask[r, : len(ids)] = 1
+        images = [decode_image(e.image) for e in chunk]
+        pixel_values = self.vlm.image_processor(images, return_tensors="pt")["pixel_values"]
+        return {
+            "entry": torch.tensor(indices, dtype=torch.long),
+            "pixel_values": pixel_values,
+            "prompt_ids": prompt_ids,
+            "prompt_mask": prompt_mask,
+            "answer_ids": answer_ids,
+            "answer_mask": answer_mask,
+            "row_entry": torch.tensor(row_entry, dtype=torch.long),
+            "slots": slots,
+            "weights": weights,
+        }
+
+
+# ----- scoring ------------------------------------------------------------------------------------
+
+
+def embed_with_features(vlm: VLM, input_ids: Tensor, features: Tensor) -> Tensor:
+    """`VLM.embed` with image features computed beforehand (so the tower can run once per entry)."""
+    image_mask = input_ids == vlm.image_token_id
+    if features.shape[0] * features.shape[1] != int(image_mask.sum()):
+        raise ValueError(
+            f"{int(image_mask.sum())} image tokens but {features.shape[0]}x{features.shape[1]} image features"
+        )
+    embeds = vlm.embed(input_ids.masked_fill(image_mask, vlm.pad_token_id), None)
+    return embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))
+
+
+class GroupedScorer(nn.Module):
+    """Summed answer log-probs of every sequence of a batch of entries, as an (E, 1 + J) table.
+
+    An nn.Module so that accelerate can wrap it (DDP, autocast); the parameters are the VLM's.
+    """
+
+    def __init__(self, vlm: VLM, share_prompt: bool = True):
+        super().__init__()
+        self.model = vlm.model
+        self.vlm = vlm
+        self.share_prompt = share_prompt
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        vlm = self.vlm
+        prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
+        answer_ids, answer_mask = batch["answer_ids"], batch["answer_mask"]
+        row_entry = batch["row_entry"]
+        # The tower and the projector are frozen: no graph, and one pass per entry.
+        with torch.no_grad():
+            features = vlm.image_features(batch["pixel_values"].to(vlm.dtype))
+        prompt_embeds = embed_with_features(vlm, prompt_ids, features)
+        answer_embeds = vlm.embed(answer_ids, None)
+        mask = torch.cat([prompt_mask[row_entry], answer_mask], dim=1)
+        n_prompt, n_answer = prompt_ids.shape[1], answer_ids.shape[1]
+        if self.share_prompt:
+            from transformers import DynamicCache
+
+            cache = DynamicCache()
+            out = vlm.forward(prompt_mask, inputs_embeds=prompt_embeds, past_key_values=cache, logits_to_keep=1)
+            first = out.logits[:, -1]  # (E, V): predicts each entry's first answer token
+            cache.batch_select_indices(row_entry)  # differentiable gather: gradients sum over the rows
+            positions = position_ids_from_mask(mask)[:, n_prompt:]
+            keep = torch.arange(n_answer - 1, device=mask.device)
+            out = vlm.forward(mask, inputs_embeds=answer_embeds, past_key_values=cache, position_ids=positions,
+                              logits_to_keep=keep)
+            logits = torch.cat([first[row_entry].unsqueeze(1), out.logits], dim=1)
+        else:
+            embeds = torch.cat([prompt_embeds[row_entry], answer_embeds], dim=1)
+            keep = torch.arange(n_prompt - 1, n_prompt + n_answer - 1, device=mask.device)
+            logits = vlm.forward(mask, inputs_embeds=embeds, logits_to_keep=keep).logits
+        labels = answer_ids.masked_fill(answer_mask == 0, IGNORE_INDEX)
+        row_logps = sequence_logprobs(logits, labels)  # logits[:, t] predicts answer token t
+        slots = batch["slots"]
+        table = row_logps[slots.clamp(min=0)]
+        return torch.where(slots >= 0, table, torch.zeros_like(table))
+
+
+def preference_loss(
+    cfg: PreferenceConfig,
+    policy: Tensor,
+    reference: Tensor,
+    slots: Tensor,
+    weights: Tensor,
+) -> LossOutput:
+    """The configured loss on (E, 1 + J) log-prob tables (chosen in column 0, dispreferred in rank order)."""
+    if cfg.loss == "dpo":
+        return dpo_loss(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], gamma=cfg.gamma,
+                        weights=weights[:, 0] if cfg.weighted else None)
+    return mlpo_loss(
+        policy[:, 0], policy[:, 1:], reference[:, 0], reference[:, 1:], gamma=cfg.gamma,
+        explicit=cfg.explicit, implicit=cfg.implicit,
+        weights=weights if cfg.weighted else None,
+        rejected_mask=slots[:, 1:] >= 0,
+    )
+
+
+# ----- LoRA ---------------------------------------------------------------------------------------
+
+
+def apply_lora(vlm: VLM, cfg: PreferenceConfig):
+    """LoRA on the language model; everything else frozen. Returns the peft model (its adapter is the policy)."""
+    from peft import LoraConfig, get_peft_model
+
+    for p in vlm.model.parameters():
+        p.requires_grad_(False)
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.lora_targets))
+    peft_lm = get_peft_model(vlm.model.model.language_model, lora)
+    vlm.model.model.language_model = peft_lm
+    return peft_lm
+
+
+def lora_parameters(vlm: VLM) -> dict[str, Tensor]:
+    """The trainable adapter parameters by name."""
+    return {n: p for n, p in vlm.model.named_parameters() if p.requires_grad}
+
+
+# ----- training -----------------------------------------------------------------------------------
+
+
+class PreferenceTrainer:
+    """Holds the policy (SFT + LoRA), the tokenized entries and the kept reference table.
+
+    Use: `trainer = PreferenceTrainer(vlm, rows, cfg)`, `trainer.train()`, `trainer.save(folder)`.
+    `train` computes the reference table first if `compute_reference` was not called.
+    """
+
+    def __init__(self, vlm: VLM, rows: list[dict], cfg: PreferenceConfig, log: LogFn | None = None):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        cfg.validate()
+        self.cfg = cfg
+        self.log = log
+        mixed = cfg.mixed_precision
+        if mixed == "auto":
+            mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        self.accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mixed)
+        set_seed(cfg.seed)
+        self.vlm = vlm
+        self.entries = build_entries(vlm, rows, cfg)
+        cap = rejected_per_entry(cfg)
+        most = max(len(e.rejected) for e in self.entries)
+        self.n_rejected = most if cap is None else min(cap, most)
+        if cfg.loss == "mlpo" and cfg.implicit and not cfg.explicit and self.n_rejected < 2:
+            raise ValueError("train: implicit-only MLPO needs entries with at least two dispreferred answers")
+        self.peft_lm = apply_lora(vlm, cfg)
+        vlm.model.to(self.accelerator.device)
+        self.scorer = GroupedScorer(vlm, share_prompt=cfg.share_prompt)
+        self.collator = EntryCollator(vlm, self.entries, self.n_rejected)
+        self.reference: Tensor | None = None
+        self.history: list[dict[str, float]] = []
+        self.timings: dict[str, float] = {}
+
+    # -- scoring over the whole data set, in order, without gradient
+    def _ordered_loader(self) -> DataLoader:
+        return DataLoader(list(range(len(self.entries))), batch_size=self.cfg.batch_size, shuffle=False,
+                          collate_fn=self.collator)
+
+    @torch.no_grad()
+    def score(self, adapter: bool = True, desc: str | None = None) -> Tensor:
+        """(N, 1 + J) log-prob table of every entry, under the policy or (adapter=False) the reference."""
+        device = self.accelerator.device
+        table = torch.zeros(len(self.entries), 1 + self.n_rejected, device=device)
+        was_training = self.vlm.model.training
+        self.vlm.model.eval()
+        context = nullcontext() if adapter else self.peft_lm.disable_adapter()
+        loader = self._ordered_loader()
+        bar = tqdm(loader, desc=desc, unit="batch", disable=desc is None or not self.accelerator.is_main_process)
+        with context, self.accelerator.autocast():
+            for batch in bar:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                table[batch["entry"]] = self.scorer(batch).float()
+        self.vlm.model.train(was_training)
+        return table
+
+    def compute_reference(self) -> Tensor:
+        """Score every entry under π_sft (adapter disabled) once; training reads this table."""
+        start = time.perf_counter()
+        self.reference = self.score(adapter=False, desc="train: reference log-probs")
+        self.timings["reference_seconds"] = time.perf_counter() - start
+        return self.reference
+
+    def _all_slots_and_weights(self) -> tuple[Tensor, Tensor]:
+        device = self.accelerator.device
+        slots = torch.full((len(self.entries), 1 + self.n_rejected), -1, dtype=torch.long, device=device)
+        weights = torch.ones(len(self.entries), self.n_rejected, device=device)
+        for i, e in enumerate(self.entries):
+            k = min(len(e.rejected), self.n_rejected)
+            slots[i, : 1 + k] = torch.arange(1 + k)  # any non-negative value marks a present slot
+            weights[i, :k] = torch.tensor(e.weights[:k])
+        return slots, weights
+
+    def evaluate(self) -> dict[str, Any]:
+        """The loss and reward metrics of the current policy over all entries (no gradient)."""
+        if self.reference is None:
+            self.compute_reference()
+        policy = self.score(adapter=True)
+        slots, weights = self._all_slots_and_weights()
+        with torch.no_grad():
+            return preference_loss(self.cfg, policy, self.reference, slots, weights).to_dict()
+
+    def train(self) -> dict[str, Any]:
+        """Run the configured epochs; returns a summary for the stage report."""
+        from transformers import get_cosine_schedule_with_warmup
+
+        cfg, accelerator = self.cfg, self.accelerator
+        if self.reference is None:
+            self.compute_reference()
+        reference = self.reference
+        params = list(lora_parameters(self.vlm).values())
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        loader = DataLoader(list(range(len(self.entries))), batch_size=cfg.batch_size, shuffle=True,
+                            collate_fn=self.collator, generator=generator)
+        # Counted on the unsharded loader: accelerate steps a prepared scheduler once per process
+        # for every optimizer step, so this total holds for any number of processes.
+        total_steps = math.ceil(len(loader) / cfg.grad_accum) * cfg.epochs
+        warmup = int(cfg.warmup_fraction * total_steps)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+        model, optimizer, loader, scheduler = accelerator.prepare(self.scorer, optimizer, loader, scheduler)
+
+        self.vlm.model.train()
+        self.vlm.model.model.vision_tower.eval()
+        pending: list[Tensor] = []
+        entries_seen = 0
+        bar = tqdm(total=math.ceil(len(loader) / cfg.grad_accum) * cfg.epochs, desc=f"train: {cfg.loss}",
+                   unit="step", disable=not accelerator.is_main_process)
+        start = time.perf_counter()
+        for epoch in range(cfg.epochs):
+            for batch in loader:
+                with accelerator.accumulate(model):
+                    policy = model(batch)
+                    out = preference_loss(cfg, policy, reference[batch["entry"]], batch["slots"], batch["weights"])
+                    accelerator.backward(out.loss)
+                    if accelerator.sync_gradients and cfg.max_grad_norm:
+                        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                entries_seen += int(batch["entry"].numel())
+                pending.append(_metric_vector(out))
+                if accelerator.sync_gradients:
+                    values = self._step_values(pending, scheduler.get_last_lr()[0], epoch)
+                    pending = []
+                    self.history.append(values)
+                    if self.log and accelerator.is_main_process:
+                        self.log("train", values)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{values['loss']:.4f}", margin=f"{values['reward_margin']:.3f}")
+        bar.close()
+        train_seconds = time.perf_counter() - start
+        self.timings["train_seconds"] = train_seconds
+        self.vlm.model.eval()
+
+        summary: dict[str, Any] = {
+            "loss": cfg.loss,
+            "weighted": cfg.weighted,
+            "explicit": cfg.explicit if cfg.loss == "mlpo" else True,
+            "implicit": cfg.implicit if cfg.loss == "mlpo" else False,
+            "entries": len(self.entries),
+            "rejected_per_entry": self.n_rejected,
+            "epochs": cfg.epochs,
+            "optimizer_steps": len(self.history),
+            "trainable_parameters": sum(p.numel() for p in params),
+            "device": str(accelerator.device),
+            "processes": accelerator.num_processes,
+            "mixed_precision": accelerator.mixed_precision,
+            "first_step_loss": self.history[0]["loss"] if self.history else None,
+            "final_step_loss": self.history[-1]["loss"] if self.history else None,
+            "reference_seconds": self.timings["reference_seconds"],
+            "train_seconds": train_seconds,
+            "train_entries_per_second": entries_seen * accelerator.num_processes / train_seconds,
+        }
+        if cfg.evaluate_after:
+            final = self.evaluate()
+            summary.update({f"final_train_{k}": v for k, v in final.items()})
+        return summary
+
+    def _step_values(self, pending: list[Tensor], lr: float, epoch: int) -> dict[str, float]:
+        """Mean over the micro-batches of one optimizer step, and over processes."""
+        stacked = torch.stack(pending).nanmean(0)
+        stacked = self.accelerator.reduce(stacked, reduction="mean")
+        values = {name: float(v) for name, v in zip(STEP_METRICS, stacked.tolist(), strict=True)}
+        if math.isnan(values["ranking_accuracy"]):
+            del values["ranking_accuracy"]  # DPO, or J < 2: nothing to rank
+        values["lr"] = lr
+        values["epoch"] = epoch
+        return values
+
+    def save(self, folder: str | Path) -> None:
+        """Adapter into `folder/adapter`, then the merged model as a full VLM folder into `folder`.
+
+        Merging folds the adapter into the weights, so the trainer is finished afterwards.
+        """
+        folder = Path(folder)
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            self.peft_lm.save_pretrained(folder / "adapter")
+            self.vlm.model.model.language_model = self.peft_lm.merge_and_unload()
+            self.vlm.model.eval()
+            self.vlm.save(folder)
+        self.accelerator.wait_for_everyone()
+
+
+def _metric_vector(out: LossOutput) -> Tensor:
+    nan = torch.tensor(float("nan"), device=out.loss.device)
+    values = [getattr(out, name) for name in STEP_METRICS]
+    return torch.stack([nan if v is None else v.detach().float() for v in values])
+
+
+def train_preference(vlm: VLM, rows: list[dict], cfg: PreferenceConfig, out: str | Path | None = None,
+                     log: LogFn | None = None) -> dict[str, Any]:
+    """LoRA preference training of `vlm` on scored rows; saves to `out` when given. Returns the summary."""
+    trainer = PreferenceTrainer(vlm, rows, cfg, log=log)
+    summary = trainer.train()
+    summary["config"] = asdict(cfg)
+    if out is not None:
+        trainer.save(out)
+    return summary

@@ -1,0 +1,150 @@
+"""`mine`: strategy registry, seeded random mining, the stage end to end."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from pipeline.mining import STRATEGIES, MineConfig, get_strategy, mine, mining_summary
+from pipeline.reporting import read_json
+from pipeline.schema import POOL_SCHEMA, VQA_SCHEMA, read_rows, write_rows
+
+MODALITIES = ("ct", "mri", "xray")
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4), (10, 20, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def vqa_rows(n: int) -> list[dict]:
+    image = _png()
+    return [
+        {
+            "id": f"q{i:03d}",
+            "dataset": "unit",
+            "split": "train",
+            "image": image,
+            "question": f"question {i}?",
+            "answer": "yes" if i % 2 else "left lung",
+            "answer_type": "closed" if i % 2 else "open",
+            "modality": MODALITIES[i % 3],
+            "question_type": "presence",
+        }
+        for i in range(n)
+    ]
+
+
+def _ids(rows: list[dict]) -> list[str]:
+    return [r["id"] for r in rows]
+
+
+def test_random_is_seeded():
+    rows = vqa_rows(50)
+    random = get_strategy("random")
+    a = random.select(rows, 10, seed=0)
+    assert _ids(a) == _ids(random.select(rows, 10, seed=0))
+    assert _ids(a) != _ids(random.select(rows, 10, seed=1))
+
+
+def test_random_respects_size_and_returns_pool_rows():
+    rows = vqa_rows(50)
+    pool = STRATEGIES["random"].select(rows, 7, seed=3)
+    assert len(pool) == 7
+    assert len(set(_ids(pool))) == 7  # without replacement
+    assert _ids(pool) == sorted(_ids(pool))  # input order kept
+    assert all(r["mine_strategy"] == "random" and r["mine_score"] is None for r in pool)
+    assert set(POOL_SCHEMA.names) <= set(pool[0])
+    by_id = {r["id"]: r for r in rows}
+    assert all({k: r[k] for k in VQA_SCHEMA.names} == by_id[r["id"]] for r in pool)
+
+
+def test_random_size_above_available_takes_all_and_reports_it():
+    rows = vqa_rows(5)
+    pool, report = mine(rows, MineConfig(strategy="random", size=20, seed=0))
+    assert _ids(pool) == _ids(rows)
+    assert report["capped"] and report["size"] == 5 and report["requested_size"] == 20
+
+
+@pytest.mark.parametrize("size", [0, -3])
+def test_random_rejects_size_below_one(size):
+    with pytest.raises(ValueError, match="size must be >= 1"):
+        get_strategy("random").select(vqa_rows(5), size, seed=0)
+
+
+def test_random_rejects_empty_input_duplicates_and_options():
+    random = get_strategy("random")
+    with pytest.raises(ValueError, match="empty"):
+        random.select([], 3, seed=0)
+    rows = vqa_rows(3)
+    with pytest.raises(ValueError, match="duplicate ids"):
+        random.select(rows + rows[:1], 2, seed=0)
+    with pytest.raises(ValueError, match="no options"):
+        random.select(rows, 2, seed=0, threshold=0.5)
+
+
+def test_unknown_strategy_lists_available():
+    with pytest.raises(ValueError, match="unknown mining strategy 'hardest'.*available strategies: random"):
+        get_strategy("hardest")
+
+
+def test_hard_strategy_is_a_named_seam():
+    with pytest.raises(NotImplementedError, match="CheXPO.*available strategies: random"):
+        get_strategy("hard")
+    with pytest.raises(NotImplementedError):
+        mine(vqa_rows(5), MineConfig.from_section({"strategy": "hard", "size": 2, "seed": 0}))
+
+
+def test_config_is_strict_and_reads_per_strategy_options():
+    with pytest.raises(KeyError, match="lacks"):
+        MineConfig.from_section({"strategy": "random", "size": 2})
+    with pytest.raises(KeyError, match="unknown keys \\['sise'\\]"):
+        MineConfig.from_section({"strategy": "random", "size": 2, "seed": 0, "sise": 3})
+    cfg = MineConfig.from_section({"strategy": "random", "size": 2, "seed": 0, "hard": {"threshold": 0.5}})
+    assert cfg.options == {}  # only the active strategy's section is read
+    cfg = MineConfig.from_section({"strategy": "hard", "size": 2, "seed": 0, "hard": {"threshold": 0.5}})
+    assert cfg.options == {"threshold": 0.5}
+
+
+def test_summary_counts_groups():
+    rows = vqa_rows(6)
+    report = mining_summary(
+        STRATEGIES["random"].select(rows, 6, seed=0),
+        requested=6,
+        available=6,
+        config=MineConfig("random", 6, 0),
+    )
+    assert report["modality"] == {"ct": 2, "mri": 2, "xray": 2}
+    assert report["answer_type"] == {"closed": 3, "open": 3}
+    assert report["size"] == 6 and not report["capped"]
+
+
+def test_stage_end_to_end(tmp_path):
+    from pipeline.stages.mine import app
+
+    rows = vqa_rows(12)
+    write_rows(rows, tmp_path / "train.parquet", VQA_SCHEMA)
+    (tmp_path / "params.yaml").write_text(
+        yaml.safe_dump({"mine": {"strategy": "random", "size": 4, "seed": 0}})
+    )
+    args = [
+        "--params",
+        str(tmp_path / "params.yaml"),
+        "--input",
+        str(tmp_path / "train.parquet"),
+        "--output",
+        str(tmp_path / "pool.parquet"),
+        "--metrics",
+        str(tmp_path / "mine.json"),
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    pool = read_rows(tmp_path / "pool.parquet", POOL_SCHEMA)
+    assert _ids(pool) == _ids(get_strategy("random").select(rows, 4, seed=0))
+    report = read_json(tmp_path / "mine.json")
+    assert report["size"] == 4 and sum(report["modality"].values()) == 4
