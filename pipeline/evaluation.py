@@ -65,3 +65,63 @@ def evaluate_model(vlm: VLM, name: str, rows: list[dict], batch_size: int, max_n
 
 def _diff(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a - b
+
+
+def logprob_gaps(vlm: VLM, rows: list[dict], batch_size: int) -> list[float]:
+    """log p(ground truth) − log p(top-ranked hallucinated candidate), full image (HSCR Fig. 4).
+
+    `rows` are preference entries (`answer` = ground truth, `rejected[0]` = the dispreferred
+    response most similar to it). A larger gap means the model separates them better.
+    """
+    import torch
+
+    from pipeline.batching import answer_logprobs, collate_sequences
+
+    gaps: list[float] = []
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            chunk = [r for r in rows[i : i + batch_size]]
+            images = [r["image"] for r in chunk] * 2
+            questions = [r["question"] for r in chunk] * 2
+            answers = [r["answer"] for r in chunk] + [r["rejected"][0]["text"] for r in chunk]
+            batch = collate_sequences(vlm, images, questions, answers)
+            out = vlm.forward(batch.attention_mask, batch.input_ids, batch.pixel_values)
+            logp = answer_logprobs(out.logits, batch.labels)
+            n = len(chunk)
+            gaps.extend((logp[:n] - logp[n:]).tolist())
+    return gaps
+
+
+def gap_histograms(gaps: dict[str, list[float]], modalities: list[str], bins: int = 20
+                   ) -> dict[str, list[dict]]:
+    """Per modality, one table of bin centre → count per model (a DVC plot per modality)."""
+    values = [g for model_gaps in gaps.values() for g in model_gaps]
+    lo, hi = min(values), max(values)
+    width = (hi - lo) / bins or 1.0
+    tables: dict[str, list[dict]] = {}
+    for modality in sorted(set(modalities)):
+        table = [{"gap": round(lo + (b + 0.5) * width, 4)} | {m: 0 for m in gaps} for b in range(bins)]
+        for model, model_gaps in gaps.items():
+            for g, mod in zip(model_gaps, modalities, strict=True):
+                if mod == modality:
+                    table[min(bins - 1, int((g - lo) / width))][model] += 1
+        tables[modality] = table
+    return tables
+
+
+def gap_summary(gaps: list[float], modalities: list[str]) -> dict:
+    def stats(xs: list[float]) -> dict:
+        xs = sorted(xs)
+        return {"mean": sum(xs) / len(xs), "median": xs[len(xs) // 2], "n": len(xs)} if xs else {}
+
+    return {**stats(gaps), "by_modality": {m: stats([g for g, mm in zip(gaps, modalities, strict=True) if mm == m])
+                                           for m in sorted(set(modalities))}}
+
+
+def deltas(metrics: dict[str, dict], model: str, baseline: str) -> dict[str, float | None]:
+    """`model` minus `baseline` on the headline numbers and on the image reliance."""
+    out = {k: _diff(metrics[model][k], metrics[baseline][k]) for k in HEADLINE}
+    for k in HEADLINE:
+        out[f"image_reliance_{k}"] = _diff(metrics[f"{model}_image_reliance"][k],
+                                           metrics[f"{baseline}_image_reliance"][k])
+    return out

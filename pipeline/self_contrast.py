@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -82,23 +83,57 @@ def _special_ids(vlm: VLM) -> torch.Tensor:
     return torch.tensor(sorted(ids))
 
 
+def _surface_form(vlm: VLM) -> Callable[[int], str]:
+    """A token's text as an answer compares: stripped, lowercased, punctuation-insensitive."""
+    from pipeline.metrics import normalize_answer
+
+    cache: dict[int, str] = {}
+
+    def surface(token: int) -> str:
+        if token not in cache:
+            cache[token] = normalize_answer(vlm.tokenizer.decode([token]))
+        return cache[token]
+
+    return surface
+
+
 def replacement_order(logit_full: torch.Tensor, logit_drop: torch.Tensor, token: int, cfg: SampleConfig,
-                      special: torch.Tensor, generator: torch.Generator) -> list[int]:
-    """Replacement tokens for one position, best first (DESIGN.md §2 'Replacement')."""
+                      special: torch.Tensor, generator: torch.Generator,
+                      surface: Callable[[int], str] | None = None) -> list[int]:
+    """Replacement tokens for one position, best first (DESIGN.md §2 'Replacement').
+
+    The pool: tokens above the plausibility cutoff of the dropped view, extended down its ranking
+    until it holds max(`min_plausible`, k) tokens. With `surface`, tokens whose text equals y_t's or an
+    earlier token's ("Yes", " yes", "yes") are skipped: a replacement must change the answer.
+    """
+    surface = surface or str
     p_drop = torch.softmax(logit_drop, -1)
     banned = torch.zeros_like(p_drop, dtype=torch.bool)
     banned[special.clamp(max=p_drop.shape[0] - 1)] = True
     banned[token] = True
     p_drop = p_drop.masked_fill(banned, 0.0)
-    plausible = (p_drop >= cfg.plausibility * p_drop.max()).nonzero().squeeze(-1)
-    if plausible.numel() < cfg.min_plausible:
-        plausible = p_drop.topk(min(cfg.min_plausible, int((p_drop > 0).sum()))).indices
+    cutoff = cfg.plausibility * p_drop.max()
+    ranked = p_drop.topk(min(256, int((p_drop > 0).sum()))).indices.tolist()
+    seen = {surface(token)}
+    pool: list[int] = []
+    # at least k, so that a one-token answer still yields k different candidates
+    need = max(cfg.min_plausible, cfg.k)
+    for candidate in ranked:
+        if p_drop[candidate] < cutoff and len(pool) >= need:
+            break
+        key = surface(candidate)
+        if key and key not in seen:
+            seen.add(key)
+            pool.append(candidate)
+    if not pool:
+        return []
+    plausible = torch.tensor(pool, device=logit_full.device)
     log_p_diff = torch.log_softmax((1 + cfg.beta) * logit_full - cfg.beta * logit_drop, -1)[plausible]
-    score = -log_p_diff  # ascending P_diff first
+    score = -log_p_diff.cpu()  # ascending P_diff first
     if cfg.temperature > 0:
         u = torch.rand(score.shape, generator=generator).clamp(1e-9, 1 - 1e-9)
         score = score / cfg.temperature - torch.log(-torch.log(u))
-    return plausible[score.argsort(descending=True)].tolist()
+    return [pool[i] for i in score.argsort(descending=True).tolist()]
 
 
 def levels(n_positions: int, k: int) -> list[int]:
@@ -117,7 +152,7 @@ class EntryPlan:
 
 
 def plan_entry(answer: list[int], logit_full: torch.Tensor, logit_drop: torch.Tensor, cfg: SampleConfig,
-               special: torch.Tensor, seed: int) -> EntryPlan:
+               special: torch.Tensor, seed: int, surface: Callable[[int], str] | None = None) -> EntryPlan:
     """Sensitive positions and replacement tokens for one entry; `answer` ends with EOS."""
     body = len(answer) - 1  # the final end-of-turn token is never replaced
     positions = torch.arange(body)
@@ -126,7 +161,7 @@ def plan_entry(answer: list[int], logit_full: torch.Tensor, logit_drop: torch.Te
     n = min(cfg.n_sensitive, body)
     top = shift.argsort(descending=True)[:n].tolist()
     generator = torch.Generator().manual_seed(seed)
-    orders = {t: replacement_order(logit_full[t], logit_drop[t], answer[t], cfg, special, generator)
+    orders = {t: replacement_order(logit_full[t], logit_drop[t], answer[t], cfg, special, generator, surface)
               for t in top}
     candidates = []
     for r, m in enumerate(levels(n, cfg.k)):
@@ -204,6 +239,7 @@ def sample_batch(vlm: VLM, rows: list[dict], cfg: SampleConfig) -> list[dict]:
     dropped = drop_visual_tokens(batch.attention_mask, batch.image_mask, cfg.mask_ratio, seeds)
     logit_full, logit_drop = two_view_answer_logits(vlm, batch, dropped)
     special = _special_ids(vlm)
+    surface = _surface_form(vlm)
     plans, answers, chosen_logprob = [], [], []
     for b, _row in enumerate(rows):
         length = int(batch.answer_length[b])
@@ -212,7 +248,7 @@ def sample_batch(vlm: VLM, rows: list[dict], cfg: SampleConfig) -> list[dict]:
         answers.append(answer)
         chosen_logprob.append(float(torch.log_softmax(logit_full[b, :length], -1)
                                     .gather(-1, torch.tensor(answer, device=logit_full.device).unsqueeze(-1)).sum()))
-        plans.append(plan_entry(answer, logit_full[b, :length], logit_drop[b, :length], cfg, special, seeds[b]))
+        plans.append(plan_entry(answer, logit_full[b, :length], logit_drop[b, :length], cfg, special, seeds[b], surface))
 
     # Build every candidate's token ids, then score them all under the full image in one pass.
     flat: list[tuple[int, list[int], list[tuple[int, int]], int]] = []

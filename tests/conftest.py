@@ -11,6 +11,9 @@ from PIL import Image, ImageDraw
 
 from pipeline.models.profiles import build_tiny
 
+# Tiny models gain nothing from threads, and OpenMP spin-waits badly when the cores are shared.
+torch.set_num_threads(1)
+
 
 def make_rows(n: int, seed: int = 0, size: int = 32) -> list[dict]:
     """A one-template VQA set: a bright disc is present or not; the answer needs the image."""

@@ -5,7 +5,10 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -41,8 +44,8 @@ roles:
   a: You are judge A.
   b: You are judge B.
 rubric: 'Reply {"score": <0-10>, "reason": "..."}'
-first_turn: 'RESPONSE<<$response>> Q<<$question>> REF<<$reference>> $rubric'
-followup_turn: 'RESPONSE<<$response>> Q<<$question>> REF<<$reference>> PREVIOUS<<$previous_score>> by $previous_judge: $previous_reason $rubric'
+first_turn: 'RESPONSE<<$response>> Q<<$question>> REF<<$reference>>'
+followup_turn: 'RESPONSE<<$response>> Q<<$question>> REF<<$reference>> PREVIOUS<<$previous_score>> by $previous_judge: $previous_reason'
 retry_turn: 'RETRY<<$error>>'
 """
 
@@ -185,9 +188,9 @@ def test_default_prompts_render_every_turn():
     prompts = load_prompts(DEFAULT_PROMPTS)
     case = Case(question="Is there an effusion?", reference="Yes, on the right.", response="Yes, on the left.")
     first = prompts.request(case, "radiologist", None, prefill=True)
-    assert first.messages[0] == ("system", prompts.roles["radiologist"])
-    user = first.messages[1][1]
-    assert all(text in user for text in (case.question, case.reference, case.response, '"score"'))
+    system, user = first.messages[0][1], first.messages[1][1]
+    assert system.startswith(prompts.roles["radiologist"]) and system.endswith(prompts.rubric)
+    assert all(text in user for text in (case.question, case.reference, case.response))
     assert "$" not in user and first.prefill == '{"score": '
     follow = prompts.request(case, "clinician", Previous("radiologist", 7, "wrong side"), prefill=False)
     assert "7" in follow.messages[1][1] and "wrong side" in follow.messages[1][1] and follow.prefill == ""
@@ -421,6 +424,45 @@ def test_interrupted_run_resumes_from_the_cache_and_asks_nothing_twice(tmp_path,
     ]
 
 
+KILL_SCRIPT = """
+import json, os, re, signal, sys
+from pipeline.judges.cache import ResponseCache
+from pipeline.judges.judge import CachedJudge
+from pipeline.judges.panel import Generation, JudgeConfig
+from pipeline.judges.prompts import Case, load_prompts
+from pipeline.judges.consensus import run_consensus
+
+class Dying:
+    def __init__(self): self.n = 0
+    def identity(self): return {"backend": "scripted", "model": "scripted"}
+    def complete(self, requests, generation):
+        for i, r in enumerate(requests):
+            if self.n == int(sys.argv[3]):
+                os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no finally, no flush
+            self.n += 1
+            yield i, json.dumps({"score": self.n % 11, "reason": "r"})
+
+prompts = load_prompts(sys.argv[1])
+backend = Dying()
+with ResponseCache(sys.argv[2]) as cache:
+    judges = [CachedJudge(JudgeConfig(name=n, role=n.lower(), backend="hf", model="scripted",
+                                      generation=Generation()), backend, cache, "v") for n in "AB"]
+    run_consensus([Case("q", "ref", f"resp{i}") for i in range(10)], judges, prompts)
+"""
+
+
+def test_a_killed_process_loses_no_answer_it_received(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "p.yaml").write_text(SCRIPT_PROMPTS)
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    cache_path = tmp_path / "cache.sqlite"
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(tmp_path / "p.yaml"), str(cache_path), "13"],
+                          env=env, cwd=root, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -9, proc.stderr
+    with ResponseCache(cache_path) as cache:
+        assert len(cache) == 13
+
+
 def test_a_new_prompt_version_asks_again(tmp_path, prompts):
     rows = ranked_rows([["r1"]])
     config = ScoreConfig(judges=(judge_config("A", "a"), judge_config("B", "b")))
@@ -465,32 +507,80 @@ def test_ranked_fixture_matches_the_input_schema(tmp_path):
 # ------------------------------------------------------------------------------------------ hf backend
 
 
-def test_hf_backend_batches_and_is_deterministic():
+def tiny_judge_model(texts: Sequence[str]):
+    """A random 2-layer Llama and a word-level chat tokenizer: fast, and no download."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipeline.judges.backends.hf import HFBackend, LoadedModel
     from pipeline.models.tiny_tokenizer import build_tiny_tokenizer
 
-    prompts = load_prompts(DEFAULT_PROMPTS)
-    cases = [Case("is there a mass ?", "yes", "no"), Case("which side ?", "left", "right , a much longer answer")]
-    requests = [prompts.request(c, "radiologist", None, prefill=True) for c in cases]
-    texts = [content for r in requests for _, content in r.messages] + ['{ " score " : 7 , } 0 1 2 3']
     # transformers' stop-string matcher tokenizes "abcdef" to learn the vocabulary's prefixes
-    tokenizer = build_tiny_tokenizer(texts, extra_words=["abcdef"])
+    tokenizer = build_tiny_tokenizer(list(texts) + ['{ " score " : 7 , } 0 1 2 3'], extra_words=["abcdef"])
     tokenizer.padding_side = "left"
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    model = LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
+def test_hf_backend_batches_and_is_deterministic():
+    from pipeline.judges.backends.hf import HFBackend, LoadedModel
+
+    prompts = load_prompts(DEFAULT_PROMPTS)
+    cases = [Case("is there a mass ?", "yes", "no"), Case("which side ?", "left", "right , a much longer answer"),
+             Case("how many ?", "2", "3")]
+    requests = [prompts.request(c, "radiologist", None, prefill=True) for c in cases]
+    model, tokenizer = tiny_judge_model([content for r in requests for _, content in r.messages])
     loaded = LoadedModel(name="tiny", model=model, tokenizer=tokenizer, device=torch.device("cpu"),
                          dtype=torch.float32)
-    backend = HFBackend(loaded, batch_size=2)
+    backend = HFBackend(loaded, batch_size=3)
     generation = Generation(max_new_tokens=6)
     first = dict(backend.complete(requests, generation))
-    second = dict(HFBackend(loaded, batch_size=1).complete(requests, generation))
-    assert sorted(first) == [0, 1] and all(isinstance(t, str) for t in first.values())
+    assert sorted(first) == [0, 1, 2] and all(isinstance(t, str) for t in first.values())
     assert first == dict(backend.complete(requests, generation))  # greedy: same answers again
+    # The shared-prefix KV cache (the system message, run once per batch) changes no answer,
+    # and neither does the batch composition.
+    assert first == dict(HFBackend(loaded, batch_size=3, prefix_cache=False).complete(requests, generation))
+    assert first == dict(HFBackend(loaded, batch_size=1).complete(requests, generation))
     assert backend.identity() == {"backend": "hf", "model": "tiny", "dtype": "float32"}
     assert backend.render(requests[0]).endswith(prompts.prefill)
-    assert len(second) == 2
+
+
+def test_stage_with_a_local_hf_panel_records_what_the_judges_said(tmp_path):
+    """End to end through `score_file` with an `hf` panel loaded from a folder. A random model
+    answers garbage: every score must then come from a parsed answer, or be missing — never made up."""
+    from pipeline.judges.scoring import score_file
+
+    prompts = load_prompts(DEFAULT_PROMPTS)
+    rows = ranked_rows([["no", "left"], ["large"]])
+    texts = [prompts.rubric, *prompts.roles.values(), prompts.first_turn.template, prompts.followup_turn.template,
+             prompts.retry_turn.template] + [f"{r['question']} {r['answer']}" for r in rows] + ["no left large"]
+    model, tokenizer = tiny_judge_model(texts)
+    model.save_pretrained(tmp_path / "judge")
+    tokenizer.save_pretrained(tmp_path / "judge")
+    write_rows(rows, tmp_path / "ranked.parquet", RANKED_SCHEMA)
+    judge = {"backend": "hf", "model": str(tmp_path / "judge"), "prefill": True, "max_new_tokens": 8}
+    config = parse_score_config({
+        "judges": [{"name": "radiologist", "role": "radiologist", **judge},
+                   {"name": "clinician", "role": "clinician", **judge}],
+        "rounds": 2, "retries": 1, "cache": str(tmp_path / "cache.sqlite"), "prompts": str(DEFAULT_PROMPTS),
+    })
+    metrics = score_file(config, tmp_path / "ranked.parquet", tmp_path / "scored.parquet",
+                         tmp_path / "score.json", progress=False)
+    back = read_rows(tmp_path / "scored.parquet", SCORED_SCHEMA)
+    judgements = [j for r in back for j in r["judgements"]]
+    assert len(judgements) == 3 and metrics["responses"] == 3
+    for j in judgements:
+        turns = json.loads(j["transcript"])
+        assert turns and all(len(t["answers"]) == len(t["errors"]) + (t["score"] is not None) for t in turns)
+        for t in turns:  # every recorded score is what the last answer of that turn says
+            if t["score"] is not None:
+                assert parse_answer(t["answers"][-1]).score == t["score"]
+        history = [t["score"] for t in turns if t["score"] is not None]
+        if not history:
+            assert j["score"] is None and j["weight"] == 1.0
+        elif j["agreed"]:
+            assert j["score"] == history[-1]
+        else:
+            assert j["score"] == pytest.approx(sum(history) / len(history))
+    assert json.loads((tmp_path / "score.json").read_text())["cache"]["asked"] == metrics["cache"]["asked"] > 0

@@ -34,8 +34,8 @@ roles:
   a: You are judge A.
   b: You are judge B.
 rubric: 'Reply {"score": <0-10>, "reason": "..."}'
-first_turn: 'RESPONSE<<$response>> Q<<$question>> REF<<$reference>> $rubric'
-followup_turn: 'RESPONSE<<$response>> Q<<$question>> REF<<$reference>> PREVIOUS<<$previous_score>> by $previous_judge: $previous_reason $rubric'
+first_turn: 'RESPONSE<<$response>> Q<<$question>> REF<<$reference>>'
+followup_turn: 'RESPONSE<<$response>> Q<<$question>> REF<<$reference>> PREVIOUS<<$previous_score>> by $previous_judge: $previous_reason'
 retry_turn: 'RETRY<<$error>>'
 """
 

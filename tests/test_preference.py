@@ -26,6 +26,16 @@ WORDS = ["yes", "no", "left", "right", "large", "small", "1", "2", "3", "lesion"
 ALTERNATIVES = {"yes": ["no", "left lesion", "small"], "no": ["yes", "right", "large lesion"]}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # The tiny model's tensors are small: on a shared two-core machine, handing each op to two
+    # threads costs more than the op (measured: 5-15x slower tests).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def scored_rows(n: int = 8, weight: float | None = None) -> list[dict]:
     """SCORED_SCHEMA-like rows; odd rows have only two dispreferred answers (ragged J)."""
     rows = make_rows(n)

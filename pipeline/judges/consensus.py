@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
 from pipeline.judges.judge import JudgeRequest
@@ -86,20 +87,27 @@ class _State:
 
 
 def ask_with_retries(
-    judge: PanelJudge, requests: Sequence[JudgeRequest], prompts: PromptSet, retries: int
+    judge: PanelJudge,
+    requests: Sequence[JudgeRequest],
+    prompts: PromptSet,
+    retries: int,
+    on_ask: Callable[[int, int], None] | None = None,
 ) -> list[tuple[Verdict | None, list[str], list[str]]]:
     """Ask `judge` every request; re-ask the malformed ones up to `retries` times, in batches.
 
     Returns per request (verdict or None if every attempt was malformed, raw answers, errors).
+    `on_ask(attempt, n_requests)` is called before each batch is sent (progress).
     """
     current = list(requests)
     answers: list[list[str]] = [[] for _ in requests]
     errors: list[list[str]] = [[] for _ in requests]
     verdicts: list[Verdict | None] = [None] * len(requests)
     pending = list(range(len(requests)))
-    for _attempt in range(retries + 1):
+    for attempt in range(retries + 1):
         if not pending:
             break
+        if on_ask:
+            on_ask(attempt, len(pending))
         texts = judge.ask([current[i] for i in pending])
         if len(texts) != len(pending):
             raise RuntimeError(f"judge {judge.name} returned {len(texts)} answers for {len(pending)} requests")
@@ -122,11 +130,12 @@ def run_consensus(
     prompts: PromptSet,
     rounds: int = 5,
     retries: int = 2,
-    on_turn: Callable[[int, int, str, int], None] | None = None,
+    on_ask: Callable[[int, str, int, int], None] | None = None,
 ) -> list[Outcome]:
     """Run the protocol on every case; one `Outcome` per case, in order.
 
-    `on_turn(turn, round, judge_name, n_requests)` is called before each judge turn (progress).
+    `on_ask(round, judge_name, attempt, n_requests)` is called before each batch is sent to a
+    judge, retries included (progress).
     """
     if not judges:
         raise ValueError("the panel has no judges")
@@ -140,10 +149,9 @@ def run_consensus(
             break
         judge = judges[t % g]
         rnd = t // g + 1
-        if on_turn:
-            on_turn(t + 1, rnd, judge.name, len(active))
         requests = [prompts.request(cases[i], judge.role, states[i].latest, judge.prefill) for i in active]
-        results = ask_with_retries(judge, requests, prompts, retries)
+        report = None if on_ask is None else partial(on_ask, rnd, judge.name)
+        results = ask_with_retries(judge, requests, prompts, retries, on_ask=report)
         for i, (verdict, answers, errors) in zip(active, results, strict=True):
             state = states[i]
             turn = Turn(turn=t + 1, round=rnd, judge=judge.name, shown=state.latest, answers=answers, errors=errors)

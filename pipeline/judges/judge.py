@@ -1,7 +1,8 @@
 """A judge: one configured backend behind the persistent response cache.
 
 The consensus protocol talks to judges only through `ask` (a batch of requests in, one raw
-answer per request out), so it runs the same on scripted test judges, a local model or a remote endpoint.
+answer per request out), so it runs the same on scripted test judges, a local model or a
+remote endpoint.
 `CachedJudge` answers from the cache where it can and asks its backend for the rest, storing
 each answer the moment the backend hands it over: a crash loses at most the answers in flight.
 """
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from pipeline.judges.cache import ResponseCache
-from pipeline.judges.panel import Generation, JudgeConfig
+from pipeline.judges.panel import Generation, JudgeConfig, RequestRetry
 
 
 class JudgeError(RuntimeError):
@@ -126,7 +127,7 @@ def build_judges(
     configs: Sequence[JudgeConfig],
     cache: ResponseCache,
     prompt_version: Any,
-    request_retry: Any,
+    request_retry: RequestRetry,
 ) -> list[CachedJudge]:
     """Instantiate the panel. Judges that share a local model share one loaded copy of it."""
     loaded: dict[str, Any] = {}

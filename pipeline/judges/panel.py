@@ -39,7 +39,7 @@ class JudgeConfig:
     model: str  # hf: "smollm2" (packaged offline weights), a local folder or a hub id; openai: the served model name
     generation: Generation
     prefill: bool = False  # hf only: start the assistant turn with the prompts file's `prefill`
-    batch_size: int = 16  # hf only
+    batch_size: int = 32  # hf only: requests per generate call (they share one prefix forward)
     base_url: str | None = None  # openai only
     api_key_env: str | None = None  # openai only: the NAME of the environment variable holding the key
     timeout_s: float = 60.0  # openai only: per request
@@ -142,7 +142,7 @@ def parse_judge(raw: Any, index: int) -> JudgeConfig:
         model=_str(f"{where}.model", raw["model"]),
         generation=generation,
         prefill=prefill,
-        batch_size=_int(f"{where}.batch_size", raw.get("batch_size", 16), 1),
+        batch_size=_int(f"{where}.batch_size", raw.get("batch_size", 32), 1),
         base_url=raw.get("base_url"),
         api_key_env=raw.get("api_key_env"),
         timeout_s=_float(f"{where}.timeout_s", raw.get("timeout_s", 60.0), 0.0, strict=True),

@@ -11,11 +11,11 @@ import yaml
 
 from pipeline.judges.judge import JudgeRequest
 
-_CASE_FIELDS = {"question", "reference", "response", "rubric"}
+_CASE_FIELDS = {"question", "reference", "response"}
 _PREVIOUS_FIELDS = {"previous_judge", "previous_score", "previous_reason"}
-_REQUIRED = {
-    "first_turn": (_CASE_FIELDS - {"rubric"}, _CASE_FIELDS),
-    "followup_turn": (_CASE_FIELDS - {"rubric"} | {"previous_score"}, _CASE_FIELDS | _PREVIOUS_FIELDS),
+_REQUIRED = {  # template: (placeholders it must use, placeholders it may use)
+    "first_turn": (_CASE_FIELDS, _CASE_FIELDS),
+    "followup_turn": (_CASE_FIELDS | {"previous_score"}, _CASE_FIELDS | _PREVIOUS_FIELDS),
     "retry_turn": (set(), {"error"}),
 }
 
@@ -68,8 +68,7 @@ class PromptSet:
         """The request for one judge turn: a fresh verdict, or a verdict on the previous judge's score."""
         if role not in self.roles:
             raise PromptFileError(f"{self.path}: no role {role!r} (roles: {sorted(self.roles)})")
-        values = {"question": case.question, "reference": case.reference, "response": case.response,
-                  "rubric": self.rubric}
+        values = {"question": case.question, "reference": case.reference, "response": case.response}
         if previous is None:
             user = self.first_turn.substitute(values)
         else:
@@ -77,7 +76,8 @@ class PromptSet:
                 values, previous_judge=previous.judge, previous_score=str(previous.score),
                 previous_reason=previous.reason or "(none given)",
             )
-        messages = (("system", self.roles[role]), ("user", user))
+        # Everything shared by all requests comes first (system): prefix caching reuses it.
+        messages = (("system", f"{self.roles[role]}\n\n{self.rubric}"), ("user", user))
         return JudgeRequest(messages=messages, prefill=self.prefill if prefill else "")
 
     def retry(self, request: JudgeRequest, error: str) -> JudgeRequest:

@@ -60,14 +60,14 @@ def score_rows(
     judges: Sequence[PanelJudge],
     prompts: PromptSet,
     config: ScoreConfig,
-    on_turn: Callable[[int, int, str, int], None] | None = None,
+    on_ask: Callable[[int, str, int, int], None] | None = None,
 ) -> ScoringResult:
     """Judge every dispreferred response of `rows` (RANKED_SCHEMA) and attach the judgements."""
     cases, where = cases_from_rows(rows)
     # The judges see text only (MMedPO §3.2.1: no image), so entries sharing question, reference and
     # response get one verdict; templated datasets repeat such triples a lot.
     unique = list(dict.fromkeys(cases))
-    verdicts = run_consensus(unique, judges, prompts, rounds=config.rounds, retries=config.retries, on_turn=on_turn)
+    verdicts = run_consensus(unique, judges, prompts, rounds=config.rounds, retries=config.retries, on_ask=on_ask)
     by_case = dict(zip(unique, verdicts, strict=True))
     outcomes = [by_case[c] for c in cases]
     weights = clinical_weights([o.score for o in outcomes], config.weights)
@@ -98,20 +98,21 @@ def score_file(
     prompts = load_prompts(config.prompts)
     check_panel(config, prompts)
     rows = read_rows(input_path, RANKED_SCHEMA)
-    start = time.perf_counter()
     with ResponseCache(config.cache) as cache:
         judges = build_judges(config.judges, cache, prompts.version, config.request_retry)
+        start = time.perf_counter()  # judging only, not model loading
         bar = tqdm(total=0, unit="answer", desc="score", disable=not progress, dynamic_ncols=True)
 
-        def on_turn(turn: int, rnd: int, name: str, n: int) -> None:
-            bar.set_description(f"score round {rnd} {name}")
+        def on_ask(rnd: int, name: str, attempt: int, n: int) -> None:
+            retry = f" retry {attempt}" if attempt else ""
+            bar.set_description(f"score round {rnd} {name}{retry}")
             bar.total += n
             bar.refresh()
 
         for judge in judges:
             judge.on_answer = bar.update
         try:
-            result = score_rows(rows, judges, prompts, config, on_turn=on_turn)
+            result = score_rows(rows, judges, prompts, config, on_ask=on_ask)
         finally:
             bar.close()
     seconds = time.perf_counter() - start

@@ -119,7 +119,7 @@ def build_demo(seed: int = 0, vision: dict[str, Any] | None = None,
     model.model.language_model.load_state_dict(language_model.model.state_dict())
     model.lm_head.load_state_dict(language_model.lm_head.state_dict())
     # One new row for the image placeholder; it is never looked up (see VLM.embed).
-    model.resize_token_embeddings(len(tokenizer))
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     settings = PromptSettings(system_prompt=system_prompt, num_image_tokens=_num_patches(vision_config),
                               profile="demo")
     return VLM(model.eval(), tokenizer, _image_processor(vision_config.image_size), settings)

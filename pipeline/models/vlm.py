@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 
 IMAGE_TOKEN = "<image>"
 SETTINGS_FILE = "medalign.json"
-DEFAULT_SYSTEM_PROMPT = "Answer the question about the medical image in one or two words."
+DEFAULT_SYSTEM_PROMPT = "Answer in one word."
 
 
 @dataclass

@@ -29,6 +29,7 @@ def main(
     live_dir: Path = typer.Option(Path("reports/live/train")),
 ) -> None:
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
     from dvclive import Live
 
     from pipeline.live import PhaseLogger
@@ -37,8 +38,9 @@ def main(
 
     cfg = PreferenceConfig.from_params(dict(section(load_params(params), "train")))
     rows = read_rows(input, SCORED_SCHEMA)
-    # Under `accelerate launch` each process loads the model onto its own device.
-    state = PartialState()
+    # Under `accelerate launch` each process loads the model onto its own device. The process
+    # state is a singleton, so read the launcher's CPU flag here as the Accelerator would.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     vlm = load_vlm(sft, device=state.device)
     trainer = PreferenceTrainer(vlm, rows, cfg)
 

@@ -440,18 +440,19 @@ class PreferenceTrainer:
         generator = torch.Generator().manual_seed(cfg.seed)
         loader = DataLoader(list(range(len(self.entries))), batch_size=cfg.batch_size, shuffle=True,
                             collate_fn=self.collator, generator=generator)
-        # Counted on the unsharded loader: accelerate steps a prepared scheduler once per process
-        # for every optimizer step, so this total holds for any number of processes.
-        total_steps = math.ceil(len(loader) / cfg.grad_accum) * cfg.epochs
+        loader = accelerator.prepare(loader)  # sharded across processes: len() is per process
+        steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
+        # A prepared scheduler advances once per process at every optimizer step.
+        total_steps = steps_per_epoch * cfg.epochs * accelerator.num_processes
         warmup = int(cfg.warmup_fraction * total_steps)
         scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
-        model, optimizer, loader, scheduler = accelerator.prepare(self.scorer, optimizer, loader, scheduler)
+        model, optimizer, scheduler = accelerator.prepare(self.scorer, optimizer, scheduler)
 
         self.vlm.model.train()
         self.vlm.model.model.vision_tower.eval()
         pending: list[Tensor] = []
         entries_seen = 0
-        bar = tqdm(total=math.ceil(len(loader) / cfg.grad_accum) * cfg.epochs, desc=f"train: {cfg.loss}",
+        bar = tqdm(total=steps_per_epoch * cfg.epochs, desc=f"train: {cfg.loss}",
                    unit="step", disable=not accelerator.is_main_process)
         start = time.perf_counter()
         for epoch in range(cfg.epochs):
@@ -462,13 +463,14 @@ class PreferenceTrainer:
                     accelerator.backward(out.loss)
                     if accelerator.sync_gradients and cfg.max_grad_norm:
                         accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                    lr = scheduler.get_last_lr()[0]  # the rate this step uses
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                 entries_seen += int(batch["entry"].numel())
                 pending.append(_metric_vector(out))
                 if accelerator.sync_gradients:
-                    values = self._step_values(pending, scheduler.get_last_lr()[0], epoch)
+                    values = self._step_values(pending, lr, epoch)
                     pending = []
                     self.history.append(values)
                     if self.log and accelerator.is_main_process:

@@ -4,11 +4,12 @@ Two phases, both on the train split:
 
 1. Vision pre-training. The vision tower starts from random weights (no registry ships vision
    weights), and a from-scratch ViT learns slowly through a frozen 30-layer LM. So the tower first
-   learns the images through a light question-conditioned answer classifier: the question's mean
-   token embedding (from the LM's frozen embedding table) queries the patch features by attention,
-   and an MLP picks the answer among the train split's answers. This costs seconds, not minutes.
-2. LLaVA SFT. With the tower frozen, the two-layer GELU projector and LoRA adapters on the LM are
-   trained on the answer tokens (prompt tokens are not scored); the adapters are merged back, so
+   learns the images through a light question-conditioned answer classifier: an MLP over all patch
+   features (flattened) and the question's mean token embedding (from the LM's frozen embedding
+   table) picks the answer among the train split's answers. This costs seconds, not minutes.
+2. LLaVA SFT. The two-layer GELU projector and LoRA adapters on the LM (and, at a small learning
+   rate `tower_lr`, the tower) are trained on the answer tokens (prompt tokens are not scored);
+   the adapters are merged back, so
    `models/sft` is a plain LLaVA checkpoint. `language_model: full` trains the whole LM instead
    (sensible for `tiny`), `frozen` trains only the projector.
 """
@@ -43,12 +44,13 @@ class SFTConfig:
     batch_size: int = 8
     lr: float = 1e-3  # projector
     lm_lr: float = 2e-4  # LoRA adapters (or the full LM)
+    tower_lr: float = 0.0  # phase 2 learning rate of the vision tower; 0 keeps it frozen
     language_model: str = "lora"  # lora | full | frozen
     lora_r: int = 16
     lora_alpha: int = 32
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     warmup_fraction: float = 0.05
-    max_train_rows: int | None = None
+    lm_train_rows: int | None = None  # phase 2 sees the first N shuffled rows (CPU budget); None = all
 
 
 def _cosine(step: int, total: int, warmup: int) -> float:
@@ -59,20 +61,19 @@ def _cosine(step: int, total: int, warmup: int) -> float:
 
 
 class VisionProbe(nn.Module):
-    """Question-conditioned attention pooling over patch features, then an answer classifier."""
+    """Answer classifier over all patch features (flattened, so where a finding is stays known)
+    and the question embedding. Attention pooling to one vector was tried first: it loses
+    position and count, and the tower then learned the phantoms far worse (docs/models.md)."""
 
-    def __init__(self, text_dim: int, vision_dim: int, n_answers: int):
+    def __init__(self, text_dim: int, vision_dim: int, n_tokens: int, n_answers: int, width: int = 256):
         super().__init__()
-        self.query = nn.Linear(text_dim, vision_dim)
+        self.patches = nn.Linear(vision_dim * n_tokens, width)
         self.head = nn.Sequential(
-            nn.Linear(vision_dim + text_dim, vision_dim), nn.GELU(), nn.Linear(vision_dim, n_answers)
+            nn.GELU(), nn.Linear(width + text_dim, width), nn.GELU(), nn.Linear(width, n_answers)
         )
 
     def forward(self, patches: torch.Tensor, question: torch.Tensor) -> torch.Tensor:
-        q = self.query(question)  # (B, Dv)
-        weights = torch.softmax((patches @ q.unsqueeze(-1)).squeeze(-1) / math.sqrt(patches.shape[-1]), dim=-1)
-        pooled = (weights.unsqueeze(-1) * patches).sum(1)
-        return self.head(torch.cat([pooled, question], dim=-1))
+        return self.head(torch.cat([self.patches(patches.flatten(1)), question], dim=-1))
 
 
 def _patch_features(vlm: VLM, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -91,14 +92,15 @@ def pretrain_vision(vlm: VLM, rows: list[dict], cfg: SFTConfig, log: LogFn | Non
     answer_index = {a: i for i, a in enumerate(answers)}
     embed = vlm.model.get_input_embeddings()
     tower = vlm.model.model.vision_tower
-    probe = VisionProbe(embed.weight.shape[1], vlm.model.config.vision_config.hidden_size, len(answers)).to(device)
+    probe = VisionProbe(embed.weight.shape[1], vlm.model.config.vision_config.hidden_size,
+                        vlm.settings.num_image_tokens, len(answers)).to(device)
     params = list(tower.parameters()) + list(probe.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.vision_lr, weight_decay=0.01)
     rng = random.Random(cfg.seed)
     order = list(range(len(rows)))
     steps_per_epoch = math.ceil(len(rows) / cfg.vision_batch_size)
     total = steps_per_epoch * cfg.vision_epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine(s, total, max(1, total // 20)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine(s, total, max(1, total // 10)))
     # The question embeddings and pixels do not change across epochs: compute them once.
     with torch.no_grad():
         question_vecs = []
@@ -176,6 +178,11 @@ def train_llava(vlm: VLM, rows: list[dict], cfg: SFTConfig, log: LogFn | None = 
         p.requires_grad_(True)
     lm_params, finalize = _trainable_lm(vlm, cfg)
     groups = [{"params": list(projector.parameters()), "lr": cfg.lr}]
+    tower = vlm.model.model.vision_tower
+    if cfg.tower_lr > 0:
+        for p in tower.parameters():
+            p.requires_grad_(True)
+        groups.append({"params": list(tower.parameters()), "lr": cfg.tower_lr})
     if lm_params:
         groups.append({"params": lm_params, "lr": cfg.lm_lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
@@ -186,7 +193,6 @@ def train_llava(vlm: VLM, rows: list[dict], cfg: SFTConfig, log: LogFn | None = 
     warmup = max(1, int(cfg.warmup_fraction * total))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine(s, total, warmup))
     vlm.model.train()
-    vlm.model.model.vision_tower.eval()
     bar = tqdm(total=total, desc="sft: LLaVA fine-tuning", unit="step")
     losses: list[float] = []
     for _epoch in range(cfg.epochs):
@@ -195,7 +201,7 @@ def train_llava(vlm: VLM, rows: list[dict], cfg: SFTConfig, log: LogFn | None = 
             chunk = [rows[j] for j in order[i : i + cfg.batch_size]]
             batch = collate_sequences(vlm, [r["image"] for r in chunk], [r["question"] for r in chunk],
                                       [r["answer"] for r in chunk])
-            # The frozen tower builds no graph; gradients reach the projector and the adapters.
+            # A frozen tower builds no graph; gradients reach the projector and the adapters.
             out = vlm.forward(batch.attention_mask, batch.input_ids, batch.pixel_values)
             logits = out.logits[:, :-1].float()
             targets = batch.labels[:, 1:]
@@ -207,11 +213,11 @@ def train_llava(vlm: VLM, rows: list[dict], cfg: SFTConfig, log: LogFn | None = 
             torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
             optimizer.step()
             scheduler.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             if log:
-                log("lm", {"loss": float(loss), "lr": scheduler.get_last_lr()[0]})
+                log("lm", {"loss": losses[-1], "lr": scheduler.get_last_lr()[0]})
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()
     finalize()
     for p in vlm.model.parameters():
@@ -223,11 +229,12 @@ def train_llava(vlm: VLM, rows: list[dict], cfg: SFTConfig, log: LogFn | None = 
 
 def train_sft(vlm: VLM, rows: list[dict], cfg: SFTConfig, log: LogFn | None = None) -> dict[str, float]:
     """Both phases; returns summary numbers for the stage report."""
-    if cfg.max_train_rows is not None:
-        rows = rows[: cfg.max_train_rows]
     if not rows:
         raise ValueError("sft: the train split has no rows")
     torch.manual_seed(cfg.seed)
     summary = pretrain_vision(vlm, rows, cfg, log)
-    summary.update(train_llava(vlm, rows, cfg, log))
+    lm_rows = rows
+    if cfg.lm_train_rows is not None:
+        lm_rows = random.Random(cfg.seed).sample(rows, min(cfg.lm_train_rows, len(rows)))
+    summary.update(train_llava(vlm, lm_rows, cfg, log))
     return summary

