@@ -89,12 +89,12 @@ def test_random_rejects_empty_input_duplicates_and_options():
 
 
 def test_unknown_strategy_lists_available():
-    with pytest.raises(ValueError, match="unknown mining strategy 'hardest'.*available strategies: random"):
+    with pytest.raises(ValueError, match="unknown mining strategy 'hardest'.*available strategies: balanced, random"):
         get_strategy("hardest")
 
 
 def test_hard_strategy_is_a_named_seam():
-    with pytest.raises(NotImplementedError, match="CheXPO.*available strategies: random"):
+    with pytest.raises(NotImplementedError, match="CheXPO.*available strategies: balanced, random"):
         get_strategy("hard")
     with pytest.raises(NotImplementedError):
         mine(vqa_rows(5), MineConfig.from_section({"strategy": "hard", "size": 2, "seed": 0}))
@@ -148,3 +148,17 @@ def test_stage_end_to_end(tmp_path):
     assert _ids(pool) == _ids(get_strategy("random").select(rows, 4, seed=0))
     report = read_json(tmp_path / "mine.json")
     assert report["size"] == 4 and sum(report["modality"].values()) == 4
+
+
+def test_balanced_strategy_evens_out_the_language_prior():
+    from collections import Counter
+
+    from pipeline.mining import get_strategy
+
+    rows = [{"id": f"r{i}", "question": "is there a lesion?", "answer": "no" if i % 10 < 7 else "yes"}
+            for i in range(200)]
+    pool = get_strategy("balanced").select(rows, 40, seed=0)
+    counts = Counter(r["answer"] for r in pool)
+    assert counts == {"no": 20, "yes": 20}
+    assert pool == get_strategy("balanced").select(rows, 40, seed=0)
+    assert [r["id"] for r in pool] != [r["id"] for r in get_strategy("balanced").select(rows, 40, seed=1)]

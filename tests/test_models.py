@@ -104,3 +104,12 @@ def test_cached_greedy_matches_no_cache_reference(tiny_vlm, rows):
             ref.append(nxt)
             e = torch.cat([e, tiny_vlm.model.get_input_embeddings()(torch.tensor([[nxt]]))], dim=1)
         assert got[b] == ref
+
+
+def test_params_read_exponent_floats_as_numbers(tmp_path):
+    from pipeline.params import load_params
+
+    (tmp_path / "params.yaml").write_text("train:\n  lr: 2e-05\n  gamma: 0.1\n  name: 1e5x\n")
+    params = load_params(tmp_path / "params.yaml")
+    assert params["train"]["lr"] == 2e-05 and params["train"]["gamma"] == 0.1
+    assert params["train"]["name"] == "1e5x"
