@@ -50,19 +50,24 @@ def _check_ids_unique(rows: Sequence[Mapping[str, Any]]) -> None:
         raise ValueError(f"input has duplicate ids ({len(duplicates)}), e.g. {duplicates[:5]}")
 
 
+def _check_request(name: str, rows: Sequence[Mapping[str, Any]], size: int, options: Mapping[str, Any]) -> None:
+    """What every option-less strategy checks before drawing."""
+    if options:
+        raise ValueError(f"strategy {name!r} takes no options, got {sorted(options)}")
+    if size < 1:
+        raise ValueError(f"mine size must be >= 1, got {size}")
+    if not rows:
+        raise ValueError("no rows to mine from: the input split is empty")
+    _check_ids_unique(rows)
+
+
 class RandomStrategy:
     """Uniform draw without replacement from a seeded `random.Random`; rows keep their input order."""
 
     name = "random"
 
     def select(self, rows: Sequence[Mapping[str, Any]], size: int, seed: int, **options: Any) -> list[dict]:
-        if options:
-            raise ValueError(f"strategy 'random' takes no options, got {sorted(options)}")
-        if size < 1:
-            raise ValueError(f"mine size must be >= 1, got {size}")
-        if not rows:
-            raise ValueError("no rows to mine from: the input split is empty")
-        _check_ids_unique(rows)
+        _check_request(self.name, rows, size, options)
         n = min(size, len(rows))
         # Sorting the drawn indices keeps the pool in input order, so pools drawn with the same
         # seed from the same split are byte-identical and easy to diff.
@@ -83,13 +88,7 @@ class BalancedStrategy:
     def select(self, rows: Sequence[Mapping[str, Any]], size: int, seed: int, **options: Any) -> list[dict]:
         from pipeline.metrics import normalize_answer
 
-        if options:
-            raise ValueError(f"strategy 'balanced' takes no options, got {sorted(options)}")
-        if size < 1:
-            raise ValueError(f"mine size must be >= 1, got {size}")
-        if not rows:
-            raise ValueError("no rows to mine from: the input split is empty")
-        _check_ids_unique(rows)
+        _check_request(self.name, rows, size, options)
         rng = random.Random(seed)
         strata: dict[tuple[str, str], list[int]] = {}
         for i, row in enumerate(rows):
