@@ -3,20 +3,16 @@ left-padded prompts for generation. Images are decoded here, once per batch."""
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from PIL import Image
 
+from pipeline.data.images import decode_image
 from pipeline.models.vlm import VLM
 
 IGNORE_INDEX = -100
-
-
-def decode_image(data: bytes) -> Image.Image:
-    return Image.open(io.BytesIO(data)).convert("RGB")
 
 
 @dataclass

@@ -80,7 +80,7 @@ def logprob_gaps(vlm: VLM, rows: list[dict], batch_size: int) -> list[float]:
     gaps: list[float] = []
     with torch.no_grad():
         for i in range(0, len(rows), batch_size):
-            chunk = [r for r in rows[i : i + batch_size]]
+            chunk = rows[i : i + batch_size]
             images = [r["image"] for r in chunk] * 2
             questions = [r["question"] for r in chunk] * 2
             answers = [r["answer"] for r in chunk] + [r["rejected"][0]["text"] for r in chunk]
