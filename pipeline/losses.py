@@ -39,8 +39,9 @@ from torch import Tensor
 class LossOutput:
     """A loss and its diagnostics. All fields are 0-dim tensors (or None).
 
-    `loss` = `explicit` + `implicit` and carries gradient; the parts do too, so either can be
-    back-propagated alone. The metrics are detached and stay on the device, so logging them does
+    `loss` = `explicit` + `implicit` (+ nll_weight · `nll` after `with_nll`) and carries gradient;
+    the parts do too, so either can be back-propagated alone. `nll` is None unless `with_nll`
+    added the chosen answers' likelihood term. The metrics are detached and stay on the device, so logging them does
     not force a host sync every step (call `to_dict` when you do want numbers).
 
     - reward_margin: mean over entries of r_w − mean_j r_lj.
@@ -55,11 +56,12 @@ class LossOutput:
     reward_margin: Tensor
     reward_accuracy: Tensor
     ranking_accuracy: Tensor | None
+    nll: Tensor | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Python floats for logging; None for a missing or NaN ranking accuracy."""
         out: dict[str, Any] = {}
-        for name in ("loss", "explicit", "implicit", "reward_margin", "reward_accuracy", "ranking_accuracy"):
+        for name in ("loss", "explicit", "implicit", "nll", "reward_margin", "reward_accuracy", "ranking_accuracy"):
             value = getattr(self, name)
             value = None if value is None else float(value.detach().item())
             out[name] = None if value is not None and math.isnan(value) else value
@@ -211,6 +213,35 @@ def mlpo_loss(
         explicit=explicit_loss,
         implicit=implicit_loss,
         **metrics,
+    )
+
+
+def with_nll(out: LossOutput, policy_chosen: Tensor, chosen_length: Tensor, weight: float) -> LossOutput:
+    """Add `weight` x the mean per-token negative log-likelihood of the chosen answers to `out.loss`.
+
+    The preference terms only see differences of log-ratios, so they can be lowered by pushing
+    every answer down, the chosen one included; the NLL term anchors the chosen answer's
+    likelihood (RPO, Pang et al. 2024; TRL's `rpo_alpha`). Shapes: (E,) summed log-probs and
+    (E,) token counts.
+    """
+    if weight < 0:
+        raise ValueError(f"with_nll: weight must be >= 0, got {weight}")
+    if policy_chosen.shape != chosen_length.shape or policy_chosen.dim() != 1:
+        raise ValueError(
+            f"with_nll: chosen log-probs {tuple(policy_chosen.shape)} and lengths {tuple(chosen_length.shape)} "
+            "must both be (E,)"
+        )
+    if bool((chosen_length <= 0).any()):
+        raise ValueError("with_nll: every chosen answer needs at least one token")
+    nll = -(policy_chosen.float() / chosen_length.float().to(policy_chosen.device)).mean()
+    return LossOutput(
+        loss=out.loss + weight * nll,
+        explicit=out.explicit,
+        implicit=out.implicit,
+        reward_margin=out.reward_margin,
+        reward_accuracy=out.reward_accuracy,
+        ranking_accuracy=out.ranking_accuracy,
+        nll=nll,
     )
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipeline.losses import dpo_loss, mlpo_loss, sequence_logprobs, shift_for_next_token
+from pipeline.losses import dpo_loss, mlpo_loss, sequence_logprobs, shift_for_next_token, with_nll
 
 
 def neg_logsig(x: float) -> float:
@@ -111,6 +111,24 @@ def test_mlpo_hand_computed() -> None:
     assert out.reward_accuracy.item() == 1.0
     assert out.ranking_accuracy is not None
     assert out.ranking_accuracy.item() == pytest.approx(2 / 3)
+
+
+def test_with_nll_adds_the_chosen_per_token_nll() -> None:
+    chosen = t([-2.0, -0.5])  # summed log-probs of a 4-token and a 1-token answer
+    lengths = t([4.0, 1.0])
+    base = mlpo_loss(chosen, t([[-3.0], [-1.0]]), t([-2.5, -1.0]), t([[-2.0], [-1.5]]), gamma=0.5)
+    out = with_nll(base, chosen, lengths, weight=0.5)
+    nll = (2.0 / 4 + 0.5 / 1) / 2
+    assert out.nll is not None and out.nll.item() == pytest.approx(nll, abs=1e-6)
+    assert out.loss.item() == pytest.approx(base.loss.item() + 0.5 * nll, abs=1e-6)
+    # the preference parts and metrics are carried over unchanged
+    assert out.explicit.item() == base.explicit.item()
+    assert out.reward_margin.item() == base.reward_margin.item()
+    assert base.nll is None and base.to_dict()["nll"] is None and out.to_dict()["nll"] == pytest.approx(nll)
+    with pytest.raises(ValueError, match=">= 0"):
+        with_nll(base, chosen, lengths, weight=-1.0)
+    with pytest.raises(ValueError, match="at least one token"):
+        with_nll(base, chosen, t([4.0, 0.0]), weight=1.0)
 
 
 def test_mlpo_weighted_hand_computed() -> None:

@@ -205,6 +205,21 @@ def test_loss_switches():
     assert all("ranking_accuracy" in h for h in implicit_only.history)
 
 
+def test_nll_term_is_logged_and_keeps_the_chosen_answer_likely():
+    rows = scored_rows(8)
+    plain = PreferenceTrainer(tiny(), rows, config(epochs=3, nll_weight=0.0))
+    plain.train()
+    anchored = PreferenceTrainer(tiny(), rows, config(epochs=3, nll_weight=1.0))
+    anchored.train()
+    assert all("nll" not in h for h in plain.history)
+    assert all(h["nll"] > 0 for h in anchored.history)
+    assert anchored.history[-1]["nll"] < anchored.history[0]["nll"]
+    # the chosen answers end up more likely with the anchor than without it
+    assert anchored.score()[:, 0].mean() > plain.score()[:, 0].mean()
+    with pytest.raises(ValueError, match="nll_weight"):
+        config(nll_weight=-0.5).validate()
+
+
 def test_gradient_accumulation_counts_optimizer_steps():
     trainer = PreferenceTrainer(tiny(), scored_rows(8), config(batch_size=2, grad_accum=2, epochs=1))
     summary = trainer.train()

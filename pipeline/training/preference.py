@@ -38,15 +38,15 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from pipeline.batching import IGNORE_INDEX, decode_image
-from pipeline.losses import LossOutput, dpo_loss, mlpo_loss, sequence_logprobs
-from pipeline.models.vlm import VLM, position_ids_from_mask
+from pipeline.grouped_scoring import collate_groups, group_logprobs
+from pipeline.losses import LossOutput, dpo_loss, mlpo_loss, with_nll
+from pipeline.models.vlm import VLM
 
 LogFn = Callable[[str, dict[str, float]], None]
 
 LOSSES = ("dpo", "mlpo")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
-STEP_METRICS = ("loss", "explicit", "implicit", "reward_margin", "reward_accuracy", "ranking_accuracy")
+STEP_METRICS = ("loss", "explicit", "implicit", "nll", "reward_margin", "reward_accuracy", "ranking_accuracy")
 
 
 @dataclass
@@ -58,6 +58,7 @@ class PreferenceConfig:
     implicit: bool = True  # MLPO L_I: higher- vs lower-ranked dispreferred (mlpo only)
     weighted: bool = True  # multiply terms by the judges' weights (MMedPO eq. 3)
     gamma: float = 0.1
+    nll_weight: float = 1.0  # + this x the chosen answers' per-token NLL (RPO; TRL's rpo_alpha); 0 = HSCR
     lr: float = 1e-4
     epochs: int = 2
     batch_size: int = 8  # entries per micro-batch (each entry is 1 + J sequences)
@@ -89,6 +90,8 @@ class PreferenceConfig:
             raise ValueError("train: implicit-only MLPO ranks dispreferred pairs, so max_rejected must be >= 2")
         if self.gamma <= 0:
             raise ValueError(f"train.gamma must be positive, got {self.gamma}")
+        if self.nll_weight < 0:
+            raise ValueError(f"train.nll_weight must be >= 0, got {self.nll_weight}")
         if self.lr <= 0:
             raise ValueError(f"train.lr must be positive, got {self.lr}")
         for name in ("epochs", "batch_size", "grad_accum", "lora_r"):
@@ -186,15 +189,10 @@ def build_entries(vlm: VLM, rows: list[dict], cfg: PreferenceConfig) -> list[Pre
 class EntryCollator:
     """DataLoader collate: entry indices -> one batch of CPU tensors (accelerate moves them).
 
-    - `prompt_ids` / `prompt_mask` (E, P): prompts left-padded, so every prompt ends at column
-      P − 1, where the logit predicting the first answer token is read.
-    - `answer_ids` / `answer_mask` (R, A): every answer of every entry as a right-padded row.
-    - `row_entry` (R,): which entry (0..E−1) a row belongs to.
-    - `slots` (E, 1 + J): the row of the chosen answer (slot 0) and of each dispreferred answer,
-      −1 where an entry has fewer than J.
+    The `collate_groups` batch (pipeline/grouped_scoring.py) with the chosen answer in slot 0 and
+    the dispreferred ones after it in rank order, plus:
     - `weights` (E, J), `entry` (E,) the entry's index into the dataset (for the reference table).
-
-    Positions follow the attention mask, so padding between prompt and answer is invisible.
+    - `chosen_length` (E,): answer tokens of each chosen answer (for the per-token NLL term).
     """
 
     def __init__(self, vlm: VLM, entries: list[PreferenceEntry], n_rejected: int):
@@ -204,59 +202,27 @@ class EntryCollator:
 
     def __call__(self, indices: list[int]) -> dict[str, Tensor]:
         chunk = [self.entries[i] for i in indices]
-        n, width = len(chunk), 1 + self.n_rejected
-        prompt_len = max(len(e.prompt) for e in chunk)
-        prompt_ids = torch.full((n, prompt_len), self.vlm.pad_token_id, dtype=torch.long)
-        prompt_mask = torch.zeros((n, prompt_len), dtype=torch.long)
-        slots = torch.full((n, width), -1, dtype=torch.long)
-        weights = torch.ones((n, self.n_rejected), dtype=torch.float32)
-        answers: list[list[int]] = []
-        row_entry: list[int] = []
+        batch = collate_groups(
+            self.vlm, [e.image for e in chunk], [e.prompt for e in chunk],
+            [[e.chosen] + e.rejected[: self.n_rejected] for e in chunk], width=1 + self.n_rejected,
+        )
+        weights = torch.ones((len(chunk), self.n_rejected), dtype=torch.float32)
         for b, e in enumerate(chunk):
-            prompt_ids[b, prompt_len - len(e.prompt):] = torch.tensor(e.prompt)
-            prompt_mask[b, prompt_len - len(e.prompt):] = 1
-            for k, ids in enumerate([e.chosen] + e.rejected[: self.n_rejected]):
-                slots[b, k] = len(answers)
-                answers.append(ids)
-                row_entry.append(b)
             weights[b, : len(e.weights[: self.n_rejected])] = torch.tensor(e.weights[: self.n_rejected])
-        answer_len = max(len(a) for a in answers)
-        answer_ids = torch.full((len(answers), answer_len), self.vlm.pad_token_id, dtype=torch.long)
-        answer_mask = torch.zeros((len(answers), answer_len), dtype=torch.long)
-        for r, ids in enumerate(answers):
-            answer_ids[r, : len(ids)] = torch.tensor(ids)
-            answer_mask[r, : len(ids)] = 1
-        images = [decode_image(e.image) for e in chunk]
-        pixel_values = self.vlm.image_processor(images, return_tensors="pt")["pixel_values"]
-        return {
-            "entry": torch.tensor(indices, dtype=torch.long),
-            "pixel_values": pixel_values,
-            "prompt_ids": prompt_ids,
-            "prompt_mask": prompt_mask,
-            "answer_ids": answer_ids,
-            "answer_mask": answer_mask,
-            "row_entry": torch.tensor(row_entry, dtype=torch.long),
-            "slots": slots,
-            "weights": weights,
-        }
+        batch.update(
+            entry=torch.tensor(indices, dtype=torch.long),
+            weights=weights,
+            chosen_length=torch.tensor([len(e.chosen) for e in chunk], dtype=torch.float32),
+        )
+        return batch
 
 
 # ----- scoring ------------------------------------------------------------------------------------
 
 
-def embed_with_features(vlm: VLM, input_ids: Tensor, features: Tensor) -> Tensor:
-    """`VLM.embed` with image features computed beforehand (so the tower can run once per entry)."""
-    image_mask = input_ids == vlm.image_token_id
-    if features.shape[0] * features.shape[1] != int(image_mask.sum()):
-        raise ValueError(
-            f"{int(image_mask.sum())} image tokens but {features.shape[0]}x{features.shape[1]} image features"
-        )
-    embeds = vlm.embed(input_ids.masked_fill(image_mask, vlm.pad_token_id), None)
-    return embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))
-
-
 class GroupedScorer(nn.Module):
-    """Summed answer log-probs of every sequence of a batch of entries, as an (E, 1 + J) table.
+    """Summed answer log-probs of every sequence of a batch of entries, as an (E, 1 + J) table
+    (`group_logprobs`: the tower and the prompt run once per entry).
 
     An nn.Module so that accelerate can wrap it (DDP, autocast); the parameters are the VLM's.
     """
@@ -268,38 +234,7 @@ class GroupedScorer(nn.Module):
         self.share_prompt = share_prompt
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
-        vlm = self.vlm
-        prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
-        answer_ids, answer_mask = batch["answer_ids"], batch["answer_mask"]
-        row_entry = batch["row_entry"]
-        # The tower and the projector are frozen: no graph, and one pass per entry.
-        with torch.no_grad():
-            features = vlm.image_features(batch["pixel_values"].to(vlm.dtype))
-        prompt_embeds = embed_with_features(vlm, prompt_ids, features)
-        answer_embeds = vlm.embed(answer_ids, None)
-        mask = torch.cat([prompt_mask[row_entry], answer_mask], dim=1)
-        n_prompt, n_answer = prompt_ids.shape[1], answer_ids.shape[1]
-        if self.share_prompt:
-            from transformers import DynamicCache
-
-            cache = DynamicCache()
-            out = vlm.forward(prompt_mask, inputs_embeds=prompt_embeds, past_key_values=cache, logits_to_keep=1)
-            first = out.logits[:, -1]  # (E, V): predicts each entry's first answer token
-            cache.batch_select_indices(row_entry)  # differentiable gather: gradients sum over the rows
-            positions = position_ids_from_mask(mask)[:, n_prompt:]
-            keep = torch.arange(n_answer - 1, device=mask.device)
-            out = vlm.forward(mask, inputs_embeds=answer_embeds, past_key_values=cache, position_ids=positions,
-                              logits_to_keep=keep)
-            logits = torch.cat([first[row_entry].unsqueeze(1), out.logits], dim=1)
-        else:
-            embeds = torch.cat([prompt_embeds[row_entry], answer_embeds], dim=1)
-            keep = torch.arange(n_prompt - 1, n_prompt + n_answer - 1, device=mask.device)
-            logits = vlm.forward(mask, inputs_embeds=embeds, logits_to_keep=keep).logits
-        labels = answer_ids.masked_fill(answer_mask == 0, IGNORE_INDEX)
-        row_logps = sequence_logprobs(logits, labels)  # logits[:, t] predicts answer token t
-        slots = batch["slots"]
-        table = row_logps[slots.clamp(min=0)]
-        return torch.where(slots >= 0, table, torch.zeros_like(table))
+        return group_logprobs(self.vlm, batch, share_prompt=self.share_prompt)
 
 
 def preference_loss(
@@ -308,17 +243,28 @@ def preference_loss(
     reference: Tensor,
     slots: Tensor,
     weights: Tensor,
+    chosen_length: Tensor | None = None,
 ) -> LossOutput:
-    """The configured loss on (E, 1 + J) log-prob tables (chosen in column 0, dispreferred in rank order)."""
+    """The configured loss on (E, 1 + J) log-prob tables (chosen in column 0, dispreferred in rank order).
+
+    With `cfg.nll_weight` > 0, `chosen_length` (E,) is required and the per-token NLL of the
+    chosen answers is added (`with_nll`).
+    """
     if cfg.loss == "dpo":
-        return dpo_loss(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], gamma=cfg.gamma,
-                        weights=weights[:, 0] if cfg.weighted else None)
-    return mlpo_loss(
-        policy[:, 0], policy[:, 1:], reference[:, 0], reference[:, 1:], gamma=cfg.gamma,
-        explicit=cfg.explicit, implicit=cfg.implicit,
-        weights=weights if cfg.weighted else None,
-        rejected_mask=slots[:, 1:] >= 0,
-    )
+        out = dpo_loss(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], gamma=cfg.gamma,
+                       weights=weights[:, 0] if cfg.weighted else None)
+    else:
+        out = mlpo_loss(
+            policy[:, 0], policy[:, 1:], reference[:, 0], reference[:, 1:], gamma=cfg.gamma,
+            explicit=cfg.explicit, implicit=cfg.implicit,
+            weights=weights if cfg.weighted else None,
+            rejected_mask=slots[:, 1:] >= 0,
+        )
+    if cfg.nll_weight > 0:
+        if chosen_length is None:
+            raise ValueError("preference_loss: nll_weight > 0 needs the chosen answers' token counts")
+        out = with_nll(out, policy[:, 0], chosen_length, cfg.nll_weight)
+    return out
 
 
 # ----- LoRA ---------------------------------------------------------------------------------------
@@ -424,8 +370,9 @@ class PreferenceTrainer:
             self.compute_reference()
         policy = self.score(adapter=True)
         slots, weights = self._all_slots_and_weights()
+        lengths = torch.tensor([len(e.chosen) for e in self.entries], dtype=torch.float32, device=policy.device)
         with torch.no_grad():
-            return preference_loss(self.cfg, policy, self.reference, slots, weights).to_dict()
+            return preference_loss(self.cfg, policy, self.reference, slots, weights, lengths).to_dict()
 
     def train(self) -> dict[str, Any]:
         """Run the configured epochs; returns a summary for the stage report."""
@@ -459,7 +406,8 @@ class PreferenceTrainer:
             for batch in loader:
                 with accelerator.accumulate(model):
                     policy = model(batch)
-                    out = preference_loss(cfg, policy, reference[batch["entry"]], batch["slots"], batch["weights"])
+                    out = preference_loss(cfg, policy, reference[batch["entry"]], batch["slots"], batch["weights"],
+                                          batch["chosen_length"])
                     accelerator.backward(out.loss)
                     if accelerator.sync_gradients and cfg.max_grad_norm:
                         accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -513,6 +461,8 @@ class PreferenceTrainer:
         values = {name: float(v) for name, v in zip(STEP_METRICS, stacked.tolist(), strict=True)}
         if math.isnan(values["ranking_accuracy"]):
             del values["ranking_accuracy"]  # DPO, or J < 2: nothing to rank
+        if math.isnan(values["nll"]):
+            del values["nll"]  # nll_weight 0: the term is off
         values["lr"] = lr
         values["epoch"] = epoch
         return values
