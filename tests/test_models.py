@@ -51,6 +51,19 @@ def _removed_logits(vlm, batch, keep_mask):
     return out
 
 
+def test_saved_config_names_the_folder_it_was_loaded_from_not_a_machine_path(tiny_vlm, tmp_path):
+    # peft records this name as an adapter's base; a machine-specific path in it would also make
+    # identical weights hash differently for DVC on every machine.
+    import json
+
+    tiny_vlm.save(tmp_path / "sft")
+    loaded = load_vlm(tmp_path / "sft", device="cpu", dtype=torch.float32)
+    assert loaded.model.model.language_model.name_or_path == str(tmp_path / "sft")
+    loaded.save(tmp_path / "again")
+    saved = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert saved["text_config"]["_name_or_path"] == str(tmp_path / "sft")
+
+
 def test_dropout_by_masking_equals_removing_visual_tokens(tiny_vlm, rows):
     batch = collate_sequences(tiny_vlm, [r["image"] for r in rows[:4]], [r["question"] for r in rows[:4]],
                               ["yes", "no", "left lung", "no"])

@@ -273,7 +273,8 @@ def test_stage_writes_model_adapter_metrics_and_live(tmp_path):
         "--metrics", str(tmp_path / "train.json"), "--live-dir", str(tmp_path / "live"),
     ])
     assert result.exit_code == 0, result.output + repr(result.exception)
-    assert (tmp_path / "aligned" / "adapter" / "adapter_config.json").exists()
+    adapter_config = yaml.safe_load((tmp_path / "aligned" / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(tmp_path / "sft")  # its real base
     load_vlm(tmp_path / "aligned", device="cpu")
     summary = yaml.safe_load((tmp_path / "train.json").read_text())
     assert summary["optimizer_steps"] == 2 and summary["entries"] == 6

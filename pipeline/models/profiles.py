@@ -29,7 +29,7 @@ from transformers import (
 )
 
 from pipeline.device import default_device, default_dtype
-from pipeline.models.smollm2 import smollm2_dir
+from pipeline.models.smollm2 import SMOLLM2_NAME, smollm2_dir
 from pipeline.models.tiny_tokenizer import build_tiny_tokenizer
 from pipeline.models.vlm import DEFAULT_SYSTEM_PROMPT, IMAGE_TOKEN, VLM, PromptSettings
 
@@ -105,6 +105,9 @@ def build_demo(seed: int = 0, vision: dict[str, Any] | None = None,
     tokenizer = AutoTokenizer.from_pretrained(lm_dir)
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     language_model = AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.float32)
+    # A name, not the local cache path: the path would be written into every saved config and
+    # make the same weights hash differently (for DVC) on every machine.
+    language_model.config._name_or_path = SMOLLM2_NAME
     vision_config = _vision_config("demo", vision)
     config = LlavaConfig(
         vision_config=vision_config,
@@ -134,6 +137,10 @@ def load_vlm(source: str | Path, device: torch.device | str | None = None,
     if Path(source).exists() and not Path(source, "config.json").exists():
         raise FileNotFoundError(f"{source} has no config.json: not a Hugging Face model folder")
     model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype)
+    # The language model's name is what peft records as an adapter's base: the folder it was
+    # loaded from, as given (e.g. `models/sft`), not whatever path the checkpoint was built from.
+    model.config.get_text_config()._name_or_path = source
+    model.get_decoder().name_or_path = source
     if not hasattr(model.config, "image_token_id") and not hasattr(model.config, "image_token_index"):
         raise ValueError(f"{source}: {type(model).__name__} is not a LLaVA-family model (no image token)")
     tokenizer = AutoTokenizer.from_pretrained(source)

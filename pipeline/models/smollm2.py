@@ -14,6 +14,8 @@ import shutil
 from pathlib import Path
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# How saved configs name these weights (the upstream model; nothing is downloaded from it).
+SMOLLM2_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def cache_root() -> Path:
