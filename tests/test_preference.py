@@ -275,6 +275,9 @@ def test_stage_writes_model_adapter_metrics_and_live(tmp_path):
     assert result.exit_code == 0, result.output + repr(result.exception)
     adapter_config = yaml.safe_load((tmp_path / "aligned" / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == str(tmp_path / "sft")  # its real base
+    # written in a fixed order (peft's set order changes per process, and with it the DVC hash)
+    assert adapter_config["target_modules"] == sorted(adapter_config["target_modules"])
+    assert len(adapter_config["target_modules"]) == 4
     load_vlm(tmp_path / "aligned", device="cpu")
     summary = yaml.safe_load((tmp_path / "train.json").read_text())
     assert summary["optimizer_steps"] == 2 and summary["entries"] == 6

@@ -25,6 +25,7 @@ The loop runs through `accelerate`: CPU, one GPU, or several GPUs under `acceler
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -476,10 +477,20 @@ class PreferenceTrainer:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             self.peft_lm.save_pretrained(folder / "adapter")
+            _sort_target_modules(folder / "adapter" / "adapter_config.json")
             self.vlm.model.model.language_model = self.peft_lm.merge_and_unload()
             self.vlm.model.eval()
             self.vlm.save(folder)
         self.accelerator.wait_for_everyone()
+
+
+def _sort_target_modules(config_file: Path) -> None:
+    # peft keeps target_modules as a set and writes it in hash order, which changes from process to
+    # process: the same adapter would get a different DVC hash on every run.
+    config = json.loads(config_file.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def _metric_vector(out: LossOutput) -> Tensor:
