@@ -27,7 +27,7 @@ responses lose the digits the loss depends on in bf16.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -234,15 +234,7 @@ def with_nll(out: LossOutput, policy_chosen: Tensor, chosen_length: Tensor, weig
     if bool((chosen_length <= 0).any()):
         raise ValueError("with_nll: every chosen answer needs at least one token")
     nll = -(policy_chosen.float() / chosen_length.float().to(policy_chosen.device)).mean()
-    return LossOutput(
-        loss=out.loss + weight * nll,
-        explicit=out.explicit,
-        implicit=out.implicit,
-        reward_margin=out.reward_margin,
-        reward_accuracy=out.reward_accuracy,
-        ranking_accuracy=out.ranking_accuracy,
-        nll=nll,
-    )
+    return replace(out, loss=out.loss + weight * nll, nll=nll)
 
 
 def dpo_loss(

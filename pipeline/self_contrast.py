@@ -231,7 +231,6 @@ def two_view_decode(vlm: VLM, images: list, questions: list[str], prefixes: list
 
 
 @torch.no_grad()
-@torch.no_grad()
 def score_candidates(vlm: VLM, images: list, questions: list[str], candidates: list[tuple[int, list[int]]]
                      ) -> list[float]:
     """log p(candidate | full image, question) for (entry index, token ids) pairs, in their order.
@@ -253,6 +252,7 @@ def score_candidates(vlm: VLM, images: list, questions: list[str], candidates: l
     return [table[g][k] for g, k in where]
 
 
+@torch.no_grad()
 def sample_batch(vlm: VLM, rows: list[dict], cfg: SampleConfig) -> list[dict]:
     """CANDIDATES_SCHEMA rows for a batch of VQA rows."""
     seeds = [entry_seed(cfg.seed, r["id"]) for r in rows]

@@ -92,6 +92,20 @@ def test_candidate_logprob_is_full_image_score(tiny_vlm, rows):
     assert checked >= 8  # several entries, several candidates each, answers of different lengths
 
 
+def test_sampling_builds_no_autograd_graph(tiny_vlm, rows, monkeypatch):
+    # Sampling is inference: a graph would hold every activation of the batch in memory.
+    grad_modes = []
+    forward = type(tiny_vlm).forward
+
+    def recording_forward(self, *args, **kwargs):
+        grad_modes.append(torch.is_grad_enabled())
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(tiny_vlm), "forward", recording_forward)
+    sample_batch(tiny_vlm, _rows(rows), SampleConfig(k=3))
+    assert grad_modes and not any(grad_modes)
+
+
 def test_same_seed_same_candidates_other_seed_differs(tiny_vlm, rows):
     a = sample_batch(tiny_vlm, _rows(rows), SampleConfig(seed=1))
     b = sample_batch(tiny_vlm, _rows(rows), SampleConfig(seed=1))
