@@ -7,15 +7,28 @@ misalignment shows up as a small gap.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pydantic import Field
 from tqdm.auto import tqdm
 
 from pipeline.batching import collate_prompts
 from pipeline.generation import greedy_generate
 from pipeline.metrics import score_prediction, summarize
 from pipeline.models.vlm import VLM
+from pipeline.params import Config
 from pipeline.visual_dropout import blind_mask
 
 HEADLINE = ("closed_accuracy", "open_recall")
+
+
+class EvaluateConfig(Config):
+    """The `evaluate:` section."""
+
+    batch_size: int = Field(ge=1, description="questions per generation batch (also the log-prob gap batch, in entries)")
+    max_new_tokens: int = Field(ge=1, description="cap on an answer's length, in tokens")
+    max_rows: int | None = Field(ge=1, description="evaluate only the first N test rows (quick checks); null = all")
 
 
 def predict(vlm: VLM, rows: list[dict], batch_size: int, max_new_tokens: int, blind: bool = False,
@@ -125,3 +138,41 @@ def deltas(metrics: dict[str, dict], model: str, baseline: str) -> dict[str, flo
         out[f"image_reliance_{k}"] = _diff(metrics[f"{model}_image_reliance"][k],
                                            metrics[f"{baseline}_image_reliance"][k])
     return out
+
+
+def evaluate_models(
+    load: Callable[[str], VLM],
+    models: Sequence[tuple[str, str]],
+    rows: list[dict],
+    preferences: list[dict],
+    cfg: EvaluateConfig,
+    on_model: Callable[[str, dict[str, dict]], None] | None = None,
+) -> tuple[dict[str, Any], dict[str, list[dict]], dict[str, list[dict]]]:
+    """Evaluate every (name, folder) model and its blind control on the test rows.
+
+    Returns the metrics report (with `<model>_minus_<first>` deltas and, when `preferences` has
+    entries with a dispreferred response, the HSCR Fig. 4 log-prob gaps), the prediction rows per
+    model key, and the per-modality gap histograms.
+    """
+    if cfg.max_rows is not None:
+        rows = rows[: cfg.max_rows]
+    preferences = [r for r in preferences if r["rejected"]]
+    report: dict[str, Any] = {}
+    predictions: dict[str, list[dict]] = {}
+    gaps: dict[str, list[float]] = {}
+    modalities = [r["modality"] for r in preferences]
+    for name, folder in models:
+        vlm = load(folder)
+        results, preds = evaluate_model(vlm, name, rows, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens)
+        report.update(results)
+        if preferences:
+            gaps[name] = logprob_gaps(vlm, preferences, cfg.batch_size)
+            report[f"{name}_logprob_gap"] = gap_summary(gaps[name], modalities)
+        predictions.update(preds)
+        if on_model:
+            on_model(name, results)
+    names = [name for name, _ in models]
+    for name in names[1:]:
+        report[f"{name}_minus_{names[0]}"] = deltas(report, name, names[0])
+    histograms = gap_histograms(gaps, modalities) if gaps else {}
+    return report, predictions, histograms

@@ -27,13 +27,13 @@ def greedy_generate(
         attention_mask=mask,
         input_ids=batch.input_ids,
         pixel_values=batch.pixel_values,
-        past_key_values=cache,
+        cache=cache,
         logits_to_keep=1,
     )
     positions = position_ids_from_mask(mask)[:, -1:]
     finished = torch.zeros(n, dtype=torch.bool, device=mask.device)
     tokens: list[list[int]] = [[] for _ in range(n)]
-    embed = vlm.model.get_input_embeddings()
+    embed = vlm.input_embeddings
     for _ in range(max_new_tokens):
         next_ids = out.logits[:, -1].argmax(-1)
         for b in (~finished).nonzero().squeeze(-1).tolist():
@@ -49,7 +49,7 @@ def greedy_generate(
         out = vlm.forward(
             attention_mask=mask,
             inputs_embeds=embed(next_ids.unsqueeze(-1)),
-            past_key_values=out.past_key_values,
+            cache=out.cache,
             position_ids=positions,
         )
     return tokens

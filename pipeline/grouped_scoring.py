@@ -119,12 +119,12 @@ def group_logprobs(vlm: VLM, batch: dict[str, Tensor], share_prompt: bool = True
         from transformers import DynamicCache
 
         cache = DynamicCache()
-        out = vlm.forward(prompt_mask, inputs_embeds=prompt_embeds, past_key_values=cache, logits_to_keep=1)
+        out = vlm.forward(prompt_mask, inputs_embeds=prompt_embeds, cache=cache, logits_to_keep=1)
         first = out.logits[:, -1]  # (E, V): predicts each group's first answer token
         cache.batch_select_indices(row_entry)
         positions = position_ids_from_mask(mask)[:, n_prompt:]
         keep = torch.arange(n_answer - 1, device=mask.device)
-        out = vlm.forward(mask, inputs_embeds=answer_embeds, past_key_values=cache, position_ids=positions,
+        out = vlm.forward(mask, inputs_embeds=answer_embeds, cache=cache, position_ids=positions,
                           logits_to_keep=keep)
         logits = torch.cat([first[row_entry].unsqueeze(1), out.logits], dim=1)
     else:

@@ -15,8 +15,8 @@ implicit reward of a response is r = γ·(log π_θ(y|x) − log π_ref(y|x)).
   L_I = −Σ_j Σ_{m>j} log σ(r_lj − r_lm)        (higher-ranked vs lower-ranked dispreferred)
   Dispreferred index 0 is the highest-ranked (most similar to the chosen answer, "least bad").
 
-Reduction (DESIGN.md §2 "Losses"): sum over terms within an entry, mean over entries; weights
-multiply terms as in MMedPO eq. 3, no renormalization by their sum. Weights (DESIGN.md §2
+Reduction (docs/design.md § "Losses"): sum over terms within an entry, mean over entries; weights
+multiply terms as in MMedPO eq. 3, no renormalization by their sum. Weights (docs/design.md §
 "Weights") are per dispreferred response: explicit term j carries w_j, implicit term (j, m)
 carries (w_j + w_m)/2.
 

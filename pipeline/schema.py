@@ -12,6 +12,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import DataError, InputNotFoundError
+
 ANSWER_TYPES = ("closed", "open")
 
 # One VQA entry: the unit of `data/prepared/{train,test}.parquet` and `data/pool.parquet`.
@@ -110,7 +112,7 @@ PREDICTION_SCHEMA = pa.schema(
 )
 
 
-class SchemaError(ValueError):
+class SchemaError(DataError):
     """An artifact does not match the schema a stage expects."""
 
 
@@ -136,14 +138,28 @@ def read_table(path: str | Path, schema: pa.Schema) -> pa.Table:
     """Read an artifact and check it carries every column of `schema` with the right type."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: run the stage that writes it first (`dvc repro`)")
-    table = pq.read_table(path)
+        raise InputNotFoundError(
+            f"{path}: file not found; run the upstream stage that writes it first (`dvc repro`)"
+        )
+    if path.is_file() and path.stat().st_size == 0:
+        raise DataError(
+            f"{path}: the file is empty (0 bytes), expected a Parquet table; re-create it by "
+            "re-running the stage that writes it (`dvc repro`)"
+        )
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError, ValueError) as e:  # ArrowInvalid/ArrowIOError on a corrupt file
+        raise DataError(
+            f"{path}: not a readable Parquet file ({e}); it is corrupt or truncated: re-create it by "
+            "re-running the stage that writes it (`dvc repro`)"
+        ) from e
+    fix = "is it the right file? If so, re-create it with the current code (`dvc repro`)"
     for field in schema:
         if field.name not in table.column_names:
-            raise SchemaError(f"{path}: missing column {field.name!r}")
+            raise SchemaError(f"{path}: missing column {field.name!r}; {fix}")
         have = table.schema.field(field.name).type
         if have != field.type:
-            raise SchemaError(f"{path}: column {field.name!r} is {have}, expected {field.type}")
+            raise SchemaError(f"{path}: column {field.name!r} is {have}, expected {field.type}; {fix}")
     return table.select(schema.names)
 
 

@@ -1,4 +1,4 @@
-"""Token-level self-contrastive rewarding (HSCR §3.1, A.4–A.5; decisions in DESIGN.md §2).
+"""Token-level self-contrastive rewarding (HSCR §3.1, A.4–A.5; decisions in docs/design.md).
 
 For each entry the preferred answer y_w is teacher-forced under two views of the image, the full
 view and a view with a share `mask_ratio` of the visual tokens dropped (attention-masked, which is
@@ -26,28 +26,42 @@ import math
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Literal
 
 import torch
+from pydantic import Field
 from transformers import DynamicCache
 
 from pipeline.batching import SequenceBatch, collate_sequences, decode_image
+from pipeline.fingerprint import code_version, fingerprint
 from pipeline.grouped_scoring import collate_groups, group_logprobs
 from pipeline.models.vlm import VLM, position_ids_from_mask
+from pipeline.params import Config
+from pipeline.resume import BatchRun, BatchStore, run_batches
 from pipeline.visual_dropout import drop_visual_tokens
 
 
-@dataclass
-class SampleConfig:
-    mask_ratio: float = 0.7
-    n_sensitive: int = 10  # HSCR n
-    k: int = 4  # candidates per entry
-    beta: float = 0.9  # contrast strength of P_diff
-    plausibility: float = 0.1  # keep tokens with p_drop >= plausibility * max p_drop
-    min_plausible: int = 3
-    temperature: float = 1.0  # of the Gumbel draw over -log P_diff; 0 = strictly ascending P_diff
-    mode: str = "replace"  # replace | decode
-    max_new_tokens: int = 16  # decode mode: continuation length cap
-    seed: int = 0
+class SampleConfig(Config):
+    """The `sample:` section (and the top-level `mask_ratio`): HSCR §3.1 self-contrastive sampling."""
+
+    top_level: ClassVar[tuple[str, ...]] = ("mask_ratio",)
+
+    mask_ratio: float = Field(ge=0.0, lt=1.0, description="share of visual tokens dropped in the degraded view, in [0, 1)")
+    mode: Literal["replace", "decode"] = Field(
+        description="replace: in-place token replacement (HSCR A.4); decode: continue under the dropped view"
+    )
+    n_sensitive: int = Field(ge=1, description="HSCR n: most image-sensitive answer positions, capped by the answer length")
+    k: int = Field(ge=1, description="graded dispreferred candidates per entry")
+    beta: float = Field(ge=0.0, description="contrast strength of P_diff = softmax((1+beta) full - beta dropped)")
+    plausibility: float = Field(
+        ge=0.0, le=1.0, description="replacement tokens need p_drop >= plausibility * max p_drop ..."
+    )
+    min_plausible: int = Field(ge=1, description="... and at least this many top dropped-view tokens are considered")
+    temperature: float = Field(ge=0.0, description="of the seeded Gumbel draw over ascending P_diff; 0 = strictly ascending")
+    max_new_tokens: int = Field(ge=1, description="decode mode: cap on the continuation's length")
+    seed: int = Field(ge=0, description="seeds the dropout pattern and the draw, per entry")
+    batch_size: int = Field(ge=1, description="pool entries per forward batch (also the unit of resume)")
 
 
 def entry_seed(seed: int, entry_id: str) -> int:
@@ -65,17 +79,13 @@ def two_view_answer_logits(vlm: VLM, batch: SequenceBatch, dropped_mask: torch.T
     """
     embeds = vlm.embed(batch.input_ids, batch.pixel_values)
     masks = torch.cat([batch.attention_mask, dropped_mask])
-    hidden = vlm.model.model(
-        inputs_embeds=torch.cat([embeds, embeds]),
-        attention_mask=masks,
-        position_ids=position_ids_from_mask(masks),
-    ).last_hidden_state
+    hidden = vlm.hidden_states(torch.cat([embeds, embeds]), masks)
     n = batch.input_ids.shape[0]
     length = int(batch.answer_length.max())
     cols = batch.answer_start.unsqueeze(1) - 1 + torch.arange(length, device=hidden.device).unsqueeze(0)
     cols = cols.clamp(max=hidden.shape[1] - 1).repeat(2, 1)
     picked = hidden.gather(1, cols.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-    logits = vlm.model.lm_head(picked).float()
+    logits = vlm.lm_head(picked).float()
     return logits[:n], logits[n:]
 
 
@@ -101,7 +111,7 @@ def _surface_form(vlm: VLM) -> Callable[[int], str]:
 def replacement_order(logit_full: torch.Tensor, logit_drop: torch.Tensor, token: int, cfg: SampleConfig,
                       special: torch.Tensor, generator: torch.Generator,
                       surface: Callable[[int], str] | None = None) -> list[int]:
-    """Replacement tokens for one position, best first (DESIGN.md §2 'Replacement').
+    """Replacement tokens for one position, best first (docs/design.md § "Replacement").
 
     The pool: tokens above the plausibility cutoff of the dropped view, extended down its ranking
     until it holds max(`min_plausible`, k) tokens. With `surface`, tokens whose text equals y_t's or an
@@ -204,12 +214,12 @@ def two_view_decode(vlm: VLM, images: list, questions: list[str], prefixes: list
     embeds = vlm.embed(input_ids, pixel_values)
     masks = torch.cat([mask, dropped])
     cache = DynamicCache()
-    out = vlm.forward(masks, inputs_embeds=torch.cat([embeds, embeds]), past_key_values=cache, logits_to_keep=1)
+    out = vlm.forward(masks, inputs_embeds=torch.cat([embeds, embeds]), cache=cache, logits_to_keep=1)
     positions = position_ids_from_mask(masks)[:, -1:]
     finished = torch.zeros(n, dtype=torch.bool, device=device)
     tokens: list[list[int]] = [[] for _ in range(n)]
     logprob = torch.zeros(n, dtype=torch.float64, device=device)
-    embed = vlm.model.get_input_embeddings()
+    embed = vlm.input_embeddings
     for _ in range(max_new_tokens):
         logits = out.logits[:, -1].float()
         full_logp = torch.log_softmax(logits[:n], -1)
@@ -225,7 +235,7 @@ def two_view_decode(vlm: VLM, images: list, questions: list[str], prefixes: list
         step = next_ids.masked_fill(finished, vlm.pad_token_id).repeat(2)
         masks = torch.cat([masks, torch.ones((2 * n, 1), dtype=masks.dtype, device=device)], dim=1)
         positions = positions + 1
-        out = vlm.forward(masks, inputs_embeds=embed(step.unsqueeze(-1)), past_key_values=out.past_key_values,
+        out = vlm.forward(masks, inputs_embeds=embed(step.unsqueeze(-1)), cache=out.cache,
                           position_ids=positions)
     return tokens, logprob.tolist()
 
@@ -323,3 +333,55 @@ def sample_batch(vlm: VLM, rows: list[dict], cfg: SampleConfig) -> list[dict]:
             "candidates": candidates,
         })
     return results
+
+
+# Everything whose code determines a candidate: a change to any of them gives a new resume key.
+SAMPLE_CODE = ("pipeline.self_contrast", "pipeline.grouped_scoring", "pipeline.batching", "pipeline.visual_dropout",
+               "pipeline.models", "pipeline.losses")
+
+
+def sample_pool(vlm: VLM, rows: list[dict], cfg: SampleConfig, work_dir: str | Path, inputs: dict[str, str]
+                ) -> BatchRun:
+    """CANDIDATES_SCHEMA rows for every pool row, batch by batch, resumable.
+
+    `inputs` holds content digests of what the rows and the model came from ({"pool": ...,
+    "model": ...}); with the config, the code version and the library versions they key the
+    finished batches kept under `work_dir`, so an interrupted run redoes only unfinished batches.
+    """
+    import transformers
+
+    from pipeline.schema import CANDIDATES_SCHEMA
+
+    key = fingerprint("sample", inputs, cfg.to_dict(), code_version(SAMPLE_CODE),
+                      torch.__version__, transformers.__version__)
+    store = BatchStore(work_dir, key, CANDIDATES_SCHEMA)
+    torch.manual_seed(cfg.seed)
+    return run_batches(rows, cfg.batch_size, lambda batch: sample_batch(vlm, batch, cfg), store, desc="sample")
+
+
+def summarize_candidates(rows: list[dict]) -> dict:
+    """Stage metrics of CANDIDATES_SCHEMA rows: counts, replaced positions, log-probs by level."""
+    n_cand = [len(r["candidates"]) for r in rows]
+    replaced = [len(c["positions"]) for r in rows for c in r["candidates"]]
+    cand_lp = [c["logprob"] for r in rows for c in r["candidates"]]
+    by_level: dict[int, list[float]] = {}
+    for r in rows:
+        for c in r["candidates"]:
+            by_level.setdefault(c["level"], []).append(c["logprob"])
+
+    def mean(xs: list[float]) -> float | None:
+        return sum(xs) / len(xs) if xs else None
+
+    return {
+        "entries": len(rows),
+        "candidates": sum(n_cand),
+        "candidates_per_entry": mean(n_cand),
+        "entries_without_candidates": sum(1 for n in n_cand if n == 0),
+        "mean_replaced_positions": mean(replaced),
+        "mean_logprob_chosen": mean([r["chosen_logprob"] for r in rows]),
+        "mean_logprob_candidates": mean(cand_lp),
+        "mean_logprob_by_level": {str(k): mean(v) for k, v in sorted(by_level.items())},
+        "distinct_candidate_share": mean(
+            [len({c["text"] for c in r["candidates"]}) / len(r["candidates"]) for r in rows if r["candidates"]]
+        ),
+    }

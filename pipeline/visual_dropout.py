@@ -1,4 +1,4 @@
-"""Visual-token dropout by attention masking (HSCR §3.1, DESIGN.md §2).
+"""Visual-token dropout by attention masking (HSCR §3.1, docs/design.md § "Visual-token dropout").
 
 The dropped view must not see the dropped visual tokens at all. Zeroing their attention-mask
 entries, with positions counted over attended tokens only (`position_ids_from_mask`), is exactly

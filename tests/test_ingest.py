@@ -24,6 +24,7 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 
 from pipeline.data.images import ImageError, decode_image, encode_png, load_image
 from pipeline.data.ingest import IngestError, IngestResult, infer_answer_type, ingest
+from pipeline.errors import DataError, InputNotFoundError
 from pipeline.schema import VQA_SCHEMA, read_rows, write_rows
 
 # ---------------------------------------------------------------------------------------------
@@ -143,7 +144,7 @@ def test_image_errors_name_the_file(tmp_path: Path) -> None:
         load_image(bundled("rtplan.dcm"))
     with pytest.raises(ImageError, match="<5 bytes>"):
         decode_image(b"xxxxx")
-    assert issubclass(ImageError, ValueError)
+    assert issubclass(ImageError, DataError) and issubclass(ImageError, ValueError)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -492,7 +493,10 @@ def test_bad_row_is_an_error_naming_file_and_row(tmp_path: Path, images: Path, k
 
     result = ingest(src, None, images, "train", "vqa-rad", skip_bad=True)
     assert [r["id"] for r in result.rows] == ["q0", "q2"]
-    assert len(result.skipped) == 1 and result.skipped[0].startswith(f"bad1 (index 1): {kind}")
+    assert len(result.skipped) == 1
+    skipped = result.skipped[0]
+    assert skipped["file"] == str(src) and skipped["row"] == "index 1" and skipped["id"] == "bad1"
+    assert skipped["reason"].startswith(f"{kind}: ") and detail in skipped["reason"]
 
 
 def test_many_bad_rows_list_the_first_few_and_the_count(tmp_path: Path, images: Path) -> None:
@@ -528,11 +532,11 @@ def test_duplicate_ids_are_an_error_even_with_skip_bad(tmp_path: Path, images: P
 
 def test_no_rows_is_an_error(tmp_path: Path, images: Path) -> None:
     empty = write_json(tmp_path / "empty.json", [])
-    with pytest.raises(IngestError, match=r"empty.json: the dataset has no rows"):
+    with pytest.raises(IngestError, match=r"empty.json: the file has no rows \(an empty JSON list\); expected"):
         ingest(empty, None, images, "train", "x", skip_bad=True)
     blank = tmp_path / "blank.jsonl"
     blank.write_text("\n")
-    with pytest.raises(IngestError, match=r"blank.jsonl: the dataset has no rows"):
+    with pytest.raises(IngestError, match=r"blank.jsonl: the file is empty; expected one JSON question object"):
         ingest(blank, None, images, "train", "x")
     pq.write_table(
         pa.table(
@@ -544,7 +548,7 @@ def test_no_rows_is_an_error(tmp_path: Path, images: Path) -> None:
         ),
         tmp_path / "empty.parquet",
     )
-    with pytest.raises(IngestError, match="no rows"):
+    with pytest.raises(IngestError, match=r"empty.parquet: the file has no rows; expected a Parquet table"):
         ingest(tmp_path / "empty.parquet", None, images, "train", "x")
 
 
@@ -581,21 +585,22 @@ def test_malformed_rows_and_files(tmp_path: Path, images: Path) -> None:
     assert "4 of 5 rows are bad" in msg
     assert "missing id: 1 rows, e.g. line 2" in msg and "missing answer type: 1 rows, e.g. line 2" in msg
     assert "c (line 3): `conversations` has 2 human and 0 gpt turns" in msg
-    assert "line 4: invalid JSON" in msg and "line 5: expected an object, got list" in msg
+    assert "invalid row: 3 rows" in msg and "line 5: expected an object, got list" in msg
+    assert "line 4, column 2: invalid JSON (Expecting property name enclosed in double quotes)" in msg
 
     with pytest.raises(IngestError, match=r"no row has an answer field"):
         ingest(
             write_json(tmp_path / "noans.json", [{"image": "x.png", "question": "q"}]), None, images, "t", "x"
         )
-    with pytest.raises(IngestError, match=r"expected a JSON list"):
+    with pytest.raises(IngestError, match=r"obj.json: expected a JSON list.*got a dict"):
         ingest(write_json(tmp_path / "obj.json", {"data": []}), None, images, "t", "x")  # type: ignore[arg-type]
     jsonl_named_json = tmp_path / "lines.json"
     jsonl_named_json.write_text(json.dumps(good(0)) + "\n" + json.dumps(good(1)) + "\n")
-    with pytest.raises(IngestError, match=r"lines.json: invalid JSON.*format: jsonl"):
+    with pytest.raises(IngestError, match=r"lines.json: line 2, column 1: invalid JSON \(Extra data\).*format: jsonl"):
         ingest(jsonl_named_json, None, images, "t", "x")
-    with pytest.raises(IngestError, match=r"missing.json: file not found"):
+    with pytest.raises(InputNotFoundError, match=r"missing.json: file not found; check the path"):
         ingest(tmp_path / "missing.json", None, images, "t", "x")
-    with pytest.raises(IngestError, match=r"image_root .*nodir is not a directory"):
+    with pytest.raises(InputNotFoundError, match=r"image_root .*nodir is not a directory \(it does not exist\)"):
         ingest(write_json(tmp_path / "ok.json", [good(0)]), None, tmp_path / "nodir", "t", "x")
     junk = tmp_path / "junk.parquet"
     junk.write_bytes(b"nope")

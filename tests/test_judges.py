@@ -16,13 +16,14 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.errors import ParamsError
 from pipeline.judges.cache import ResponseCache
 from pipeline.judges.consensus import run_consensus
 from pipeline.judges.judge import CachedJudge, JudgeRequest, request_key
 from pipeline.judges.metrics import score_metrics
 from pipeline.judges.panel import (
     Generation,
-    JudgeConfig,
+    HFJudgeConfig,
     PanelConfigError,
     ScoreConfig,
     WeightConfig,
@@ -32,6 +33,7 @@ from pipeline.judges.parsing import MalformedAnswer, parse_answer
 from pipeline.judges.prompts import Case, Previous, PromptFileError, load_prompts
 from pipeline.judges.scoring import check_panel, score_rows
 from pipeline.judges.weights import clinical_weights, standardize
+from pipeline.params import load_params, project_params_path
 from pipeline.schema import RANKED_SCHEMA, SCORED_SCHEMA, read_rows, write_rows
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "pipeline" / "judges" / "prompts.yaml"
@@ -128,12 +130,8 @@ def test_parse_rejects_everything_else(text):
 
 # ---------------------------------------------------------------------------------------------- config
 
-DEFAULT_SECTION = {
-    "judges": [
-        {"name": "radiologist", "role": "radiologist", "backend": "hf", "model": "smollm2", "prefill": True},
-        {"name": "clinician", "role": "clinician", "backend": "hf", "model": "smollm2", "prefill": True},
-    ],
-}
+DEFAULT_SECTION = load_params(project_params_path())["score"]
+WEIGHTS = WeightConfig(**DEFAULT_SECTION["weights"])
 
 
 def test_default_panel_parses_and_fits_the_prompt_file():
@@ -145,34 +143,36 @@ def test_default_panel_parses_and_fits_the_prompt_file():
 
 
 OPENAI_JUDGE = {"name": "med42", "role": "radiologist", "backend": "openai", "model": "m42",
-                "base_url": "http://localhost:8000/v1", "api_key_env": "VLLM_API_KEY"}
+                "base_url": "http://localhost:8000/v1", "api_key_env": "VLLM_API_KEY", "timeout_s": 60.0,
+                "max_concurrency": 8, "max_new_tokens": 48, "temperature": 0.0, "extra_body": {}}
 
 
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"rounds": 0}, "rounds"),
-        ({"roundz": 5}, "unknown key"),
-        ({"judges": []}, "non-empty list"),
+        ({"rounds": 0}, "`score.rounds` must be greater than or equal to 1"),
+        ({"roundz": 5}, "unknown key `score.roundz`; did you mean `score.rounds`"),
+        ({"judges": []}, "at least one judge"),
         ({"judges": [DEFAULT_SECTION["judges"][0]] * 2}, "duplicate"),
-        ({"judges": [{**OPENAI_JUDGE, "base_url": None}]}, "base_url"),
+        ({"judges": [{**OPENAI_JUDGE, "base_url": None}]}, "`score.judges\\[0\\].base_url` must be a valid string"),
         ({"judges": [{**OPENAI_JUDGE, "api_key_env": "sk-abc123-this-is-a-key"}]}, "NAME of an environment variable"),
-        ({"judges": [{**OPENAI_JUDGE, "prefill": True}]}, "do not apply"),
-        ({"judges": [{**DEFAULT_SECTION["judges"][0], "base_url": "http://x"}]}, "do not apply"),
-        ({"judges": [{**DEFAULT_SECTION["judges"][0], "backend": "vllm"}]}, "backend"),
-        ({"judges": [{**DEFAULT_SECTION["judges"][0], "temperature": -1}]}, "temperature"),
-        ({"weights": {"clip": [1.25, 0.75]}}, "low < high"),
-        ({"weights": {"mu": 2.0}}, "inside clip"),
+        ({"judges": [{**OPENAI_JUDGE, "prefill": True}]}, "unknown key `score.judges\\[0\\].prefill`"),
+        ({"judges": [{**DEFAULT_SECTION["judges"][0], "base_url": "http://x"}]}, "unknown key `score.judges\\[0\\].base_url`"),
+        ({"judges": [{**DEFAULT_SECTION["judges"][0], "backend": "vllm"}]}, "backend` must be one of 'hf', 'openai'"),
+        ({"judges": [{**DEFAULT_SECTION["judges"][0], "temperature": -1}]}, "temperature` must be greater than or equal to 0"),
+        ({"weights": {**DEFAULT_SECTION["weights"], "clip": [1.25, 0.75]}}, "0 <= low < high"),
+        ({"weights": {**DEFAULT_SECTION["weights"], "mu": 2.0}}, "inside clip"),
+        ({"weights": {"mu": 1.0}}, "`score.weights.sigma` is missing"),
     ],
 )
 def test_bad_config_fails_with_a_clear_error(change, message):
-    with pytest.raises(PanelConfigError, match=message):
+    with pytest.raises(ParamsError, match=message):
         parse_score_config({**DEFAULT_SECTION, **change})
 
 
 def test_unknown_role_and_missing_prefill_are_caught_before_judging(tmp_path):
     prompts = load_prompts(DEFAULT_PROMPTS)
-    bad_role = parse_score_config({"judges": [{**DEFAULT_SECTION["judges"][0], "role": "surgeon"}]})
+    bad_role = parse_score_config({**DEFAULT_SECTION, "judges": [{**DEFAULT_SECTION["judges"][0], "role": "surgeon"}]})
     with pytest.raises(PanelConfigError, match="surgeon"):
         check_panel(bad_role, prompts)
     path = tmp_path / "p.yaml"
@@ -280,7 +280,7 @@ def test_missing_answers_are_recorded_never_invented(prompts):
     nobody = [ScriptedJudge("A", lambda *_: "no"), ScriptedJudge("B", lambda *_: "no", role="b")]
     [empty] = run_consensus(CASES[:1], nobody, prompts, rounds=2, retries=1)
     assert empty.score is None and not empty.agreed and empty.history == []
-    assert clinical_weights([empty.score, 3.0, 9.0])[0] == 1.0
+    assert clinical_weights([empty.score, 3.0, 9.0], WEIGHTS)[0] == 1.0
 
 
 # --------------------------------------------------------------------------------------------- weights
@@ -291,7 +291,7 @@ def test_weights_standardize_map_and_clip():
     mean, std = 5.0, math.sqrt(5.0)
     z = standardize(scores)
     assert z[:4] == pytest.approx([(s - mean) / std for s in scores[:4]]) and z[4] is None
-    w = clinical_weights(scores)
+    w = clinical_weights(scores, WEIGHTS)
     sigma = math.sqrt(0.1)
     expected = [min(1.25, max(0.75, 1 + sigma * (s - mean) / std)) for s in scores[:4]]
     assert w[:4] == pytest.approx(expected)
@@ -301,9 +301,9 @@ def test_weights_standardize_map_and_clip():
 
 
 def test_weights_degenerate_cases():
-    assert clinical_weights([4.0, 4.0, 4.0]) == [1.0, 1.0, 1.0]  # std 0 -> z 0 -> mu
-    assert clinical_weights([7.0]) == [1.0]
-    assert clinical_weights([]) == []
+    assert clinical_weights([4.0, 4.0, 4.0], WEIGHTS) == [1.0, 1.0, 1.0]  # std 0 -> z 0 -> mu
+    assert clinical_weights([7.0], WEIGHTS) == [1.0]
+    assert clinical_weights([], WEIGHTS) == []
     custom = WeightConfig(mu=2.0, sigma=0.5, clip=(0.0, 10.0))
     assert clinical_weights([0.0, 10.0], custom) == pytest.approx([1.5, 2.5])
 
@@ -330,8 +330,13 @@ class ScriptedBackend:
             yield i, answer(self.table[response] if previous is None else previous)
 
 
-def judge_config(name: str, role: str) -> JudgeConfig:
-    return JudgeConfig(name=name, role=role, backend="hf", model="scripted", generation=Generation())
+def judge_config(name: str, role: str) -> HFJudgeConfig:
+    return HFJudgeConfig(name=name, role=role, backend="hf", model="scripted", prefill=False, batch_size=8,
+                         max_new_tokens=48, temperature=0.0)
+
+
+def score_config(judges) -> ScoreConfig:
+    return parse_score_config({**DEFAULT_SECTION, "judges": [j.model_dump() for j in judges]})
 
 
 def png() -> bytes:
@@ -357,21 +362,21 @@ def panel(cache: ResponseCache, backend: ScriptedBackend, version: str = "test-1
 
 def test_cache_key_covers_everything_that_determines_an_answer():
     request = JudgeRequest(messages=(("user", "hi"),))
-    base = request_key({"backend": "hf", "model": "m"}, request, Generation(), 1)
-    assert base == request_key({"backend": "hf", "model": "m"}, JudgeRequest(messages=(("user", "hi"),)), Generation(), 1)
-    assert base != request_key({"backend": "hf", "model": "other"}, request, Generation(), 1)
-    assert base != request_key({"backend": "openai", "model": "m"}, request, Generation(), 1)
-    assert base != request_key({"backend": "hf", "model": "m"}, JudgeRequest(messages=(("user", "hi!"),)), Generation(), 1)
-    assert base != request_key({"backend": "hf", "model": "m"}, JudgeRequest((("user", "hi"),), "{"), Generation(), 1)
-    assert base != request_key({"backend": "hf", "model": "m"}, request, Generation(temperature=0.7), 1)
-    assert base != request_key({"backend": "hf", "model": "m"}, request, Generation(max_new_tokens=9), 1)
-    assert base != request_key({"backend": "hf", "model": "m"}, request, Generation(), 2)
+    base = request_key({"backend": "hf", "model": "m"}, request, Generation(48, 0.0), 1)
+    assert base == request_key({"backend": "hf", "model": "m"}, JudgeRequest(messages=(("user", "hi"),)), Generation(48, 0.0), 1)
+    assert base != request_key({"backend": "hf", "model": "other"}, request, Generation(48, 0.0), 1)
+    assert base != request_key({"backend": "openai", "model": "m"}, request, Generation(48, 0.0), 1)
+    assert base != request_key({"backend": "hf", "model": "m"}, JudgeRequest(messages=(("user", "hi!"),)), Generation(48, 0.0), 1)
+    assert base != request_key({"backend": "hf", "model": "m"}, JudgeRequest((("user", "hi"),), "{"), Generation(48, 0.0), 1)
+    assert base != request_key({"backend": "hf", "model": "m"}, request, Generation(48, 0.7), 1)
+    assert base != request_key({"backend": "hf", "model": "m"}, request, Generation(9, 0.0), 1)
+    assert base != request_key({"backend": "hf", "model": "m"}, request, Generation(48, 0.0), 2)
 
 
 def test_score_rows_writes_scored_schema(tmp_path, prompts):
     rows = ranked_rows([["r1", "r2"], [], ["r3"]])
     table = {"r1": 9, "r2": 1, "r3": 5}
-    config = ScoreConfig(judges=(judge_config("A", "a"), judge_config("B", "b")))
+    config = score_config((judge_config("A", "a"), judge_config("B", "b")))
     with ResponseCache(tmp_path / "cache.sqlite") as cache:
         judges = panel(cache, ScriptedBackend(table))
         result = score_rows(rows, judges, prompts, config)
@@ -381,7 +386,7 @@ def test_score_rows_writes_scored_schema(tmp_path, prompts):
     assert [j["score"] for r in back for j in r["judgements"]] == [9.0, 1.0, 5.0]
     assert back[0]["rejected"] == rows[0]["rejected"] and back[0]["image"] == rows[0]["image"]
     weights = [j["weight"] for r in back for j in r["judgements"]]
-    assert weights == pytest.approx(clinical_weights([9.0, 1.0, 5.0]))
+    assert weights == pytest.approx(clinical_weights([9.0, 1.0, 5.0], WEIGHTS))
     assert weights[0] > weights[2] > weights[1]  # more clinically relevant -> heavier
     transcript = json.loads(back[0]["judgements"][0]["transcript"])
     assert [t["judge"] for t in transcript] == ["A", "B"] and transcript[0]["answers"] == [answer(9)]
@@ -391,7 +396,7 @@ def test_interrupted_run_resumes_from_the_cache_and_asks_nothing_twice(tmp_path,
     texts = [[f"resp{i}-{j}" for j in range(3)] for i in range(4)]  # 12 responses, 24 answers in all
     table = {t: (i * 3 + j) % 11 for i, row in enumerate(texts) for j, t in enumerate(row)}
     rows = ranked_rows(texts)
-    config = ScoreConfig(judges=(judge_config("A", "a"), judge_config("B", "b")))
+    config = score_config((judge_config("A", "a"), judge_config("B", "b")))
     cache_path = tmp_path / "cache.sqlite"
 
     dying = ScriptedBackend(table, fail_after=17)  # all 12 first answers, then 5 of the 12 second ones
@@ -428,7 +433,7 @@ KILL_SCRIPT = """
 import json, os, re, signal, sys
 from pipeline.judges.cache import ResponseCache
 from pipeline.judges.judge import CachedJudge
-from pipeline.judges.panel import Generation, JudgeConfig
+from pipeline.judges.panel import HFJudgeConfig
 from pipeline.judges.prompts import Case, load_prompts
 from pipeline.judges.consensus import run_consensus
 
@@ -445,8 +450,9 @@ class Dying:
 prompts = load_prompts(sys.argv[1])
 backend = Dying()
 with ResponseCache(sys.argv[2]) as cache:
-    judges = [CachedJudge(JudgeConfig(name=n, role=n.lower(), backend="hf", model="scripted",
-                                      generation=Generation()), backend, cache, "v") for n in "AB"]
+    judges = [CachedJudge(HFJudgeConfig(name=n, role=n.lower(), backend="hf", model="scripted", prefill=False,
+                                        batch_size=8, max_new_tokens=48, temperature=0.0), backend, cache, "v")
+              for n in "AB"]
     run_consensus([Case("q", "ref", f"resp{i}") for i in range(10)], judges, prompts)
 """
 
@@ -465,7 +471,7 @@ def test_a_killed_process_loses_no_answer_it_received(tmp_path):
 
 def test_a_new_prompt_version_asks_again(tmp_path, prompts):
     rows = ranked_rows([["r1"]])
-    config = ScoreConfig(judges=(judge_config("A", "a"), judge_config("B", "b")))
+    config = score_config((judge_config("A", "a"), judge_config("B", "b")))
     with ResponseCache(tmp_path / "c.sqlite") as cache:
         first = ScriptedBackend({"r1": 3})
         score_rows(rows, panel(cache, first, "v1"), prompts, config)
@@ -477,7 +483,7 @@ def test_a_new_prompt_version_asks_again(tmp_path, prompts):
 def test_identical_responses_are_judged_once(tmp_path, prompts):
     rows = ranked_rows([["same", "other"], ["same"]])
     rows[1]["question"], rows[1]["answer"] = rows[0]["question"], rows[0]["answer"]
-    config = ScoreConfig(judges=(judge_config("A", "a"), judge_config("B", "b")))
+    config = score_config((judge_config("A", "a"), judge_config("B", "b")))
     with ResponseCache(tmp_path / "c.sqlite") as cache:
         backend = ScriptedBackend({"same": 4, "other": 8})
         judges = panel(cache, backend)
@@ -532,9 +538,9 @@ def test_hf_backend_batches_and_is_deterministic():
     requests = [prompts.request(c, "radiologist", None, prefill=True) for c in cases]
     model, tokenizer = tiny_judge_model([content for r in requests for _, content in r.messages])
     loaded = LoadedModel(name="tiny", model=model, tokenizer=tokenizer, device=torch.device("cpu"),
-                         dtype=torch.float32)
+                         dtype=torch.float32, weights="digest")
     backend = HFBackend(loaded, batch_size=3)
-    generation = Generation(max_new_tokens=6)
+    generation = Generation(max_new_tokens=6, temperature=0.0)
     first = dict(backend.complete(requests, generation))
     assert sorted(first) == [0, 1, 2] and all(isinstance(t, str) for t in first.values())
     assert first == dict(backend.complete(requests, generation))  # greedy: same answers again
@@ -542,14 +548,17 @@ def test_hf_backend_batches_and_is_deterministic():
     # and neither does the batch composition.
     assert first == dict(HFBackend(loaded, batch_size=3, prefix_cache=False).complete(requests, generation))
     assert first == dict(HFBackend(loaded, batch_size=1).complete(requests, generation))
-    assert backend.identity() == {"backend": "hf", "model": "tiny", "dtype": "float32"}
+    identity = backend.identity()
+    assert {k: identity[k] for k in ("backend", "model", "dtype", "weights")} == {
+        "backend": "hf", "model": "tiny", "dtype": "float32", "weights": "digest"}
+    assert len(identity["code"]) == 64  # the backend's source: an edit never reuses old answers
     assert backend.render(requests[0]).endswith(prompts.prefill)
 
 
 def test_stage_with_a_local_hf_panel_records_what_the_judges_said(tmp_path):
-    """End to end through `score_file` with an `hf` panel loaded from a folder. A random model
+    """End to end through `score_panel` with an `hf` panel loaded from a folder. A random model
     answers garbage: every score must then come from a parsed answer, or be missing — never made up."""
-    from pipeline.judges.scoring import score_file
+    from pipeline.judges.scoring import score_panel
 
     prompts = load_prompts(DEFAULT_PROMPTS)
     rows = ranked_rows([["no", "left"], ["large"]])
@@ -559,15 +568,16 @@ def test_stage_with_a_local_hf_panel_records_what_the_judges_said(tmp_path):
     model.save_pretrained(tmp_path / "judge")
     tokenizer.save_pretrained(tmp_path / "judge")
     write_rows(rows, tmp_path / "ranked.parquet", RANKED_SCHEMA)
-    judge = {"backend": "hf", "model": str(tmp_path / "judge"), "prefill": True, "max_new_tokens": 8}
+    judge = {"backend": "hf", "model": str(tmp_path / "judge"), "prefill": True, "max_new_tokens": 8,
+             "batch_size": 32, "temperature": 0.0}
     config = parse_score_config({
+        **DEFAULT_SECTION,
         "judges": [{"name": "radiologist", "role": "radiologist", **judge},
                    {"name": "clinician", "role": "clinician", **judge}],
-        "rounds": 2, "retries": 1, "cache": str(tmp_path / "cache.sqlite"), "prompts": str(DEFAULT_PROMPTS),
+        "rounds": 2, "retries": 1, "prompts": str(DEFAULT_PROMPTS),
     })
-    metrics = score_file(config, tmp_path / "ranked.parquet", tmp_path / "scored.parquet",
-                         tmp_path / "score.json", progress=False)
-    back = read_rows(tmp_path / "scored.parquet", SCORED_SCHEMA)
+    back, metrics = score_panel(config, read_rows(tmp_path / "ranked.parquet", RANKED_SCHEMA),
+                                tmp_path / "cache.sqlite", progress=False)
     judgements = [j for r in back for j in r["judgements"]]
     assert len(judgements) == 3 and metrics["responses"] == 3
     for j in judgements:
@@ -583,4 +593,4 @@ def test_stage_with_a_local_hf_panel_records_what_the_judges_said(tmp_path):
             assert j["score"] == history[-1]
         else:
             assert j["score"] == pytest.approx(sum(history) / len(history))
-    assert json.loads((tmp_path / "score.json").read_text())["cache"]["asked"] == metrics["cache"]["asked"] > 0
+    assert metrics["cache"]["asked"] > 0

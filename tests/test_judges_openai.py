@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from pipeline.judges.cache import ResponseCache
 from pipeline.judges.judge import JudgeError
 from pipeline.judges.panel import parse_score_config
-from pipeline.judges.scoring import score_file
+from pipeline.judges.scoring import score_panel
 from pipeline.schema import RANKED_SCHEMA, SCORED_SCHEMA, read_rows, write_rows
 from pipeline.stages.score import app
 
@@ -154,7 +154,7 @@ class ChatServer:
 
 def section(url: str, tmp_path: Path, **over) -> dict:
     judge = {"backend": "openai", "base_url": url, "api_key_env": ENV, "timeout_s": 0.5, "max_concurrency": 4,
-             "max_new_tokens": 32, "temperature": 0.0}
+             "max_new_tokens": 32, "temperature": 0.0, "extra_body": {}}
     raw = {
         "judges": [{"name": "A", "role": "a", "model": "judge-a", **judge},
                    {"name": "B", "role": "b", "model": "judge-b", **judge}],
@@ -162,7 +162,7 @@ def section(url: str, tmp_path: Path, **over) -> dict:
         "retries": 2,
         "request_retry": {"max_retries": 4, "backoff_s": 0.01, "max_backoff_s": 0.05},
         "prompts": str(tmp_path / "prompts.yaml"),
-        "cache": str(tmp_path / "work" / "judge_cache.sqlite"),
+        "weights": {"mu": 1.0, "sigma": 0.31622776601683794, "clip": [0.75, 1.25]},
     }
     raw.update(over)
     return raw
@@ -175,6 +175,25 @@ def stage_files(tmp_path, monkeypatch):
     rows = ranked_rows([["r1", "r2"], ["r3"], ["r4"]])
     write_rows(rows, tmp_path / "ranked.parquet", RANKED_SCHEMA)
     return tmp_path
+
+
+def cache_path(tmp: Path) -> Path:
+    return tmp / "work" / "judge_cache.sqlite"
+
+
+def score_file(config, tmp: Path) -> dict:
+    """What the stage does: ranked rows in, scored rows and metrics out, through the cache."""
+    scored, metrics = score_panel(config, read_rows(tmp / "ranked.parquet", RANKED_SCHEMA), cache_path(tmp),
+                                  progress=False)
+    write_rows(scored, tmp / "scored.parquet", SCORED_SCHEMA)
+    return metrics
+
+
+def stage_args(tmp: Path, output: str, metrics: str) -> list[str]:
+    (tmp / "models").mkdir(exist_ok=True)
+    return ["--params", str(tmp / "params.yaml"), "--input", str(tmp / "ranked.parquet"),
+            "--output", str(tmp / output), "--metrics", str(tmp / metrics), "--cache", str(cache_path(tmp)),
+            "--model-root", str(tmp / "models"), "--no-progress"]
 
 
 def assert_no_key_anywhere(root: Path, *texts: str) -> None:
@@ -199,11 +218,7 @@ def test_stage_survives_429_500_timeouts_and_malformed_answers(stage_files, caps
     faults = ["429", "500", "hang", "malformed", "bad_body"]
     with ChatServer(faults) as server:
         (tmp / "params.yaml").write_text(yaml.safe_dump({"score": section(server.url, tmp)}))
-        result = CliRunner().invoke(app, [
-            "--params", str(tmp / "params.yaml"), "--input", str(tmp / "ranked.parquet"),
-            "--output", str(tmp / "scored.parquet"), "--metrics", str(tmp / "reports" / "score.json"),
-            "--no-progress",
-        ])
+        result = CliRunner().invoke(app, stage_args(tmp, "scored.parquet", "reports/score.json"))
     assert result.exit_code == 0, result.output
     assert final_scores(tmp / "scored.parquet") == EXPECTED
     assert server.auth == {f"Bearer {KEY}"}  # the key was used, from the environment
@@ -219,10 +234,7 @@ def test_stage_survives_429_500_timeouts_and_malformed_answers(stage_files, caps
     assert_no_key_anywhere(tmp, result.output, captured.out, captured.err, caplog.text)
 
     # A rerun is served entirely from the cache: the server is not even running.
-    result = CliRunner().invoke(app, [
-        "--params", str(tmp / "params.yaml"), "--input", str(tmp / "ranked.parquet"),
-        "--output", str(tmp / "scored2.parquet"), "--metrics", str(tmp / "score2.json"), "--no-progress",
-    ])
+    result = CliRunner().invoke(app, stage_args(tmp, "scored2.parquet", "score2.json"))
     assert result.exit_code == 0, result.output
     assert final_scores(tmp / "scored2.parquet") == EXPECTED
     assert json.loads((tmp / "score2.json").read_text())["cache"]["hits"] == 11
@@ -235,19 +247,18 @@ def test_a_dead_endpoint_fails_the_stage_and_keeps_every_answer_received(stage_f
         server.always_fail = {"r3"}
         config = parse_score_config(section(server.url, tmp))
         with pytest.raises(JudgeError) as failure:
-            score_file(config, tmp / "ranked.parquet", tmp / "scored.parquet", tmp / "score.json", progress=False)
+            score_file(config, tmp)
     assert "HTTP 500" in str(failure.value) and "after 4 retries" in str(failure.value)
     trace = "".join(traceback.format_exception(failure.value))
     assert not (tmp / "scored.parquet").exists()
-    with ResponseCache(config.cache) as cache:
+    with ResponseCache(cache_path(tmp)) as cache:
         assert len(cache) == 3  # judge A's answers on r1, r2, r4 arrived and are kept
     assert_no_key_anywhere(tmp, trace, caplog.text)
 
     # The endpoint recovers: the rerun asks only what is missing.
     with ChatServer() as server:
         config = parse_score_config(section(server.url, tmp))
-        metrics = score_file(config, tmp / "ranked.parquet", tmp / "scored.parquet", tmp / "score.json",
-                             progress=False)
+        metrics = score_file(config, tmp)
     # 10 answers in all (no malformed retry this time), 1 of them the repeated request: 3 + 6 asked
     assert metrics["cache"]["hits"] == 3 + 1 and metrics["cache"]["asked"] == 6
     assert final_scores(tmp / "scored.parquet") == EXPECTED
@@ -261,7 +272,7 @@ def test_auth_errors_fail_at_once_without_leaking_the_key(stage_files):
     with ChatServer(["401"] * 50) as server:
         config = parse_score_config(section(server.url, tmp))
         with pytest.raises(JudgeError) as failure:
-            score_file(config, tmp / "ranked.parquet", tmp / "scored.parquet", tmp / "score.json", progress=False)
+            score_file(config, tmp)
     message = str(failure.value)
     assert "HTTP 401" in message and "***" in message
     assert KEY not in "".join(traceback.format_exception(failure.value))
@@ -273,4 +284,4 @@ def test_missing_key_variable_is_a_clear_error(stage_files, monkeypatch):
     monkeypatch.delenv(ENV)
     config = parse_score_config(section("http://127.0.0.1:9/v1", tmp))
     with pytest.raises(JudgeError, match=ENV):
-        score_file(config, tmp / "ranked.parquet", tmp / "scored.parquet", tmp / "score.json", progress=False)
+        score_file(config, tmp)

@@ -9,7 +9,9 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
+from pipeline.errors import ParamsError
 from pipeline.mining import STRATEGIES, MineConfig, get_strategy, mine, mining_summary
+from pipeline.params import build_config
 from pipeline.reporting import read_json
 from pipeline.schema import POOL_SCHEMA, VQA_SCHEMA, read_rows, write_rows
 
@@ -96,19 +98,18 @@ def test_unknown_strategy_lists_available():
 def test_hard_strategy_is_a_named_seam():
     with pytest.raises(NotImplementedError, match="CheXPO.*available strategies: balanced, random"):
         get_strategy("hard")
-    with pytest.raises(NotImplementedError):
-        mine(vqa_rows(5), MineConfig.from_section({"strategy": "hard", "size": 2, "seed": 0}))
+    # the config refuses it before any data is read
+    with pytest.raises(ParamsError, match="`mine.strategy` 'hard' .*not implemented yet; use one of"):
+        build_config(MineConfig, {"strategy": "hard", "size": 2, "seed": 0}, "mine")
 
 
-def test_config_is_strict_and_reads_per_strategy_options():
-    with pytest.raises(KeyError, match="lacks"):
-        MineConfig.from_section({"strategy": "random", "size": 2})
-    with pytest.raises(KeyError, match="unknown keys \\['sise'\\]"):
-        MineConfig.from_section({"strategy": "random", "size": 2, "seed": 0, "sise": 3})
-    cfg = MineConfig.from_section({"strategy": "random", "size": 2, "seed": 0, "hard": {"threshold": 0.5}})
-    assert cfg.options == {}  # only the active strategy's section is read
-    cfg = MineConfig.from_section({"strategy": "hard", "size": 2, "seed": 0, "hard": {"threshold": 0.5}})
-    assert cfg.options == {"threshold": 0.5}
+def test_config_is_strict():
+    with pytest.raises(ParamsError, match="`mine.seed` is missing"):
+        build_config(MineConfig, {"strategy": "random", "size": 2}, "mine")
+    with pytest.raises(ParamsError, match="unknown key `mine.sise`; did you mean `mine.size`"):
+        build_config(MineConfig, {"strategy": "random", "size": 2, "seed": 0, "sise": 3}, "mine")
+    with pytest.raises(ParamsError, match="`mine.size` must be greater than or equal to 1"):
+        build_config(MineConfig, {"strategy": "random", "size": 0, "seed": 0}, "mine")
 
 
 def test_summary_counts_groups():
@@ -117,7 +118,7 @@ def test_summary_counts_groups():
         STRATEGIES["random"].select(rows, 6, seed=0),
         requested=6,
         available=6,
-        config=MineConfig("random", 6, 0),
+        config=MineConfig(strategy="random", size=6, seed=0),
     )
     assert report["modality"] == {"ct": 2, "mri": 2, "xray": 2}
     assert report["answer_type"] == {"closed": 3, "open": 3}

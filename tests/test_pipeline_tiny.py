@@ -1,8 +1,10 @@
-"""End to end on the `tiny` profile: every stage script, in a scratch directory, in seconds."""
+"""End to end on the `tiny` profile: every stage script with the exact command line dvc.yaml gives
+it, in a scratch directory, in seconds."""
 
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -16,21 +18,20 @@ from pipeline.models.tiny_tokenizer import build_tiny_tokenizer
 REPO = Path(__file__).resolve().parents[1]
 
 
-def tiny_params(judge_dir: Path) -> dict:
+def tiny_params(judge_dir: str) -> dict:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["prepare"]["phantom"].update(n_train=96, n_test=32, image_size=32)
     params["sft"].update(model="tiny", vision={}, vision_epochs=2, epochs=2, batch_size=16,
-                         language_model="full", lm_lr=0.003, lm_train_rows=None)
+                         language_model="full", lm_lr=0.003, lm_train_rows=None, system_prompt=None)
     params["mine"].update(size=12)
     params["sample"].update(k=3, batch_size=8)
     params["rerank"].update(min_keep=1, min_gap=0.0, max_similarity=1.0)
     for judge in params["score"]["judges"]:
-        judge.update(model=str(judge_dir), batch_size=8, max_new_tokens=8)
+        judge.update(model=judge_dir, batch_size=8, max_new_tokens=8)
     params["score"]["rounds"] = 2
     params["score"]["retries"] = 0
     params["score"]["prompts"] = str(REPO / "pipeline/judges/prompts.yaml")
-    if "train" in params:
-        params["train"].update(epochs=1, batch_size=4, grad_accum=1)
+    params["train"].update(epochs=1, batch_size=4, grad_accum=1)
     params["evaluate"].update(batch_size=16, max_new_tokens=4)
     return params
 
@@ -46,18 +47,51 @@ def save_tiny_judge(folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def run(module: str, *args: str) -> None:
+def stage_commands() -> dict[str, list[str]]:
+    """Each stage's arguments exactly as dvc.yaml passes them (after `-m pipeline.stages.<name>`)."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    commands = {}
+    for name, stage in stages.items():
+        argv = shlex.split(stage["cmd"])
+        at = argv.index(f"pipeline.stages.{name}")
+        commands[name] = argv[at + 1:]
+    return commands
+
+
+COMMANDS = stage_commands()
+
+
+def run(module: str) -> None:
     import importlib
 
     app = importlib.import_module(f"pipeline.stages.{module}").app
-    result = CliRunner().invoke(app, list(args), catch_exceptions=False)
+    result = CliRunner().invoke(app, COMMANDS[module], catch_exceptions=False)
     assert result.exit_code == 0, result.output
+
+
+def test_every_path_comes_from_dvc_yaml():
+    """No stage option has a default: dvc.yaml's command line is the only source of paths."""
+    import importlib
+
+    import typer.main
+
+    for name, argv in COMMANDS.items():
+        command = typer.main.get_command(importlib.import_module(f"pipeline.stages.{name}").app)
+        for param in command.params:
+            if param.name in ("help", "progress"):
+                continue
+            assert param.required, f"{name}: --{param.name} has a default"
+            assert param.help, f"{name}: --{param.name} has no help text"
+            flag = param.opts[0]
+            assert flag in argv, f"dvc.yaml does not pass {flag} to {name}"
 
 
 
 def test_tiny_pipeline_end_to_end(tmp_path, monkeypatch):
-    save_tiny_judge(tmp_path / "judge")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params(tmp_path / "judge")))
+    save_tiny_judge(tmp_path / "models/judges/tiny")
+    for folder in ("models/base", "models/embedders", "data/raw"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params("models/judges/tiny")))
     monkeypatch.chdir(tmp_path)
     run("prepare")
     assert pq.read_metadata("data/prepared/train.parquet").num_rows == 96
@@ -78,12 +112,9 @@ def test_tiny_pipeline_end_to_end(tmp_path, monkeypatch):
     scored = pq.read_table("data/scored.parquet").to_pylist()
     assert len(scored) == len(ranked)
     assert all(len(r["judgements"]) == len(r["rejected"]) for r in scored)
-    models = ["--model", "sft=models/sft"]
-    if Path(REPO / "pipeline/stages/train.py").exists() and "train" in yaml.safe_load(Path("params.yaml").read_text()):
-        run("train")
-        assert (Path("models/aligned") / "config.json").exists()
-        models += ["--model", "aligned=models/aligned"]
-    run("evaluate", *models)
+    run("train")
+    assert (Path("models/aligned") / "config.json").exists()
+    run("evaluate")
     metrics = json.loads(Path("reports/metrics.json").read_text())
     for key in ("sft", "sft_blind"):
         assert 0.0 <= metrics[key]["closed_accuracy"] <= 1.0

@@ -9,7 +9,9 @@ import yaml
 from typer.testing import CliRunner
 
 from pipeline.batching import answer_logprobs, collate_sequences
+from pipeline.errors import ParamsError
 from pipeline.models.profiles import build_tiny, load_vlm
+from pipeline.params import load_params, project_config, project_params_path
 from pipeline.schema import SCORED_SCHEMA, write_rows
 from pipeline.training.preference import (
     EntryCollator,
@@ -60,7 +62,7 @@ def tiny(seed: int = 0):
 def config(**overrides) -> PreferenceConfig:
     values = dict(batch_size=4, epochs=2, lr=5e-3, warmup_fraction=0.0, evaluate_after=False)
     values.update(overrides)
-    return PreferenceConfig(**values)
+    return project_config(PreferenceConfig, "train", **values)
 
 
 def perturb_adapter(vlm, seed: int = 1) -> None:
@@ -75,12 +77,12 @@ def perturb_adapter(vlm, seed: int = 1) -> None:
 
 
 def test_both_parts_off_is_a_clear_error():
-    with pytest.raises(ValueError, match="explicit and implicit both false"):
-        PreferenceConfig(loss="mlpo", explicit=False, implicit=False).validate()
-    with pytest.raises(ValueError, match="train.loss"):
-        PreferenceConfig(loss="ipo").validate()
-    with pytest.raises(ValueError, match="unknown params"):
-        PreferenceConfig.from_params({"loss": "dpo", "learning_rate": 1e-4})
+    with pytest.raises(ParamsError, match="explicit and implicit both false"):
+        config(loss="mlpo", explicit=False, implicit=False)
+    with pytest.raises(ParamsError, match="`train.loss` must be 'dpo' or 'mlpo'"):
+        config(loss="ipo")
+    with pytest.raises(ParamsError, match="unknown key `train.learning_rate`"):
+        config(learning_rate=1e-4)
 
 
 def test_entries_take_rank_order_and_judge_weights():
@@ -135,7 +137,7 @@ def test_vision_tower_runs_once_per_entry():
     trainer = PreferenceTrainer(vlm, scored_rows(4), config())
     batch = trainer.collator([0, 1, 2, 3])
     seen: list[int] = []
-    hook = vlm.model.model.vision_tower.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    hook = vlm.vision_tower.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
     try:
         GroupedScorer(vlm)(batch)
     finally:
@@ -216,8 +218,8 @@ def test_nll_term_is_logged_and_keeps_the_chosen_answer_likely():
     assert anchored.history[-1]["nll"] < anchored.history[0]["nll"]
     # the chosen answers end up more likely with the anchor than without it
     assert anchored.score()[:, 0].mean() > plain.score()[:, 0].mean()
-    with pytest.raises(ValueError, match="nll_weight"):
-        config(nll_weight=-0.5).validate()
+    with pytest.raises(ParamsError, match="nll_weight"):
+        config(nll_weight=-0.5)
 
 
 def test_gradient_accumulation_counts_optimizer_steps():
@@ -249,12 +251,11 @@ def test_saved_merged_model_and_adapter_reproduce_the_policy(tmp_path):
         torch.testing.assert_close(scorer(collate(list(range(6)))), policy, atol=1e-4, rtol=1e-5)
 
     base = tiny()  # the SFT model again (same seed), plus the saved adapter
-    base.model.model.language_model = PeftModel.from_pretrained(base.model.model.language_model,
-                                                                tmp_path / "aligned" / "adapter")
+    base.language_model = PeftModel.from_pretrained(base.language_model, tmp_path / "aligned" / "adapter")
     with torch.no_grad():
         torch.testing.assert_close(GroupedScorer(base).eval()(collate(list(range(6)))), policy,
                                    atol=1e-4, rtol=1e-5)
-        with base.model.model.language_model.disable_adapter():
+        with base.language_model.disable_adapter():
             torch.testing.assert_close(GroupedScorer(base).eval()(collate(list(range(6)))), reference,
                                        atol=1e-4, rtol=1e-5)
 
@@ -265,12 +266,13 @@ def test_stage_writes_model_adapter_metrics_and_live(tmp_path):
     tiny().save(tmp_path / "sft")
     write_rows(scored_rows(6), tmp_path / "scored.parquet", SCORED_SCHEMA)
     assert pq.read_table(tmp_path / "scored.parquet").num_rows == 6
-    params = {"train": {"loss": "mlpo", "batch_size": 3, "epochs": 1, "lr": 1e-3, "max_rejected": 3}}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    train = load_params(project_params_path())["train"]
+    train.update(loss="mlpo", batch_size=3, epochs=1, lr=1e-3, max_rejected=3)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": train}))
     result = CliRunner().invoke(app, [
         "--params", str(tmp_path / "params.yaml"), "--input", str(tmp_path / "scored.parquet"),
-        "--sft", str(tmp_path / "sft"), "--out", str(tmp_path / "aligned"),
-        "--metrics", str(tmp_path / "train.json"), "--live-dir", str(tmp_path / "live"),
+        "--model", str(tmp_path / "sft"), "--output", str(tmp_path / "aligned"),
+        "--metrics", str(tmp_path / "train.json"), "--live", str(tmp_path / "live"),
     ])
     assert result.exit_code == 0, result.output + repr(result.exception)
     adapter_config = yaml.safe_load((tmp_path / "aligned" / "adapter" / "adapter_config.json").read_text())

@@ -12,12 +12,18 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
+from pipeline.errors import ParamsError
 from pipeline.metrics import normalize_answer
+from pipeline.params import build_config, project_config
 from pipeline.reporting import read_json
 from pipeline.rerank import GAP_TOLERANCE, RerankConfig, load_embedder, rerank, select_with_gaps
 from pipeline.schema import CANDIDATES_SCHEMA, RANKED_SCHEMA, VQA_SCHEMA, read_rows, write_rows
 
 # --- select_with_gaps -----------------------------------------------------------------------
+
+
+def rerank_config(**overrides) -> RerankConfig:
+    return project_config(RerankConfig, "rerank", **overrides)
 
 
 @pytest.mark.parametrize(
@@ -158,7 +164,7 @@ def embedder():
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield load_embedder(device="cpu")
+    yield load_embedder("all-MiniLM-L6-v2", device="cpu")
     torch.set_num_threads(threads)
 
 
@@ -186,7 +192,7 @@ def _check_gap_rule(ranked: list[dict], j: int, min_gap: float, max_similarity: 
 def test_rerank_with_minilm(embedder):
     rows = candidate_rows()
     counting = CountingEmbedder(embedder)
-    ranked, metrics = rerank(rows, counting, j=3, min_gap=0.1, max_similarity=0.99)
+    ranked, metrics = rerank(rows, counting, rerank_config(j=3, min_gap=0.1, max_similarity=0.99, min_keep=None))
     assert counting.calls == 1  # every text of every entry in one batched call
 
     _check_gap_rule(ranked, 3, 0.1, 0.99)
@@ -234,11 +240,12 @@ def rows_by_id(rows: list[dict]) -> dict[str, dict]:
 
 def test_rerank_is_deterministic(embedder):
     rows = candidate_rows()
-    assert rerank(rows, embedder) == rerank(rows, embedder)
+    assert rerank(rows, embedder, rerank_config()) == rerank(rows, embedder, rerank_config())
 
 
 def test_rerank_max_similarity_and_min_keep(embedder):
-    ranked, metrics = rerank(candidate_rows(), embedder, j=3, min_gap=0.1, max_similarity=0.95, min_keep=1)
+    ranked, metrics = rerank(candidate_rows(), embedder,
+                             rerank_config(j=3, min_gap=0.1, max_similarity=0.95, min_keep=1))
     _check_gap_rule(ranked, 3, 0.1, 0.95)
     by_id = {r["id"]: r for r in ranked}
     assert sorted(by_id) == ["effusion", "lung", "yes"]  # "yes" kept with one rejected answer
@@ -253,27 +260,17 @@ def test_rerank_max_similarity_and_min_keep(embedder):
     assert metrics["mean_kept_per_entry"] == pytest.approx(7 / 3)
 
 
-def test_rerank_rejects_bad_arguments(embedder):
-    with pytest.raises(ValueError, match="min_keep"):
-        rerank(candidate_rows(), embedder, j=3, min_keep=4)
-    with pytest.raises(ValueError, match="j must be"):
-        rerank(candidate_rows(), embedder, j=0)
-
-
-def test_config_is_strict():
-    good = {
-        "model": "all-MiniLM-L6-v2",
-        "j": 3,
-        "min_gap": 0.1,
-        "max_similarity": 0.99,
-        "min_keep": None,
-        "batch_size": 64,
-    }
-    assert RerankConfig.from_section(good) == RerankConfig()
-    with pytest.raises(KeyError, match="missing \\['batch_size'\\]"):
-        RerankConfig.from_section({k: v for k, v in good.items() if k != "batch_size"})
-    with pytest.raises(KeyError, match="unknown \\['gap'\\]"):
-        RerankConfig.from_section({**good, "gap": 0.2})
+def test_config_rejects_bad_values():
+    with pytest.raises(ParamsError, match=r"rerank.min_keep \(4\) must be <= rerank.j \(3\)"):
+        rerank_config(j=3, min_keep=4)
+    with pytest.raises(ParamsError, match="`rerank.j` must be greater than or equal to 1"):
+        rerank_config(j=0)
+    with pytest.raises(ParamsError, match=r"rerank.j \(10\) is more than sample.k \(6\)"):
+        rerank_config(j=10)  # the project's sample.k is 6
+    with pytest.raises(ParamsError, match="`rerank.batch_size` is missing"):
+        build_config(RerankConfig, {k: v for k, v in rerank_config().to_dict().items() if k != "batch_size"}, "rerank")
+    with pytest.raises(ParamsError, match="unknown key `rerank.gap`; did you mean `rerank.min_gap`"):
+        rerank_config(gap=0.2)
 
 
 def test_stage_end_to_end(tmp_path, monkeypatch, embedder):
@@ -283,6 +280,7 @@ def test_stage_end_to_end(tmp_path, monkeypatch, embedder):
     monkeypatch.setattr(stage, "load_embedder", lambda model: loaded.append(model) or embedder)
     write_rows(candidate_rows(), tmp_path / "candidates.parquet", CANDIDATES_SCHEMA)
     params = {
+        "sample": {"k": 6},
         "rerank": {
             "model": "all-MiniLM-L6-v2",
             "j": 3,
@@ -290,8 +288,9 @@ def test_stage_end_to_end(tmp_path, monkeypatch, embedder):
             "max_similarity": 0.99,
             "min_keep": 3,
             "batch_size": 8,
-        }
+        },
     }
+    (tmp_path / "models").mkdir()
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     args = [
         "--params",
@@ -302,6 +301,8 @@ def test_stage_end_to_end(tmp_path, monkeypatch, embedder):
         str(tmp_path / "ranked.parquet"),
         "--metrics",
         str(tmp_path / "rerank.json"),
+        "--model-root",
+        str(tmp_path / "models"),
     ]
     result = CliRunner().invoke(stage.app, args)
     assert result.exit_code == 0, result.output

@@ -6,6 +6,7 @@ import torch
 
 from pipeline.batching import collate_sequences
 from pipeline.models.vlm import position_ids_from_mask
+from pipeline.params import project_config
 from pipeline.self_contrast import (
     SampleConfig,
     entry_seed,
@@ -15,6 +16,11 @@ from pipeline.self_contrast import (
     two_view_decode,
 )
 from pipeline.visual_dropout import drop_visual_tokens
+
+
+def sample_config(**overrides):
+    """The project's `sample:` params with `overrides` (every field is required; params.yaml holds the values)."""
+    return project_config(SampleConfig, "sample", **overrides)
 
 
 def _rows(rows):
@@ -30,7 +36,7 @@ def test_mask_ratio_zero_gives_identical_views(tiny_vlm, rows):
     same = drop_visual_tokens(batch.attention_mask, batch.image_mask, 0.0, [0, 1, 2])
     full, dropped = two_view_answer_logits(tiny_vlm, batch, same)
     torch.testing.assert_close(full, dropped)
-    out = sample_batch(tiny_vlm, _rows(rows), SampleConfig(mask_ratio=0.0))
+    out = sample_batch(tiny_vlm, _rows(rows), sample_config(mask_ratio=0.0))
     assert all(s == 0.0 for r in out for s in r["sensitivity"])
 
 
@@ -47,7 +53,7 @@ def test_two_view_logits_match_separate_forwards(tiny_vlm, rows):
 
 
 def test_candidates_differ_exactly_at_replaced_positions(tiny_vlm, rows):
-    out = sample_batch(tiny_vlm, _rows(rows), SampleConfig(k=4, mode="replace"))
+    out = sample_batch(tiny_vlm, _rows(rows), sample_config(k=4, mode="replace"))
     for r in out:
         assert r["candidates"], r["answer"]
         chosen = r["chosen_token_ids"]
@@ -62,14 +68,14 @@ def test_replaced_positions_rise_with_level(tiny_vlm, rows):
     assert levels(4, 4) == [1, 2, 3, 4]
     assert levels(10, 4) == [3, 5, 8, 10]
     assert levels(1, 4) == [1, 1, 1, 1]
-    out = sample_batch(tiny_vlm, _rows(rows), SampleConfig(k=4))
+    out = sample_batch(tiny_vlm, _rows(rows), sample_config(k=4))
     long = next(r for r in out if r["answer"] == "left lung is large")
     counts = [len(c["positions"]) for c in sorted(long["candidates"], key=lambda c: c["level"])]
     assert counts == sorted(counts) and counts[-1] > counts[0]
 
 
 def test_one_token_answer_still_yields_k_different_candidates(tiny_vlm, rows):
-    out = sample_batch(tiny_vlm, _rows(rows)[:1], SampleConfig(k=4))
+    out = sample_batch(tiny_vlm, _rows(rows)[:1], sample_config(k=4))
     texts = [c["text"] for c in out[0]["candidates"]]
     assert len(texts) == 4 and len(set(texts)) == 4
     assert out[0]["answer"].lower() not in texts
@@ -78,7 +84,7 @@ def test_one_token_answer_still_yields_k_different_candidates(tiny_vlm, rows):
 @torch.no_grad()
 def test_candidate_logprob_is_full_image_score(tiny_vlm, rows):
     # Candidates are scored on their entry's shared prompt cache; each must equal a full row alone.
-    out = sample_batch(tiny_vlm, _rows(rows), SampleConfig(k=3))
+    out = sample_batch(tiny_vlm, _rows(rows), sample_config(k=3))
     checked = 0
     for r in out:
         for c in r["candidates"]:
@@ -102,19 +108,19 @@ def test_sampling_builds_no_autograd_graph(tiny_vlm, rows, monkeypatch):
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(type(tiny_vlm), "forward", recording_forward)
-    sample_batch(tiny_vlm, _rows(rows), SampleConfig(k=3))
+    sample_batch(tiny_vlm, _rows(rows), sample_config(k=3))
     assert grad_modes and not any(grad_modes)
 
 
 def test_same_seed_same_candidates_other_seed_differs(tiny_vlm, rows):
-    a = sample_batch(tiny_vlm, _rows(rows), SampleConfig(seed=1))
-    b = sample_batch(tiny_vlm, _rows(rows), SampleConfig(seed=1))
-    c = sample_batch(tiny_vlm, _rows(rows), SampleConfig(seed=2))
+    a = sample_batch(tiny_vlm, _rows(rows), sample_config(seed=1))
+    b = sample_batch(tiny_vlm, _rows(rows), sample_config(seed=1))
+    c = sample_batch(tiny_vlm, _rows(rows), sample_config(seed=2))
     assert a == b
     assert [x["candidates"] for x in a] != [x["candidates"] for x in c]
     # an entry's candidates do not depend on the batch it is in
     # (padding to another width changes float sums in the last bits, nothing else)
-    alone = sample_batch(tiny_vlm, _rows(rows)[1:2], SampleConfig(seed=1))
+    alone = sample_batch(tiny_vlm, _rows(rows)[1:2], sample_config(seed=1))
     assert [c["token_ids"] for c in alone[0]["candidates"]] == [c["token_ids"] for c in a[1]["candidates"]]
     torch.testing.assert_close(alone[0]["sensitivity"], a[1]["sensitivity"])
 
@@ -160,7 +166,7 @@ def test_two_view_decode_matches_no_cache_reference(tiny_vlm, rows):
 
 
 def test_decode_mode_keeps_prefix_and_replacement(tiny_vlm, rows):
-    out = sample_batch(tiny_vlm, _rows(rows), SampleConfig(mode="decode", max_new_tokens=4))
+    out = sample_batch(tiny_vlm, _rows(rows), sample_config(mode="decode", max_new_tokens=4))
     for r in out:
         for c in r["candidates"]:
             first = c["positions"][0]

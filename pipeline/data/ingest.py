@@ -10,8 +10,12 @@ Accepted inputs (see docs/data-formats.md for the full field list):
 
 Every image is decoded (`pipeline.data.images.load_image`, DICOM included) and re-encoded as PNG.
 Bad rows are never dropped silently: by default they make `ingest` raise an `IngestError` listing
-them; with ``skip_bad=True`` they are left out and listed in `IngestResult.skipped`. Duplicate ids
-and a dataset without usable rows are errors either way.
+them; with ``skip_bad=True`` they are left out and every one is listed in `IngestResult.skipped`
+(a `SkippedRow` each). Duplicate ids and a dataset without usable rows are errors either way.
+
+Errors are `pipeline.errors` expected failures: `IngestError` (a `DataError`) for a bad file, and
+`InputNotFoundError` for a missing file or image_root; each message names the file (and row) and
+says what to do.
 """
 
 from __future__ import annotations
@@ -21,11 +25,12 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import pyarrow.parquet as pq
 
 from pipeline.data.images import ImageError, encode_png, load_image
+from pipeline.errors import DataError, InputNotFoundError
 
 FORMATS = ("json", "jsonl", "parquet")
 SUFFIX_FORMATS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
@@ -57,17 +62,34 @@ YES_NO = ("yes", "no")
 
 MAX_LISTED = 5  # rows named per problem in an error message
 
+# What each format should hold, for messages about empty files.
+_FIELDS_HINT = "each with an image, a question and an answer (see docs/data-formats.md)"
+EXPECTED = {
+    "json": f"expected a JSON list of question objects, {_FIELDS_HINT}",
+    "jsonl": f"expected one JSON question object per line, {_FIELDS_HINT}",
+    "parquet": f"expected a Parquet table with one row per question, {_FIELDS_HINT}",
+}
 
-class IngestError(ValueError):
+
+class IngestError(DataError):
     """An input file cannot be turned into a valid VQA dataset."""
+
+
+class SkippedRow(TypedDict):
+    """One row left out by ``skip_bad=True``, ready to be written to a report (JSON/JSONL/CSV)."""
+
+    file: str  # the input file
+    row: str  # where the row is in the file: "index 3" (JSON), "line 4" (JSONL), "row 3" (Parquet)
+    id: str | None  # the row's id as written in the file; None when it has none or was unparseable
+    reason: str  # every problem of the row, "kind: detail; kind: detail"
 
 
 @dataclass
 class IngestResult:
-    """VQA_SCHEMA rows (images as PNG bytes, ids unique) and one reason per skipped row."""
+    """VQA_SCHEMA rows (images as PNG bytes, ids unique) and every skipped row with its reasons."""
 
     rows: list[dict[str, Any]]
-    skipped: list[str] = field(default_factory=list)
+    skipped: list[SkippedRow] = field(default_factory=list)
 
 
 @dataclass
@@ -76,6 +98,7 @@ class _Record:
     where: str  # "index 3" / "line 4" / "row 3": how a user finds the row in the file
     data: dict[str, Any] | None
     problem: str | None = None  # set when the record could not even be parsed
+    located: bool = False  # `problem` names its own position (e.g. "line 3, column 17: ...")
 
 
 @dataclass
@@ -109,24 +132,39 @@ def ingest(
     `fmt` is "json", "jsonl" or "parquet" (None: from the suffix). Image paths in the file are
     resolved against `image_root` (None: the directory holding `source`). Rows without an id get
     ``f"{split}-{index:06d}"``, but only when the file has no id field at all. Raises `IngestError`
-    naming the file and the offending rows for any bad row unless `skip_bad`, and always for
-    duplicate ids or when no row is left.
+    naming the file and the offending rows for any bad row unless `skip_bad` (then every skipped
+    row is in `IngestResult.skipped`), and always for duplicate ids, an empty file or when no row
+    is left; `InputNotFoundError` when `source` or `image_root` does not exist.
     """
     source = Path(source)
     if not split or not dataset:
-        raise IngestError(f"{source}: `split` and `dataset` must be non-empty (got {split!r}, {dataset!r})")
+        raise IngestError(
+            f"{source}: `split` and `dataset` must be non-empty (got {split!r}, {dataset!r}); "
+            "give the dataset a name (prepare.files.dataset in params.yaml)"
+        )
+    if source.is_dir():
+        raise IngestError(
+            f"{source}: is a directory; point `path` at one .json/.jsonl/.parquet file "
+            "(concatenate Parquet shards into one file first)"
+        )
     if not source.is_file():
-        raise IngestError(f"{source}: file not found")
+        raise InputNotFoundError(
+            f"{source}: file not found; check the path (prepare.files in params.yaml) and that the "
+            "dataset has been put there (see docs/data-formats.md)"
+        )
     fmt = detect_format(source) if fmt is None else fmt
     if fmt not in FORMATS:
-        raise IngestError(f"{source}: unknown format {fmt!r}; expected one of {list(FORMATS)}")
+        raise IngestError(f"{source}: unknown format {fmt!r}; set `format` to one of {list(FORMATS)} or null")
     root = source.parent if image_root is None else Path(image_root)
     if not root.is_dir():
-        raise IngestError(f"{source}: image_root {root} is not a directory")
+        fix = "set `image_root` to the folder the image paths are relative to (null: the file's folder)"
+        if not root.exists():
+            raise InputNotFoundError(f"{source}: image_root {root} is not a directory (it does not exist); {fix}")
+        raise IngestError(f"{source}: image_root {root} is not a directory; {fix}")
 
     records = list(_read_records(source, fmt))
-    if not records:
-        raise IngestError(f"{source}: the dataset has no rows")
+    if not records:  # the readers already reject empty files; this guards a new reader
+        raise IngestError(f"{source}: the file has no rows; {EXPECTED[fmt]}")
     keys = set().union(*(r.data.keys() for r in records if r.data is not None))
     _check_structure(source, keys)
     has_ids = any(k in keys for k in ID_FIELDS)
@@ -137,7 +175,7 @@ def ingest(
 
     rows: list[dict[str, Any]] = []
     issues: list[_Issue] = []
-    bad_rows: dict[str, list[_Issue]] = {}
+    skipped: list[SkippedRow] = []
     cache: dict[str, bytes | str] = {}
     for record, row_id in zip(records, ids, strict=True):
         label = f"{row_id} ({record.where})" if isinstance(row_id, str) else record.where
@@ -146,20 +184,27 @@ def ingest(
         record.data = None
         if row_issues:
             issues.extend(row_issues)
-            bad_rows[label] = row_issues
+            skipped.append(
+                SkippedRow(
+                    file=str(source),
+                    row=record.where,
+                    id=row_id if has_ids else None,  # generated ids are not in the file
+                    reason="; ".join(f"{i.kind}: {i.detail}" for i in row_issues),
+                )
+            )
         else:
             rows.append(row)
 
     if issues and not skip_bad:
         raise IngestError(
-            f"{source}: {len(bad_rows)} of {len(records)} rows are bad; fix them, or set "
+            f"{source}: {len(skipped)} of {len(records)} rows are bad; fix them, or set "
             f"skip_bad: true to leave them out (each one is then reported):\n{_summarize(issues)}"
         )
-    skipped = [
-        f"{label}: " + "; ".join(f"{i.kind}: {i.detail}" for i in its) for label, its in bad_rows.items()
-    ]
     if not rows:
-        raise IngestError(f"{source}: no usable rows: all {len(records)} rows are bad:\n{_summarize(issues)}")
+        raise IngestError(
+            f"{source}: no usable rows: all {len(records)} rows are bad; fix the file (is `image_root` "
+            f"right?):\n{_summarize(issues)}"
+        )
     return IngestResult(rows=rows, skipped=skipped)
 
 
@@ -172,47 +217,74 @@ def _read_records(source: Path, fmt: str) -> Iterator[_Record]:
         yield from _read_parquet(source)
 
 
+def _read_text(source: Path, fmt: str) -> str:
+    """The file as text (a UTF-8 byte-order mark, as Windows tools write, is dropped); never empty."""
+    try:
+        text = source.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise IngestError(f"{source}: not UTF-8 text ({e}); re-save the file as UTF-8") from e
+    if not text.strip():
+        raise IngestError(f"{source}: the file is empty; {EXPECTED[fmt]}")
+    return text
+
+
 def _read_json(source: Path) -> Iterator[_Record]:
     try:
-        data = json.loads(source.read_text(encoding="utf-8"))
+        data = json.loads(_read_text(source, "json"))
     except json.JSONDecodeError as e:
-        hint = " (one object per line? set `format: jsonl`)" if e.msg == "Extra data" else ""
-        raise IngestError(f"{source}: invalid JSON at line {e.lineno}: {e.msg}{hint}") from e
-    except UnicodeDecodeError as e:
-        raise IngestError(f"{source}: not UTF-8 text ({e})") from e
+        fix = "one object per line? set `format: jsonl`" if e.msg == "Extra data" else "fix the file (is it truncated?)"
+        raise IngestError(f"{source}: line {e.lineno}, column {e.colno}: invalid JSON ({e.msg}); {fix}") from e
     if not isinstance(data, list):
         kind = type(data).__name__
-        raise IngestError(f"{source}: expected a JSON list of question objects, got a {kind}")
+        raise IngestError(
+            f"{source}: {EXPECTED['json']}; got a {kind} (a list under a key? save that list as the file)"
+        )
+    if not data:
+        raise IngestError(f"{source}: the file has no rows (an empty JSON list); {EXPECTED['json']}")
     for i, item in enumerate(data):
         yield _as_record(i, f"index {i}", item)
 
 
 def _read_jsonl(source: Path) -> Iterator[_Record]:
-    try:
-        lines = source.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise IngestError(f"{source}: not UTF-8 text ({e})") from e
+    # Lines end at "\n" only (a "\r" before it is JSON whitespace): str.splitlines would also split
+    # inside strings at U+2028 and other characters JSON allows unescaped.
+    lines = _read_text(source, "jsonl").split("\n")
     index = 0
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue  # blank lines (e.g. a trailing newline) separate nothing in JSONL
+        where = f"line {lineno}"
         try:
             item = json.loads(line)
         except json.JSONDecodeError as e:
-            yield _Record(index, f"line {lineno}", None, f"invalid JSON: {e.msg}")
+            # One line per document: the error's column is the column within this file line.
+            problem = f"{where}, column {e.colno}: invalid JSON ({e.msg})"
+            yield _Record(index, where, None, problem, located=True)
         else:
-            yield _as_record(index, f"line {lineno}", item)
+            yield _as_record(index, where, item)
         index += 1
 
 
 def _read_parquet(source: Path) -> Iterator[_Record]:
+    if source.stat().st_size == 0:
+        raise IngestError(f"{source}: the file is empty (0 bytes); {EXPECTED['parquet']}")
+    fix = "re-download or re-export it (a truncated download?), or set `format` if it is not Parquet"
     try:
         file = pq.ParquetFile(source)
     except Exception as e:  # pyarrow raises ArrowInvalid/OSError for non-Parquet files
-        raise IngestError(f"{source}: not a readable Parquet file ({e})") from e
+        raise IngestError(f"{source}: not a readable Parquet file ({e}); {fix}") from e
+    if file.metadata.num_rows == 0:
+        raise IngestError(f"{source}: the file has no rows; {EXPECTED['parquet']}")
     index = 0
     # Batches avoid holding the whole Arrow table and its Python copy (image bytes included) at once.
-    for batch in file.iter_batches(batch_size=256):
+    batches = file.iter_batches(batch_size=256)
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as e:  # a corrupt data page surfaces only when it is read
+            raise IngestError(f"{source}: row {index} onwards: cannot read the Parquet data ({e}); {fix}") from e
+        if batch is None:
+            return
         for item in batch.to_pylist():
             yield _Record(index, f"row {index}", item)
             index += 1
@@ -235,7 +307,8 @@ def _check_structure(source: Path, keys: set[str]) -> None:
         missing.append(f"an answer field ({' / '.join(ANSWER_FIELDS)} / {CONVERSATION_FIELD})")
     if missing:
         raise IngestError(
-            f"{source}: no row has {', '.join(missing)}; fields found: {sorted(keys) or 'none'}"
+            f"{source}: no row has {', '.join(missing)}; fields found: {sorted(keys) or 'none'}; "
+            "rename the fields (accepted names: docs/data-formats.md)"
         )
 
 
@@ -247,11 +320,11 @@ def _first(data: dict[str, Any], names: tuple[str, ...]) -> Any:
 
 
 def _row_id(record: _Record, has_ids: bool, split: str) -> str | None:
-    """The row's id, or None when it has none although the file has ids (a bad row)."""
-    if not has_ids:
-        return f"{split}-{record.index:06d}"
+    """The row's id, or None when it has none although the file has ids, or could not be parsed (bad rows)."""
     if record.data is None:
         return None
+    if not has_ids:
+        return f"{split}-{record.index:06d}"
     value = _first(record.data, ID_FIELDS)
     if isinstance(value, bool) or value is None:
         return None
@@ -268,7 +341,10 @@ def _check_duplicates(source: Path, records: list[_Record], ids: list[str | None
     if dups:
         shown = "; ".join(f"{k!r} at {', '.join(v)}" for k, v in list(dups.items())[:MAX_LISTED])
         more = f"; and {len(dups) - MAX_LISTED} more" if len(dups) > MAX_LISTED else ""
-        raise IngestError(f"{source}: {len(dups)} duplicate ids (ids must be unique): {shown}{more}")
+        raise IngestError(
+            f"{source}: {len(dups)} duplicate ids (ids must be unique; skip_bad does not skip these): "
+            f"{shown}{more}; fix or remove the duplicates"
+        )
 
 
 def _text(value: Any) -> str | None:
@@ -316,7 +392,8 @@ def _build_row(
     cache: dict[str, bytes | str],
 ) -> tuple[dict[str, Any], list[_Issue]]:
     if record.data is None:
-        return {}, [_Issue("invalid row", label, record.problem or "unparseable")]
+        # A problem that names its own position ("line 3, column 17: ...") needs no label.
+        return {}, [_Issue("invalid row", "" if record.located else label, record.problem or "unparseable")]
     data = record.data
     issues: list[_Issue] = []
 
@@ -442,7 +519,7 @@ def _summarize(issues: list[_Issue]) -> str:
         by_kind.setdefault(issue.kind, []).append(issue)
     lines = []
     for kind, group in by_kind.items():
-        shown = "; ".join(f"{i.label}: {i.detail}" for i in group[:MAX_LISTED])
+        shown = "; ".join(f"{i.label}: {i.detail}" if i.label else i.detail for i in group[:MAX_LISTED])
         more = f"; and {len(group) - MAX_LISTED} more" if len(group) > MAX_LISTED else ""
         lines.append(f"  {kind}: {len(group)} rows, e.g. {shown}{more}")
     return "\n".join(lines)

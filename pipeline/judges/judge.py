@@ -16,11 +16,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from pipeline.errors import ServiceError
 from pipeline.judges.cache import ResponseCache
 from pipeline.judges.panel import Generation, JudgeConfig, RequestRetry
 
 
-class JudgeError(RuntimeError):
+class JudgeError(ServiceError):
     """A judge could not be asked (endpoint down after every retry, bad request, missing key)."""
 
 
@@ -86,7 +87,7 @@ class CachedJudge:
 
     @property
     def prefill(self) -> bool:
-        return self.config.prefill
+        return getattr(self.config, "prefill", False)  # only hf judges can prefill
 
     def ask(self, requests: Sequence[JudgeRequest]) -> list[str]:
         identity = self.backend.identity()

@@ -22,8 +22,6 @@ from pipeline.judges.metrics import score_metrics
 from pipeline.judges.panel import PanelConfigError, ScoreConfig
 from pipeline.judges.prompts import Case, PromptSet, load_prompts
 from pipeline.judges.weights import clinical_weights
-from pipeline.reporting import write_json
-from pipeline.schema import RANKED_SCHEMA, SCORED_SCHEMA, read_rows, write_rows
 
 
 def check_panel(config: ScoreConfig, prompts: PromptSet) -> None:
@@ -33,7 +31,7 @@ def check_panel(config: ScoreConfig, prompts: PromptSet) -> None:
             raise PanelConfigError(
                 f"judge {judge.name}: role {judge.role!r} is not in {prompts.path} (roles: {sorted(prompts.roles)})"
             )
-        if judge.prefill and not prompts.prefill:
+        if getattr(judge, "prefill", False) and not prompts.prefill:
             raise PanelConfigError(f"judge {judge.name}: prefill is on but {prompts.path} has no `prefill` text")
 
 
@@ -81,24 +79,24 @@ def score_rows(
     return ScoringResult(rows=scored, outcomes=outcomes, weights=weights, unique=len(unique))
 
 
-def score_file(
+def score_panel(
     config: ScoreConfig,
-    input_path: str | Path,
-    output_path: str | Path,
-    metrics_path: str | Path,
+    rows: Sequence[dict],
+    cache_path: str | Path,
     progress: bool = True,
-) -> dict[str, Any]:
-    """The whole stage: read ranked rows, judge them (through the cache), write scored rows and metrics.
+) -> tuple[list[dict], dict[str, Any]]:
+    """The whole stage without its file I/O: judge every dispreferred response of `rows`
+    (RANKED_SCHEMA) through the response cache at `cache_path`; return SCORED_SCHEMA rows and
+    the stage metrics.
 
-    Output and metrics are written only at the end, atomically; the answers received so far are
-    in the cache at every moment, so an interrupted run loses no judge answer.
+    Every answer is in the cache the moment it arrives, so an interrupted run loses no judge
+    answer and a restart asks only what is missing.
     """
     from tqdm import tqdm
 
     prompts = load_prompts(config.prompts)
     check_panel(config, prompts)
-    rows = read_rows(input_path, RANKED_SCHEMA)
-    with ResponseCache(config.cache) as cache:
+    with ResponseCache(cache_path) as cache:
         judges = build_judges(config.judges, cache, prompts.version, config.request_retry)
         start = time.perf_counter()  # judging only, not model loading
         bar = tqdm(total=0, unit="answer", desc="score", disable=not progress, dynamic_ncols=True)
@@ -123,6 +121,4 @@ def score_file(
         result.outcomes, result.weights, config, entries=len(rows), unique=result.unique,
         cache_stats={j.name: j.stats for j in judges}, request_retries=retries, seconds=seconds,
     )
-    write_rows(result.rows, output_path, SCORED_SCHEMA)
-    write_json(metrics_path, metrics)
-    return metrics
+    return result.rows, metrics

@@ -1,4 +1,4 @@
-"""Clinical-relevance scores to per-response DPO weights (MMedPO §3.3, App. B; DESIGN.md §2 "Weights").
+"""Clinical-relevance scores to per-response DPO weights (MMedPO §3.3, App. B; docs/design.md § "Weights").
 
     z = (s - mean(s)) / std(s)            over every scored dispreferred response of the dataset
     w = clip(mu + sigma * z, low, high)   mu = 1, sigma = sqrt(0.1), [low, high] = [0.75, 1.25]
@@ -33,9 +33,8 @@ def standardize(scores: Sequence[float | None]) -> list[float | None]:
     return [None if s is None else (float(s) - mean) / std for s in scores]
 
 
-def clinical_weights(scores: Sequence[float | None], config: WeightConfig | None = None) -> list[float]:
+def clinical_weights(scores: Sequence[float | None], config: WeightConfig) -> list[float]:
     """One weight per score (see the module docstring)."""
-    config = config or WeightConfig()
     low, high = config.clip
     weights = []
     for z in standardize(scores):

@@ -11,11 +11,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import (
     AutoImageProcessor,
     AutoModelForCausalLM,
@@ -29,6 +32,7 @@ from transformers import (
 )
 
 from pipeline.device import default_device, default_dtype
+from pipeline.errors import InputNotFoundError, ModelLoadError
 from pipeline.models.smollm2 import SMOLLM2_NAME, smollm2_dir
 from pipeline.models.tiny_tokenizer import build_tiny_tokenizer
 from pipeline.models.vlm import DEFAULT_SYSTEM_PROMPT, IMAGE_TOKEN, VLM, PromptSettings
@@ -128,24 +132,73 @@ def build_demo(seed: int = 0, vision: dict[str, Any] | None = None,
     return VLM(model.eval(), tokenizer, _image_processor(vision_config.image_size), settings)
 
 
+# A Hugging Face hub repository id, `org/name` (huggingface_hub's rules: no "--" or "..").
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_RECREATE = ("re-create it (`dvc repro -f sft` for models/sft, `dvc repro -f train` for models/aligned) "
+             "or re-download the checkpoint")
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    """True for `org/name`, unless `org` is a local folder (then it is a path, e.g. `models/sft`)."""
+    if not _HUB_ID.fullmatch(source) or "--" in source or ".." in source:
+        return False
+    return not Path(source.split("/")[0]).is_dir()
+
+
+def _check_local_folder(folder: Path) -> None:
+    """Fail with a `ModelLoadError` naming the folder and file for a folder that cannot load.
+
+    Safetensors files are opened (header only, memory-mapped) because a truncated one otherwise
+    fails deep in transformers with an error that names no file.
+    """
+    if not folder.is_dir():
+        raise ModelLoadError(f"{folder}: is a file, not a model folder (a folder holding config.json)")
+    if not (folder / "config.json").is_file():
+        raise ModelLoadError(
+            f"{folder}: config.json is missing, so this is not a (complete) Hugging Face model folder; "
+            f"check the path, or, if it is right, the folder is incomplete or corrupt: {_RECREATE}"
+        )
+    for weights in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(weights), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise ModelLoadError(
+                f"{folder}: {weights.name} is truncated or corrupt ({e}); the model folder is incomplete "
+                f"or corrupt: {_RECREATE}"
+            ) from e
+
+
 def load_vlm(source: str | Path, device: torch.device | str | None = None,
              dtype: torch.dtype | None = None) -> VLM:
-    """Load a saved `VLM` folder, or any LLaVA-family checkpoint by local path or hub id."""
+    """Load a saved `VLM` folder, or any LLaVA-family checkpoint by local path or hub id.
+
+    Raises `InputNotFoundError` for a local path that does not exist (and is not a hub id), and
+    `ModelLoadError` naming the folder (and file) for an incomplete or corrupt local folder.
+    """
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     source = str(source)
-    if Path(source).exists() and not Path(source, "config.json").exists():
-        raise FileNotFoundError(f"{source} has no config.json: not a Hugging Face model folder")
-    model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype)
+    local = Path(source).exists()
+    if local:
+        _check_local_folder(Path(source))
+    elif not _looks_like_hub_id(source):
+        raise InputNotFoundError(
+            f"{source}: model folder not found; check the path, run the stage that writes it first "
+            "(`dvc repro`), or give a Hugging Face hub id (`org/name`)"
+        )
+    with _load_errors(source, local):
+        model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype)
     # The language model's name is what peft records as an adapter's base: the folder it was
     # loaded from, as given (e.g. `models/sft`), not whatever path the checkpoint was built from.
     model.config.get_text_config()._name_or_path = source
     model.get_decoder().name_or_path = source
     if not hasattr(model.config, "image_token_id") and not hasattr(model.config, "image_token_index"):
         raise ValueError(f"{source}: {type(model).__name__} is not a LLaVA-family model (no image token)")
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    image_processor = AutoImageProcessor.from_pretrained(source)
-    settings = PromptSettings.load(source) if Path(source).exists() else None
+    with _load_errors(source, local):
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        image_processor = AutoImageProcessor.from_pretrained(source)
+    settings = PromptSettings.load(source) if local else None
     if settings is None:
         # A checkpoint made elsewhere: one image token per patch, its own default system prompt.
         vision = model.config.vision_config
@@ -156,3 +209,37 @@ def load_vlm(source: str | Path, device: torch.device | str | None = None,
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return VLM(model.to(device).eval(), tokenizer, image_processor, settings)
+
+
+@contextmanager
+def _load_errors(source: str, local: bool) -> Iterator[None]:
+    """Turn a failure to load from a local folder (a missing or broken file) into a `ModelLoadError`.
+
+    Hub loading errors (unknown repository, no network) pass through: they already name the id.
+    """
+    try:
+        yield
+    except (OSError, ValueError, SafetensorError) as e:
+        if not local or isinstance(e, ModelLoadError):
+            raise
+        raise ModelLoadError(
+            f"{source}: cannot load the model ({type(e).__name__}: {e}); the folder is incomplete or "
+            f"corrupt: {_RECREATE}"
+        ) from e
+
+
+# Profiles built here from configs, with a vision tower trained from scratch by `sft` phase 1.
+FRESH_PROFILES = ("demo", "tiny")
+
+
+def initial_model(source: str, seed: int, vision: dict[str, Any], system_prompt: str | None,
+                  rows: Sequence[dict]) -> VLM:
+    """The model `sft` starts from: a fresh profile (`tiny` gets a tokenizer over the rows' words)
+    or a given checkpoint (folder or hub id), whose vision tower is pretrained."""
+    torch.manual_seed(seed)
+    if source == "tiny":
+        texts = [r["question"] for r in rows] + [r["answer"] for r in rows]
+        return build_tiny(texts, seed=seed, vision=vision, system_prompt=system_prompt)
+    if source == "demo":
+        return build_demo(seed=seed, vision=vision, system_prompt=system_prompt)
+    return load_vlm(source)

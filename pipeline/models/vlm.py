@@ -68,6 +68,40 @@ class VLM:
         self.eos_token_id = int(tokenizer.eos_token_id)
         self.pad_token_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_id)
 
+    # ----- parts (LLaVA layout: model.model.{vision_tower, multi_modal_projector, language_model})
+    @property
+    def language_model(self) -> torch.nn.Module:
+        """The decoder stack (no LM head); LoRA wraps this module."""
+        return self.model.model.language_model
+
+    @language_model.setter
+    def language_model(self, module: torch.nn.Module) -> None:
+        self.model.model.language_model = module
+
+    @property
+    def vision_tower(self) -> torch.nn.Module:
+        return self.model.model.vision_tower
+
+    @property
+    def projector(self) -> torch.nn.Module:
+        return self.model.model.multi_modal_projector
+
+    @property
+    def input_embeddings(self) -> torch.nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    @property
+    def lm_head(self) -> torch.nn.Module:
+        return self.model.lm_head
+
+    def hidden_states(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Last hidden states of the language model (no LM head), positions from the mask."""
+        return self.model.model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+        ).last_hidden_state
+
     # ----- devices
     @property
     def device(self) -> torch.device:
@@ -114,7 +148,7 @@ class VLM:
         # The placeholder id may lie outside a resized vocabulary's trained rows; its embedding is
         # overwritten anyway, so look up the pad token instead.
         safe_ids = input_ids.masked_fill(image_mask, self.pad_token_id)
-        embeds = self.model.get_input_embeddings()(safe_ids)
+        embeds = self.input_embeddings(safe_ids)
         if pixel_values is None:
             if image_mask.any():
                 raise ValueError("input has image tokens but no pixel values were given")
@@ -140,7 +174,7 @@ class VLM:
         input_ids: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        past_key_values=None,
+        cache=None,
         position_ids: torch.Tensor | None = None,
         logits_to_keep: int = 0,
     ):
@@ -153,8 +187,8 @@ class VLM:
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
-            use_cache=past_key_values is not None,
+            cache=cache,
+            use_cache=cache is not None,
             logits_to_keep=logits_to_keep,
         )
 

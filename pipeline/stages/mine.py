@@ -1,4 +1,4 @@
-"""`mine` stage: choose the pool of training entries preferences are built from -> data/pool.parquet."""
+"""`mine` stage: choose the pool of training entries preferences are built from."""
 
 from __future__ import annotations
 
@@ -6,22 +6,24 @@ from pathlib import Path
 
 import typer
 
-from pipeline.mining import MineConfig, mine
-from pipeline.params import load_params, section
-from pipeline.reporting import write_json
-from pipeline.schema import POOL_SCHEMA, VQA_SCHEMA, read_rows, write_rows
+from pipeline.stages._cli import input_option, metrics_option, output_option, params_option, run, stage_app
 
-app = typer.Typer(add_completion=False)
+app = stage_app(__doc__)
 
 
-@app.command()
+@app.command(help=__doc__)
 def main(
-    params: Path = typer.Option(Path("params.yaml"), help="params file (reads `mine:`)"),
-    input: Path = typer.Option(Path("data/prepared/train.parquet"), help="prepared training split"),
-    output: Path = typer.Option(Path("data/pool.parquet"), help="pool of mined entries"),
-    metrics: Path = typer.Option(Path("reports/mine.json"), help="stage summary"),
+    params: Path = params_option("mine"),
+    input: Path = input_option("prepared training split (Parquet)"),
+    output: Path = output_option("pool of mined entries (Parquet)"),
+    metrics: Path = metrics_option(),
 ) -> None:
-    config = MineConfig.from_section(section(load_params(params), "mine"))
+    from pipeline.mining import MineConfig, mine
+    from pipeline.params import load_config
+    from pipeline.reporting import write_json
+    from pipeline.schema import POOL_SCHEMA, VQA_SCHEMA, read_rows, write_rows
+
+    config = load_config(MineConfig, params, "mine")
     rows = read_rows(input, VQA_SCHEMA)
     pool, report = mine(rows, config)
     if report["capped"]:
@@ -36,4 +38,4 @@ def main(
 
 
 if __name__ == "__main__":
-    app()
+    run(app)

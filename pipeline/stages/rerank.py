@@ -1,4 +1,4 @@
-"""`rerank` stage: similarity-aware re-ranking of the sampled candidates -> data/ranked.parquet."""
+"""`rerank` stage: similarity-aware re-ranking of the sampled candidates (HSCR §3.2)."""
 
 from __future__ import annotations
 
@@ -6,49 +6,36 @@ from pathlib import Path
 
 import typer
 
-from pipeline.params import load_params, section
+from pipeline.errors import DataError
+from pipeline.models.sources import check_model_source
+from pipeline.params import load_config
 from pipeline.reporting import write_json
-from pipeline.rerank import RerankConfig, load_embedder, rerank
+from pipeline.rerank import PACKAGED_ALIASES, RerankConfig, load_embedder, rerank
 from pipeline.schema import CANDIDATES_SCHEMA, RANKED_SCHEMA, read_rows, write_rows
+from pipeline.stages._cli import input_option, metrics_option, output_option, params_option, run, stage_app
 
-app = typer.Typer(add_completion=False)
+app = stage_app(__doc__)
 
 
-@app.command()
+@app.command(help=__doc__)
 def main(
-    params: Path = typer.Option(Path("params.yaml"), help="params file (reads `rerank:`)"),
-    input: Path = typer.Option(Path("data/candidates.parquet"), help="candidates from `sample`"),
-    output: Path = typer.Option(
-        Path("data/ranked.parquet"), help="entries with their ranked rejected responses"
-    ),
-    metrics: Path = typer.Option(Path("reports/rerank.json"), help="stage summary"),
+    params: Path = params_option("rerank"),
+    input: Path = input_option("candidates from `sample` (Parquet)"),
+    output: Path = output_option("entries with their ranked rejected responses (Parquet)"),
+    metrics: Path = metrics_option(),
+    model_root: Path = input_option("folder that holds local embedders (a dep of this stage)", "--model-root"),
 ) -> None:
-    config = RerankConfig.from_section(section(load_params(params), "rerank"))
+    config = load_config(RerankConfig, params, "rerank")
+    check_model_source(config.model, "rerank.model", model_root, packaged=PACKAGED_ALIASES)
     rows = read_rows(input, CANDIDATES_SCHEMA)
     embedder = load_embedder(config.model)
-    ranked, report = rerank(
-        rows,
-        embedder,
-        j=config.j,
-        min_gap=config.min_gap,
-        max_similarity=config.max_similarity,
-        min_keep=config.min_keep,
-        batch_size=config.batch_size,
-        show_progress=True,
-    )
-    report = {
-        "model": config.model,
-        "j": config.j,
-        "min_gap": config.min_gap,
-        "max_similarity": config.max_similarity,
-        **report,
-    }
-    write_json(metrics, report)  # before any failure below, so the reason can be read
+    ranked, report = rerank(rows, embedder, config, show_progress=True)
+    write_json(metrics, report)  # before the check below, so the reason can be read
     if not ranked:
-        raise RuntimeError(
+        raise DataError(
             f"rerank kept no entry of {len(rows)}: every entry has fewer than {report['min_keep']} candidates "
             f"{config.min_gap} apart (selected per entry: {report['selected_per_entry_histogram']}); "
-            "lower rerank.min_keep or rerank.min_gap, or sample more candidates"
+            "lower rerank.min_keep or rerank.min_gap, or sample more candidates (sample.k)"
         )
     write_rows(ranked, output, RANKED_SCHEMA)
     typer.echo(
@@ -58,4 +45,4 @@ def main(
 
 
 if __name__ == "__main__":
-    app()
+    run(app)

@@ -1,11 +1,7 @@
-"""`score` stage: clinical-relevance consensus scores and DPO weights for every dispreferred response.
-
-    python -m pipeline.stages.score [--params params.yaml] [--input data/ranked.parquet]
-        [--output data/scored.parquet] [--metrics reports/score.json]
-
-The panel, protocol and weights are configured in the `score:` section of params.yaml; see
-docs/judges.md.
-"""
+"""`score` stage: clinical-relevance consensus scores and DPO weights for every dispreferred
+response (MMedPO §3.2-3.3). The panel, protocol and weights are the `score:` section of the
+params file (docs/judges.md). Every judge answer is kept in `--cache` the moment it arrives, so an
+interrupted run asks only what is missing."""
 
 from __future__ import annotations
 
@@ -13,23 +9,37 @@ from pathlib import Path
 
 import typer
 
-from pipeline.judges.panel import parse_score_config
-from pipeline.judges.scoring import score_file
-from pipeline.params import load_params, section
+from pipeline.stages._cli import input_option, metrics_option, output_option, params_option, run, stage_app
 
-app = typer.Typer(add_completion=False)
+app = stage_app(__doc__)
 
 
-@app.command()
+@app.command(help=__doc__)
 def main(
-    params: Path = typer.Option(Path("params.yaml"), help="params file"),
-    input: Path = typer.Option(Path("data/ranked.parquet"), help="ranked preferences (rerank stage)"),
-    output: Path = typer.Option(Path("data/scored.parquet"), help="ranked preferences plus judgements"),
-    metrics: Path = typer.Option(Path("reports/score.json"), help="stage report"),
+    params: Path = params_option("score"),
+    input: Path = input_option("ranked preferences (Parquet, from `rerank`)"),
+    output: Path = output_option("ranked preferences plus judgements (Parquet)"),
+    metrics: Path = metrics_option(),
+    cache: Path = output_option("the judge response cache (SQLite; resume); not a DVC output", "--cache"),
+    model_root: Path = input_option("folder that holds local judge models (a dep of this stage)", "--model-root"),
     progress: bool = typer.Option(True, help="show a progress bar"),
 ) -> None:
-    config = parse_score_config(section(load_params(params), "score"))
-    report = score_file(config, input, output, metrics, progress=progress)
+    from pipeline.judges.backends.hf import PACKAGED
+    from pipeline.judges.panel import ScoreConfig
+    from pipeline.judges.scoring import score_panel
+    from pipeline.models.sources import check_model_source
+    from pipeline.params import load_config
+    from pipeline.reporting import write_json
+    from pipeline.schema import RANKED_SCHEMA, SCORED_SCHEMA, read_rows, write_rows
+
+    config = load_config(ScoreConfig, params, "score")
+    for i, judge in enumerate(config.judges):
+        if judge.backend == "hf":
+            check_model_source(judge.model, f"score.judges[{i}].model", model_root, packaged=[PACKAGED])
+    rows = read_rows(input, RANKED_SCHEMA)
+    scored, report = score_panel(config, rows, cache, progress=progress)
+    write_rows(scored, output, SCORED_SCHEMA)
+    write_json(metrics, report)
     typer.echo(
         f"score: {report['responses']} responses of {report['entries']} entries, "
         f"agreement {report['agreement_rate'] if report['agreement_rate'] is not None else 'n/a'}, "
@@ -39,4 +49,4 @@ def main(
 
 
 if __name__ == "__main__":
-    app()
+    run(app)

@@ -1,69 +1,58 @@
-"""`sft` stage: train the embedded default (or `tiny`), or import a given checkpoint unchanged."""
+"""`sft` stage: train the embedded default (or `tiny`), or import a given LLaVA-family
+checkpoint (with `epochs: 0`, unchanged)."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
-import torch
 import typer
-from dvclive import Live
 
-from pipeline.device import default_device
-from pipeline.live import PhaseLogger
-from pipeline.params import load_params, section
-from pipeline.reporting import write_json
-from pipeline.schema import VQA_SCHEMA, read_rows
+from pipeline.stages._cli import input_option, metrics_option, output_option, params_option, run, stage_app
 
-app = typer.Typer(add_completion=False)
+app = stage_app(__doc__)
 
 
-@app.command()
+@app.command(help=__doc__)
 def main(
-    params: Path = typer.Option(Path("params.yaml")),
-    train: Path = typer.Option(Path("data/prepared/train.parquet")),
-    out: Path = typer.Option(Path("models/sft")),
-    metrics: Path = typer.Option(Path("reports/sft.json")),
-    live_dir: Path = typer.Option(Path("reports/live/sft")),
+    params: Path = params_option("sft"),
+    input: Path = input_option("prepared training split (Parquet)"),
+    output: Path = output_option("the SFT model folder"),
+    metrics: Path = metrics_option(),
+    live: Path = output_option("DVCLive folder of the training curves", "--live"),
+    model_root: Path = input_option("folder that holds local base checkpoints (a dep of this stage)", "--model-root"),
 ) -> None:
-    from pipeline.models.profiles import build_demo, build_tiny, load_vlm
-    from pipeline.models.vlm import DEFAULT_SYSTEM_PROMPT
+    from dvclive import Live
+
+    from pipeline.device import default_device
+    from pipeline.live import PhaseLogger
+    from pipeline.models.profiles import FRESH_PROFILES, initial_model
+    from pipeline.models.sources import check_model_source
+    from pipeline.params import load_config
+    from pipeline.reporting import write_json
+    from pipeline.schema import VQA_SCHEMA, read_rows
     from pipeline.training.sft import SFTConfig, train_sft
 
-    cfg = section(load_params(params), "sft")
-    profile = str(cfg.get("model", "demo"))
-    seed = int(cfg.get("seed", 0))
-    torch.manual_seed(seed)
-    fields = set(SFTConfig.__dataclass_fields__)
-    sft_cfg = SFTConfig(**{k: v for k, v in cfg.items() if k in fields})
-    rows = read_rows(train, VQA_SCHEMA)
-
-    if profile == "tiny":
-        texts = [r["question"] for r in rows] + [r["answer"] for r in rows]
-        vlm = build_tiny(texts, seed=seed, vision=cfg.get("vision"))
-    elif profile == "demo":
-        vlm = build_demo(seed=seed, vision=cfg.get("vision"), system_prompt=cfg.get("system_prompt", DEFAULT_SYSTEM_PROMPT))
-    else:
-        # A given checkpoint: its vision tower is pretrained, so phase 1 never runs on it.
-        vlm = load_vlm(profile)
-        sft_cfg.vision_epochs = 0
-        if sft_cfg.epochs == 0:
-            typer.echo(f"sft: importing {profile} unchanged (sft.epochs: 0)")
-
+    config = load_config(SFTConfig, params, "sft")
+    check_model_source(config.model, "sft.model", model_root, packaged=FRESH_PROFILES)
+    rows = read_rows(input, VQA_SCHEMA)
+    vlm = initial_model(config.model, config.seed, config.vision, config.system_prompt, rows)
+    if config.model not in FRESH_PROFILES and config.epochs == 0:
+        typer.echo(f"sft: importing {config.model} unchanged (sft.epochs: 0)")
     vlm.model.to(default_device())
 
-    with Live(str(live_dir), save_dvc_exp=False, dvcyaml=None) as live:
-        summary = train_sft(vlm, rows, sft_cfg, log=PhaseLogger(live))
+    with Live(str(live), save_dvc_exp=False, dvcyaml=None) as logger:
+        summary = train_sft(vlm, rows, config, fresh=config.model in FRESH_PROFILES, log=PhaseLogger(logger))
         for k, v in summary.items():
-            live.summary[k] = v
-    if out.exists():
-        shutil.rmtree(out)
-    vlm.save(out)
-    summary.update({"model": profile, "train_rows": len(rows),
+            logger.summary[k] = v
+    if output.exists():
+        shutil.rmtree(output)
+    vlm.save(output)
+    summary.update({"model": config.model, "train_rows": len(rows),
                     "parameters": sum(p.numel() for p in vlm.model.parameters())})
     write_json(metrics, summary)
-    typer.echo(f"sft: saved {out}")
+    typer.echo(f"sft: saved {output}")
 
 
 if __name__ == "__main__":
-    app()
+    run(app)

@@ -4,7 +4,7 @@ LoRA adapters (peft) go on the language model of the SFT checkpoint; the vision 
 projector stay frozen. The reference policy π_sft is the same model with its adapter disabled,
 so no second copy of the weights is held.
 
-Throughput decisions (DESIGN.md §2 "Losses"):
+Throughput decisions (docs/design.md § "Losses"):
 
 - An entry is one image, one prompt and 1 + J answers (the chosen answer, then the dispreferred
   ones in rank order). A batch of E entries is scored by one call of `GroupedScorer`: the vision
@@ -30,57 +30,58 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from pipeline.device import use_bf16
 from pipeline.grouped_scoring import collate_groups, group_logprobs
 from pipeline.losses import LossOutput, dpo_loss, mlpo_loss, with_nll
 from pipeline.models.vlm import VLM
+from pipeline.params import Config
+from pipeline.training.common import merge_lora, warmup_cosine, wrap_lora
 
 LogFn = Callable[[str, dict[str, float]], None]
 
-LOSSES = ("dpo", "mlpo")
-MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 STEP_METRICS = ("loss", "explicit", "implicit", "nll", "reward_margin", "reward_accuracy", "ranking_accuracy")
 
 
-@dataclass
-class PreferenceConfig:
-    """The `train:` section of params.yaml (docs/training.md explains the defaults)."""
+class PreferenceConfig(Config):
+    """The `train:` section (docs/training.md explains the values)."""
 
-    loss: str = "mlpo"  # dpo | mlpo
-    explicit: bool = True  # MLPO L_E: chosen vs each dispreferred (mlpo only)
-    implicit: bool = True  # MLPO L_I: higher- vs lower-ranked dispreferred (mlpo only)
-    weighted: bool = True  # multiply terms by the judges' weights (MMedPO eq. 3)
-    gamma: float = 0.1
-    nll_weight: float = 1.0  # + this x the chosen answers' per-token NLL (RPO; TRL's rpo_alpha); 0 = HSCR
-    lr: float = 1e-4
-    epochs: int = 2
-    batch_size: int = 8  # entries per micro-batch (each entry is 1 + J sequences)
-    grad_accum: int = 1
-    warmup_fraction: float = 0.1
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    seed: int = 0
-    max_rejected: int | None = 3  # J cap: the top-ranked J dispreferred of each entry; null keeps all
-    share_prompt: bool = True
-    mixed_precision: str = "auto"  # auto: bf16 on a GPU that has it, else no
-    evaluate_after: bool = True  # one forward-only pass over the data for the final reward metrics
+    loss: Literal["dpo", "mlpo"] = Field(description="dpo: chosen vs the top-ranked dispreferred; mlpo: HSCR eq. 5-7")
+    explicit: bool = Field(description="MLPO L_E: chosen vs each dispreferred (mlpo only; HSCR Table 4)")
+    implicit: bool = Field(description="MLPO L_I: higher- vs lower-ranked dispreferred (mlpo only; HSCR Table 4)")
+    weighted: bool = Field(description="multiply terms by the judges' weights (MMedPO eq. 3); false = plain HSCR")
+    gamma: float = Field(gt=0.0, description="the DPO temperature (beta in DPO, gamma in HSCR)")
+    nll_weight: float = Field(ge=0.0, description="+ this x the chosen answers' per-token NLL (RPO; TRL rpo_alpha); 0 = HSCR")
+    lr: float = Field(gt=0.0, description="peak learning rate of the LoRA adapters")
+    epochs: int = Field(ge=1, description="passes over the scored entries")
+    batch_size: int = Field(ge=1, description="entries per micro-batch (each entry is 1 + J sequences)")
+    grad_accum: int = Field(ge=1, description="micro-batches per optimizer step")
+    warmup_fraction: float = Field(ge=0.0, lt=1.0, description="share of optimizer steps in linear warm-up")
+    weight_decay: float = Field(ge=0.0, description="AdamW weight decay")
+    max_grad_norm: float | None = Field(gt=0.0, description="gradient-norm clip; null = no clipping")
+    lora_r: int = Field(ge=1, description="LoRA rank")
+    lora_alpha: int = Field(ge=1, description="LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = Field(ge=0.0, lt=1.0, description="LoRA dropout")
+    lora_targets: tuple[str, ...] = Field(strict=False, min_length=1, description="LM modules that get adapters")
+    seed: int = Field(ge=0, description="seeds the adapters' init and the data order")
+    max_rejected: int | None = Field(ge=1, description="J cap: the top-ranked J dispreferred of each entry; null keeps all")
+    share_prompt: bool = Field(description="run the prompt once per entry, its KV cache shared by the 1+J answers")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        description="auto: bf16 on a GPU that supports it, else fp32"
+    )
+    evaluate_after: bool = Field(description="one forward-only pass over the data for the final reward metrics")
 
-    def validate(self) -> None:
-        """Raise ValueError on a configuration that cannot train."""
-        if self.loss not in LOSSES:
-            raise ValueError(f"train.loss must be one of {LOSSES}, got {self.loss!r}")
+    @model_validator(mode="after")
+    def _trainable(self) -> PreferenceConfig:
         if self.loss == "mlpo" and not (self.explicit or self.implicit):
             raise ValueError(
                 "train: loss mlpo with explicit and implicit both false has no term to optimize; "
@@ -89,34 +90,7 @@ class PreferenceConfig:
         if self.loss == "mlpo" and self.implicit and not self.explicit and self.max_rejected is not None \
                 and self.max_rejected < 2:
             raise ValueError("train: implicit-only MLPO ranks dispreferred pairs, so max_rejected must be >= 2")
-        if self.gamma <= 0:
-            raise ValueError(f"train.gamma must be positive, got {self.gamma}")
-        if self.nll_weight < 0:
-            raise ValueError(f"train.nll_weight must be >= 0, got {self.nll_weight}")
-        if self.lr <= 0:
-            raise ValueError(f"train.lr must be positive, got {self.lr}")
-        for name in ("epochs", "batch_size", "grad_accum", "lora_r"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.warmup_fraction < 1.0:
-            raise ValueError(f"train.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
-        if self.max_rejected is not None and self.max_rejected < 1:
-            raise ValueError(f"train.max_rejected must be >= 1 or null, got {self.max_rejected}")
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise ValueError(f"train.mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
-        if not self.lora_targets:
-            raise ValueError("train.lora_targets is empty: LoRA needs at least one target module")
-
-    @classmethod
-    def from_params(cls, section: dict[str, Any]) -> PreferenceConfig:
-        """Build from the `train:` section; an unknown key is an error, not silently ignored."""
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise ValueError(f"train: unknown params {unknown}; known: {sorted(known)}")
-        cfg = cls(**section)
-        cfg.validate()
-        return cfg
+        return self
 
 
 # ----- entries ------------------------------------------------------------------------------------
@@ -273,15 +247,9 @@ def preference_loss(
 
 def apply_lora(vlm: VLM, cfg: PreferenceConfig):
     """LoRA on the language model; everything else frozen. Returns the peft model (its adapter is the policy)."""
-    from peft import LoraConfig, get_peft_model
-
     for p in vlm.model.parameters():
         p.requires_grad_(False)
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(cfg.lora_targets))
-    peft_lm = get_peft_model(vlm.model.model.language_model, lora)
-    vlm.model.model.language_model = peft_lm
-    return peft_lm
+    return wrap_lora(vlm, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
 
 
 def lora_parameters(vlm: VLM) -> dict[str, Tensor]:
@@ -303,12 +271,11 @@ class PreferenceTrainer:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
-        cfg.validate()
         self.cfg = cfg
         self.log = log
         mixed = cfg.mixed_precision
         if mixed == "auto":
-            mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+            mixed = "bf16" if use_bf16() else "no"
         self.accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mixed)
         set_seed(cfg.seed)
         self.vlm = vlm
@@ -377,8 +344,6 @@ class PreferenceTrainer:
 
     def train(self) -> dict[str, Any]:
         """Run the configured epochs; returns a summary for the stage report."""
-        from transformers import get_cosine_schedule_with_warmup
-
         cfg, accelerator = self.cfg, self.accelerator
         if self.reference is None:
             self.compute_reference()
@@ -393,11 +358,11 @@ class PreferenceTrainer:
         # A prepared scheduler advances once per process at every optimizer step.
         total_steps = steps_per_epoch * cfg.epochs * accelerator.num_processes
         warmup = int(cfg.warmup_fraction * total_steps)
-        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+        scheduler = warmup_cosine(optimizer, warmup, total_steps)
         model, optimizer, scheduler = accelerator.prepare(self.scorer, optimizer, scheduler)
 
         self.vlm.model.train()
-        self.vlm.model.model.vision_tower.eval()
+        self.vlm.vision_tower.eval()
         pending: list[Tensor] = []
         entries_seen = 0
         bar = tqdm(total=steps_per_epoch * cfg.epochs, desc=f"train: {cfg.loss}",
@@ -478,7 +443,7 @@ class PreferenceTrainer:
         if self.accelerator.is_main_process:
             self.peft_lm.save_pretrained(folder / "adapter")
             _sort_target_modules(folder / "adapter" / "adapter_config.json")
-            self.vlm.model.model.language_model = self.peft_lm.merge_and_unload()
+            merge_lora(self.vlm, self.peft_lm)
             self.vlm.model.eval()
             self.vlm.save(folder)
         self.accelerator.wait_for_everyone()
@@ -504,7 +469,7 @@ def train_preference(vlm: VLM, rows: list[dict], cfg: PreferenceConfig, out: str
     """LoRA preference training of `vlm` on scored rows; saves to `out` when given. Returns the summary."""
     trainer = PreferenceTrainer(vlm, rows, cfg, log=log)
     summary = trainer.train()
-    summary["config"] = asdict(cfg)
+    summary["config"] = cfg.to_dict()
     if out is not None:
         trainer.save(out)
     return summary

@@ -19,45 +19,76 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
+from pydantic import Field, field_validator
 from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline.batching import IGNORE_INDEX, collate_sequences, decode_image
+from pipeline.errors import DataError
 from pipeline.metrics import normalize_answer
 from pipeline.models.vlm import VLM
+from pipeline.params import Config
+from pipeline.training.common import merge_lora, wrap_lora
 
 LogFn = Callable[[str, dict[str, float]], None]
 
 
-@dataclass
-class SFTConfig:
-    seed: int = 0
-    # phase 1: vision pre-training
-    vision_epochs: int = 4
-    vision_lr: float = 1e-3
-    vision_batch_size: int = 32
+class SFTConfig(Config):
+    """The `sft:` section: build (or import) the SFT model, then train it in two phases."""
+
+    model: str = Field(min_length=1, description="demo | tiny | a LLaVA-family folder under models/base | a hub id")
+    seed: int = Field(ge=0, description="seeds the fresh weights, the shuffles and the phase-2 row draw")
+    system_prompt: str | None = Field(description="system prompt of fresh profiles (demo, tiny); null for none")
+    vision: dict[str, int | float | str] = Field(
+        strict=False, description="overrides of the fresh vision tower's CLIPVisionConfig, e.g. {num_hidden_layers: 6}"
+    )
+    # phase 1: vision pre-training (fresh profiles only)
+    vision_epochs: int = Field(ge=0, description="phase 1 epochs of the answer classifier; 0 skips phase 1")
+    vision_lr: float = Field(gt=0.0, description="phase 1 peak learning rate (tower + classifier)")
+    vision_batch_size: int = Field(ge=1, description="phase 1 images per step")
+    vision_weight_decay: float = Field(ge=0.0, description="phase 1 AdamW weight decay")
+    vision_warmup_fraction: float = Field(ge=0.0, lt=1.0, description="phase 1 share of steps in linear warm-up")
     # phase 2: LLaVA SFT
-    epochs: int = 1
-    batch_size: int = 8
-    lr: float = 1e-3  # projector
-    lm_lr: float = 2e-4  # LoRA adapters (or the full LM)
-    tower_lr: float = 0.0  # phase 2 learning rate of the vision tower; 0 keeps it frozen
-    language_model: str = "lora"  # lora | full | frozen
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    warmup_fraction: float = 0.05
-    lm_train_rows: int | None = None  # phase 2 sees the first N shuffled rows (CPU budget); None = all
+    epochs: int = Field(ge=0, description="phase 2 epochs; 0 imports a given checkpoint unchanged")
+    batch_size: int = Field(ge=1, description="phase 2 rows per step")
+    lr: float = Field(gt=0.0, description="phase 2 peak learning rate of the projector")
+    lm_lr: float = Field(gt=0.0, description="phase 2 peak learning rate of the LoRA adapters (or the full LM)")
+    tower_lr: float = Field(ge=0.0, description="phase 2 learning rate of the vision tower; 0 keeps it frozen")
+    weight_decay: float = Field(ge=0.0, description="phase 2 AdamW weight decay")
+    warmup_fraction: float = Field(ge=0.0, lt=1.0, description="phase 2 share of steps in linear warm-up")
+    max_grad_norm: float | None = Field(gt=0.0, description="gradient-norm clip of both phases; null = no clipping")
+    language_model: Literal["lora", "full", "frozen"] = Field(
+        description="phase 2: LoRA adapters merged back | the whole LM | projector only"
+    )
+    lora_r: int = Field(ge=1, description="LoRA rank")
+    lora_alpha: int = Field(ge=1, description="LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = Field(ge=0.0, lt=1.0, description="LoRA dropout")
+    lora_targets: tuple[str, ...] = Field(strict=False, min_length=1, description="LM modules that get adapters")
+    lm_train_rows: int | None = Field(ge=1, description="phase 2 sees this many drawn rows (the CPU budget); null = all")
+
+    @field_validator("vision")
+    @classmethod
+    def _known_vision_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from transformers import CLIPVisionConfig
+
+        known = set(CLIPVisionConfig().to_dict())
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"unknown CLIPVisionConfig key(s) {unknown}; e.g. hidden_size, num_hidden_layers, patch_size")
+        return value
 
 
-def _cosine(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / max(1, warmup)
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+def _legacy_warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 class VisionProbe(nn.Module):
@@ -78,7 +109,7 @@ class VisionProbe(nn.Module):
 
 def _patch_features(vlm: VLM, pixel_values: torch.Tensor) -> torch.Tensor:
     config = vlm.model.config
-    out = vlm.model.model.vision_tower(pixel_values, output_hidden_states=True)
+    out = vlm.vision_tower(pixel_values, output_hidden_states=True)
     hidden = out.hidden_states[config.vision_feature_layer]
     return hidden[:, 1:] if config.vision_feature_select_strategy == "default" else hidden
 
@@ -90,17 +121,17 @@ def pretrain_vision(vlm: VLM, rows: list[dict], cfg: SFTConfig, log: LogFn | Non
     device = vlm.device
     answers = sorted({normalize_answer(r["answer"]) for r in rows})
     answer_index = {a: i for i, a in enumerate(answers)}
-    embed = vlm.model.get_input_embeddings()
-    tower = vlm.model.model.vision_tower
+    embed = vlm.input_embeddings
+    tower = vlm.vision_tower
     probe = VisionProbe(embed.weight.shape[1], vlm.model.config.vision_config.hidden_size,
                         vlm.settings.num_image_tokens, len(answers)).to(device)
     params = list(tower.parameters()) + list(probe.parameters())
-    optimizer = torch.optim.AdamW(params, lr=cfg.vision_lr, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(params, lr=cfg.vision_lr, weight_decay=cfg.vision_weight_decay)
     rng = random.Random(cfg.seed)
     order = list(range(len(rows)))
     steps_per_epoch = math.ceil(len(rows) / cfg.vision_batch_size)
     total = steps_per_epoch * cfg.vision_epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine(s, total, max(1, total // 10)))
+    scheduler = _legacy_warmup_cosine(optimizer, max(1, int(cfg.vision_warmup_fraction * total)), total)
     # The question embeddings and pixels do not change across epochs: compute them once.
     with torch.no_grad():
         question_vecs = []
@@ -125,7 +156,8 @@ def pretrain_vision(vlm: VLM, rows: list[dict], cfg: SFTConfig, log: LogFn | Non
             loss = nn.functional.cross_entropy(logits, targets[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            if cfg.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
             correct += int((logits.argmax(-1) == targets[idx]).sum())
@@ -144,27 +176,16 @@ def pretrain_vision(vlm: VLM, rows: list[dict], cfg: SFTConfig, log: LogFn | Non
 
 def _trainable_lm(vlm: VLM, cfg: SFTConfig):
     """Make the LM trainable as configured; returns (lm params, a function that finalizes the LM)."""
-    language_model = vlm.model.model.language_model
     if cfg.language_model == "frozen":
         return [], lambda: None
     if cfg.language_model == "full":
-        params = list(language_model.parameters()) + list(vlm.model.lm_head.parameters())
+        params = list(vlm.language_model.parameters()) + list(vlm.lm_head.parameters())
         for p in params:
             p.requires_grad_(True)
         return list({id(p): p for p in params}.values()), lambda: None
-    if cfg.language_model != "lora":
-        raise ValueError(f"sft.language_model must be lora, full or frozen, got {cfg.language_model!r}")
-    from peft import LoraConfig, get_peft_model
-
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=cfg.lora_targets)
-    peft_lm = get_peft_model(language_model, lora)
-    vlm.model.model.language_model = peft_lm
+    peft_lm = wrap_lora(vlm, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     params = [p for p in peft_lm.parameters() if p.requires_grad]
-
-    def merge() -> None:
-        vlm.model.model.language_model = peft_lm.merge_and_unload()
-
-    return params, merge
+    return params, lambda: merge_lora(vlm, peft_lm)
 
 
 def train_llava(vlm: VLM, rows: list[dict], cfg: SFTConfig, log: LogFn | None = None) -> dict[str, float]:
@@ -173,25 +194,25 @@ def train_llava(vlm: VLM, rows: list[dict], cfg: SFTConfig, log: LogFn | None = 
         return {}
     for p in vlm.model.parameters():
         p.requires_grad_(False)
-    projector = vlm.model.model.multi_modal_projector
+    projector = vlm.projector
     for p in projector.parameters():
         p.requires_grad_(True)
     lm_params, finalize = _trainable_lm(vlm, cfg)
     groups = [{"params": list(projector.parameters()), "lr": cfg.lr}]
-    tower = vlm.model.model.vision_tower
+    tower = vlm.vision_tower
     if cfg.tower_lr > 0:
         for p in tower.parameters():
             p.requires_grad_(True)
         groups.append({"params": list(tower.parameters()), "lr": cfg.tower_lr})
     if lm_params:
         groups.append({"params": lm_params, "lr": cfg.lm_lr})
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     rng = random.Random(cfg.seed + 1)
     order = list(range(len(rows)))
     steps_per_epoch = math.ceil(len(rows) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     warmup = max(1, int(cfg.warmup_fraction * total))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine(s, total, warmup))
+    scheduler = _legacy_warmup_cosine(optimizer, warmup, total)
     vlm.model.train()
     bar = tqdm(total=total, desc="sft: LLaVA fine-tuning", unit="step")
     losses: list[float] = []
@@ -210,7 +231,8 @@ def train_llava(vlm: VLM, rows: list[dict], cfg: SFTConfig, log: LogFn | None = 
             )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
+            if cfg.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
             losses.append(loss.item())
@@ -227,12 +249,17 @@ def train_llava(vlm: VLM, rows: list[dict], cfg: SFTConfig, log: LogFn | None = 
     return {"sft_first_loss": losses[0], "sft_final_loss": sum(tail) / len(tail)}
 
 
-def train_sft(vlm: VLM, rows: list[dict], cfg: SFTConfig, log: LogFn | None = None) -> dict[str, float]:
-    """Both phases; returns summary numbers for the stage report."""
+def train_sft(vlm: VLM, rows: list[dict], cfg: SFTConfig, fresh: bool, log: LogFn | None = None
+              ) -> dict[str, float]:
+    """Both phases; returns summary numbers for the stage report.
+
+    Phase 1 runs only on a `fresh` model (a profile built here): a given checkpoint's vision tower
+    is pretrained, so phase 1 never runs on it.
+    """
     if not rows:
-        raise ValueError("sft: the train split has no rows")
+        raise DataError("sft: the train split has no rows")
     torch.manual_seed(cfg.seed)
-    summary = pretrain_vision(vlm, rows, cfg, log)
+    summary = pretrain_vision(vlm, rows, cfg, log) if fresh else {}
     lm_rows = rows
     if cfg.lm_train_rows is not None:
         lm_rows = random.Random(cfg.seed).sample(rows, min(cfg.lm_train_rows, len(rows)))

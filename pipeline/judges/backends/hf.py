@@ -18,11 +18,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from pipeline.device import default_device, default_dtype
+from pipeline.fingerprint import code_version, folder_digest
 from pipeline.judges.judge import JudgeRequest
 from pipeline.judges.panel import Generation
 
@@ -38,6 +40,7 @@ class LoadedModel:
     tokenizer: Any
     device: torch.device
     dtype: torch.dtype
+    weights: str  # content digest of a local model folder; the hub id for a hub model
 
 
 def load_model(name: str, device: torch.device | None = None) -> LoadedModel:
@@ -60,7 +63,8 @@ def load_model(name: str, device: torch.device | None = None) -> LoadedModel:
         # Pads are masked out by the attention mask, so any token will do; EOS is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device).eval()
-    return LoadedModel(name=name, model=model, tokenizer=tokenizer, device=device, dtype=dtype)
+    weights = folder_digest(source) if Path(source).is_dir() else source
+    return LoadedModel(name=name, model=model, tokenizer=tokenizer, device=device, dtype=dtype, weights=weights)
 
 
 class HFBackend:
@@ -72,8 +76,11 @@ class HFBackend:
         self.prefix_cache = prefix_cache
 
     def identity(self) -> dict[str, Any]:
-        # bf16 on CUDA and fp32 on CPU can decode differently: the dtype is part of the key.
-        return {"backend": "hf", "model": self.loaded.name, "dtype": str(self.loaded.dtype).removeprefix("torch.")}
+        # bf16 on CUDA and fp32 on CPU can decode differently: the dtype is part of the key. The
+        # weights' content and this module's code are too, so a retrained or edited judge never
+        # reuses answers it did not give.
+        return {"backend": "hf", "model": self.loaded.name, "dtype": str(self.loaded.dtype).removeprefix("torch."),
+                "weights": self.loaded.weights, "code": code_version([__name__])}
 
     def render(self, request: JudgeRequest) -> str:
         text = self.loaded.tokenizer.apply_chat_template(
@@ -133,10 +140,10 @@ class HFBackend:
                 from transformers import DynamicCache
 
                 cache = DynamicCache(config=model.config)
-                model(input_ids=input_ids[:1, :shared], attention_mask=mask[:1, :shared], past_key_values=cache,
+                model(input_ids=input_ids[:1, :shared], attention_mask=mask[:1, :shared], cache=cache,
                       use_cache=True)
                 cache.batch_repeat_interleave(len(rows))
-                kwargs["past_key_values"] = cache
+                kwargs["cache"] = cache
             out = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config,
                                  tokenizer=tok, **kwargs)
         return [row.tolist() for row in out[:, input_ids.shape[1] :]]

@@ -27,7 +27,7 @@ from typing import Any
 import openai
 
 from pipeline.judges.judge import JudgeError, JudgeRequest
-from pipeline.judges.panel import Generation, JudgeConfig, RequestRetry
+from pipeline.judges.panel import Generation, OpenAIJudgeConfig, RequestRetry
 
 
 class _Retryable(Exception):
@@ -51,9 +51,9 @@ class OpenAIBackend:
         model: str,
         base_url: str,
         api_key_env: str,
-        timeout_s: float = 60.0,
-        max_concurrency: int = 8,
-        retry: RequestRetry | None = None,
+        timeout_s: float,
+        max_concurrency: int,
+        retry: RequestRetry,
     ) -> None:
         key = os.environ.get(api_key_env)
         if not key:
@@ -63,7 +63,7 @@ class OpenAIBackend:
             )
         self.name, self.model, self.base_url = name, model, base_url
         self.max_concurrency = max_concurrency
-        self.retry = retry or RequestRetry()
+        self.retry = retry
         self._secret = key
         self._client = openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=timeout_s)
         self._lock = threading.Lock()
@@ -71,9 +71,7 @@ class OpenAIBackend:
         self.retries: Counter[str] = Counter()
 
     @classmethod
-    def from_config(cls, cfg: JudgeConfig, retry: RequestRetry) -> OpenAIBackend:
-        if cfg.prefill:
-            raise JudgeError(f"judge {cfg.name}: prefill is not supported by the openai backend")
+    def from_config(cls, cfg: OpenAIJudgeConfig, retry: RequestRetry) -> OpenAIBackend:
         return cls(cfg.name, cfg.model, str(cfg.base_url), str(cfg.api_key_env), cfg.timeout_s,
                    cfg.max_concurrency, retry)
 

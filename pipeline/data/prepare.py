@@ -1,0 +1,115 @@
+"""The `prepare` stage's library: the embedded phantom benchmark, or the user's VQA files, as
+VQA_SCHEMA train and test splits.
+
+With `source: files`, the files are named relative to `files.root`, a folder that dvc.yaml lists
+as a dependency of `prepare` (`${prepare.files.root}`): editing a question file or replacing an
+image under it makes `dvc status` report `prepare` as changed. A path that leaves the root is
+refused, because DVC would not see it change.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from pipeline.errors import InputNotFoundError
+from pipeline.params import Config
+
+SPLITS = ("train", "test")
+
+
+class PhantomConfig(Config):
+    """The embedded benchmark (docs/benchmark.md)."""
+
+    n_train: int = Field(ge=1, description="rows of the train split")
+    n_test: int = Field(ge=1, description="rows of the test split")
+    prior: float = Field(ge=0.0, le=1.0, description="train-split language prior: the majority answer's share")
+    image_size: int = Field(ge=16, description="side of the square phantom images, in pixels")
+
+
+def _inside_root(value: str | None) -> str | None:
+    if value is None:
+        return None
+    path = PurePosixPath(value)
+    if path.is_absolute() or ".." in path.parts or not value.strip():
+        raise ValueError(
+            f"must be a path relative to files.root without '..', got {value!r}: DVC watches files.root "
+            "for changes, so every input file must lie under it (set files.root to the folder that holds them)"
+        )
+    return value
+
+
+class FileSplitConfig(Config):
+    """One split of the user's data."""
+
+    path: str = Field(description="the question file (.json, .jsonl or .parquet), relative to files.root")
+    format: Literal["json", "jsonl", "parquet"] | None = Field(description="null: from the file's suffix")
+    image_root: str | None = Field(description="folder image paths are resolved against, relative to files.root; "
+                                   "null: the folder of the question file")
+
+    _check_path = field_validator("path", "image_root")(_inside_root)
+
+
+class FilesConfig(Config):
+    """The user's own VQA files (docs/data-formats.md)."""
+
+    root: str = Field(min_length=1, description="folder holding every input file; a dep of `prepare` in dvc.yaml")
+    dataset: str = Field(min_length=1, description="dataset name recorded in every row (vqa-rad, slake, ...)")
+    skip_bad: bool = Field(description="leave out unusable rows (each listed in the skipped-rows report) instead of failing")
+    train: FileSplitConfig = Field(description="the training split")
+    test: FileSplitConfig = Field(description="the test split")
+
+
+class PrepareConfig(Config):
+    """The `prepare:` section."""
+
+    source: Literal["phantom", "files"] = Field(description="phantom: the embedded benchmark; files: your own VQA files")
+    seed: int = Field(ge=0, description="seeds the phantom generator")
+    phantom: PhantomConfig = Field(description="settings of source: phantom")
+    files: FilesConfig = Field(description="settings of source: files")
+
+
+def split_summary(rows: list[dict]) -> dict[str, Any]:
+    return {
+        "rows": len(rows),
+        "answer_type": dict(Counter(r["answer_type"] for r in rows)),
+        "modality": dict(Counter(r["modality"] for r in rows)),
+        "question_type": dict(Counter(r["question_type"] for r in rows)),
+    }
+
+
+def prepare_splits(cfg: PrepareConfig) -> tuple[dict[str, list[dict]], list[dict], dict[str, Any]]:
+    """The train and test rows, every skipped row (source: files with skip_bad) and the report."""
+    report: dict[str, Any] = {"source": cfg.source}
+    skipped: list[dict] = []
+    if cfg.source == "phantom":
+        from pipeline.data.phantoms import generate_dataset
+
+        ph = cfg.phantom
+        train, test = generate_dataset(n_train=ph.n_train, n_test=ph.n_test, seed=cfg.seed, prior=ph.prior,
+                                       image_size=ph.image_size)
+        splits = {"train": train, "test": test}
+    else:
+        from pipeline.data.ingest import ingest
+
+        files = cfg.files
+        root = Path(files.root)
+        if not root.is_dir():
+            raise InputNotFoundError(f"prepare.files.root: folder {root} not found; create it and put the data there")
+        splits = {}
+        for split in SPLITS:
+            spec: FileSplitConfig = getattr(files, split)
+            result = ingest(
+                root / spec.path, fmt=spec.format,
+                image_root=root / spec.image_root if spec.image_root is not None else None,
+                split=split, dataset=files.dataset, skip_bad=files.skip_bad,
+            )
+            skipped.extend({"split": split, **row} for row in result.skipped)
+            report[f"{split}_skipped"] = len(result.skipped)
+            splits[split] = result.rows
+    for split in SPLITS:
+        report[split] = split_summary(splits[split])
+    return splits, skipped, report

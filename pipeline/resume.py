@@ -1,0 +1,97 @@
+"""Resumable batched work: finished batches are kept on disk under a content key.
+
+A long loop over batches (sampling candidates, later evaluation) writes each finished batch as
+a Parquet part under `work_dir/<key>/` the moment it is done. `key` is a
+`pipeline.fingerprint.fingerprint` of everything that determines the output: the inputs' bytes,
+the config and the code version. A restarted run with the same key skips the finished parts; any
+change gives a new key, and parts kept under other keys are removed, never reused.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from pipeline.schema import write_table
+
+
+@dataclass
+class BatchRun:
+    """The concatenated output and how much of it was reused from an earlier, interrupted run."""
+
+    table: pa.Table
+    batches: int
+    reused: int  # batches read back from disk
+    computed: int  # batches computed by this run
+
+
+class BatchStore:
+    """The finished parts of one piece of work, `root/<key>/part-00000.parquet`, ..."""
+
+    def __init__(self, root: str | Path, key: str, schema: pa.Schema) -> None:
+        self.root = Path(root)
+        self.key = key
+        self.schema = schema
+        self.folder = self.root / key
+
+    def part(self, index: int) -> Path:
+        return self.folder / f"part-{index:05d}.parquet"
+
+    def open(self) -> None:
+        """Create this key's folder and delete the parts of every other key (they can never match)."""
+        if self.root.exists():
+            for stale in self.root.iterdir():
+                if stale.name != self.key:
+                    shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def done(self, index: int) -> bool:
+        return self.part(index).is_file()
+
+    def write(self, index: int, rows: list[dict]) -> None:
+        # write_table writes to a temporary name and renames: a kill never leaves half a part.
+        write_table(pa.Table.from_pylist(rows, schema=self.schema), self.part(index), self.schema)
+
+    def read(self, n_batches: int) -> pa.Table:
+        return pa.concat_tables([pq.read_table(self.part(i)).cast(self.schema) for i in range(n_batches)])
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def run_batches(
+    items: Sequence[Any],
+    batch_size: int,
+    compute: Callable[[list[Any]], list[dict]],
+    store: BatchStore,
+    desc: str,
+    keep: bool = False,
+) -> BatchRun:
+    """Apply `compute` to consecutive batches of `items`, resuming from `store`.
+
+    The parts are deleted once the whole table is assembled, unless `keep`.
+    """
+    n_batches = (len(items) + batch_size - 1) // batch_size
+    store.open()
+    reused = sum(1 for i in range(n_batches) if store.done(i))
+    if reused:
+        tqdm.write(f"{desc}: resuming, {reused}/{n_batches} batches already done ({store.folder})")
+    computed = 0
+    with tqdm(total=n_batches, initial=reused, desc=desc, unit="batch") as bar:
+        for i in range(n_batches):
+            if store.done(i):
+                continue
+            store.write(i, compute(list(items[i * batch_size:(i + 1) * batch_size])))
+            computed += 1
+            bar.update(1)
+    table = store.read(n_batches) if n_batches else store.schema.empty_table()
+    if not keep:
+        store.clear()
+    return BatchRun(table=table, batches=n_batches, reused=reused, computed=computed)

@@ -1,0 +1,42 @@
+"""What both trainers (SFT and preference training) share: LoRA wrapping and the learning-rate
+schedule, one helper each (the bf16 decision is `pipeline.device.use_bf16`)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+from pipeline.models.vlm import VLM
+
+
+def wrap_lora(vlm: VLM, r: int, alpha: int, dropout: float, targets: Sequence[str]):
+    """Put LoRA adapters (peft) on the VLM's language model, in place; returns the peft model.
+
+    peft freezes the language model's own weights; what else trains is the caller's choice.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets))
+    with warnings.catch_warnings():
+        # peft (0.21) probes the deprecated `is_gradient_checkpointing` of transformers 5 models with
+        # getattr; the warning is about peft's call, not ours. Only that message is silenced.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_lm = get_peft_model(vlm.language_model, lora)
+    vlm.language_model = peft_lm
+    return peft_lm
+
+
+def merge_lora(vlm: VLM, peft_lm) -> None:
+    """Fold the adapters into the language model's weights: the VLM is a plain model again."""
+    vlm.language_model = peft_lm.merge_and_unload()
+
+
+def warmup_cosine(optimizer: Optimizer, warmup_steps: int, total_steps: int) -> LambdaLR:
+    """Linear warm-up from 0, then cosine decay to 0 at `total_steps` (transformers' schedule)."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    return get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+
