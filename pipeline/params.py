@@ -33,6 +33,18 @@ PARAMS_FILE = "params.yaml"
 SECTIONS = ("prepare", "sft", "mine", "sample", "rerank", "score", "train", "evaluate")
 TOP_LEVEL_SCALARS = ("mask_ratio",)
 
+# The config class of each section, imported on demand (`section_class`).
+SECTION_CONFIGS = {
+    "prepare": "pipeline.data.prepare:PrepareConfig",
+    "sft": "pipeline.training.sft:SFTConfig",
+    "mine": "pipeline.mining:MineConfig",
+    "sample": "pipeline.self_contrast:SampleConfig",
+    "rerank": "pipeline.rerank:RerankConfig",
+    "score": "pipeline.judges.panel:ScoreConfig",
+    "train": "pipeline.training.preference:PreferenceConfig",
+    "evaluate": "pipeline.evaluation:EvaluateConfig",
+}
+
 
 class Config(BaseModel):
     """Base of every config: frozen, strict types, unknown keys rejected, no defaults.
@@ -127,6 +139,14 @@ def build_config(cls: type[C], values: Mapping[str, Any], where: str = "config",
     return _validate(cls, dict(values), prefix=where, source="config", context=context)
 
 
+def section_class(name: str) -> type[Config]:
+    """The config class that reads section `name`."""
+    import importlib
+
+    module, _, cls = SECTION_CONFIGS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
 def project_params_path() -> Path:
     """The repository's own params.yaml (tests and benchmarks start from the project's values)."""
     return Path(__file__).resolve().parents[1] / PARAMS_FILE
@@ -194,6 +214,14 @@ def _describe(cls: type[Config], err: Mapping[str, Any], prefix: str, top_level:
     if kind == "extra_forbidden":
         siblings = _field_names(cls, raw_loc[:-1])
         return _unknown_message(None, str(loc[-1]), _dotted(prefix, loc[:-1], top_level), siblings)
+    if kind == "union_tag_not_found":
+        given = err.get("input") if isinstance(err.get("input"), Mapping) else {}
+        valid = _field_names(cls, raw_loc)
+        unknown = sorted(set(given) - set(valid))
+        if unknown:
+            return _unknown_message(None, str(unknown[0]), key, valid)
+        tag = err.get("ctx", {}).get("discriminator", "").strip("'")
+        return f"`{key}.{tag}` is missing: add it"
     if kind == "union_tag_invalid":
         ctx = err.get("ctx", {})
         return f"`{key}.{ctx.get('discriminator', '').strip(chr(39))}` must be one of {ctx.get('expected_tags')} (got {ctx.get('tag')!r})"
@@ -281,3 +309,77 @@ def _help(cls: type[BaseModel], loc: tuple[Any, ...]) -> str:
         if field is not None and field.description:
             return field.description
     return "see docs/params.md"
+
+
+# ----- reference ----------------------------------------------------------------------------------
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _type_name(typing.get_args(annotation)[0])
+    if origin is typing.Literal:
+        return " \\| ".join(repr(a).replace("'", "") for a in typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(annotation)).replace("NoneType", "null")
+    if origin in (list, tuple):
+        return "list"
+    if origin is dict:
+        return "mapping"
+    if isinstance(annotation, type):
+        return {"str": "text", "int": "integer", "float": "number", "bool": "true/false"}.get(
+            annotation.__name__, "mapping" if issubclass(annotation, BaseModel) else annotation.__name__)
+    return str(annotation)
+
+
+def _limits(field: Any) -> str:
+    parts = []
+    for meta in field.metadata:
+        for attr, sign in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"), ("min_length", "length >=")):
+            value = getattr(meta, attr, None)
+            if value is not None:
+                parts.append(f"{sign} {value}")
+    return ", ".join(parts)
+
+
+def _rows(cls: type[BaseModel], prefix: str) -> list[str]:
+    rows = []
+    for name, field in cls.model_fields.items():
+        help_text = (field.description or "").replace("|", "\\|")
+        key = name if name in getattr(cls, "top_level", ()) else f"{prefix}.{name}"
+        nested = _unwrap(field.annotation)
+        if nested and typing.get_origin(field.annotation) is not dict:
+            label = "list of mappings" if typing.get_origin(field.annotation) in (list, tuple) else "mapping"
+            rows.append(f"| `{key}` | {label} | | {help_text} |")
+            for member in nested:
+                tag = _tag(member)
+                sub = f"{key}[]" if label.startswith("list") else key
+                if tag is not None:
+                    rows.append(f"| `{sub}` with `backend: {tag}` | | | {member.__doc__.strip().splitlines()[0]} |")
+                rows.extend(_rows(member, sub))
+            continue
+        rows.append(f"| `{key}` | {_type_name(field.annotation)} | {_limits(field)} | {help_text} |")
+    return rows
+
+
+def params_reference() -> str:
+    """docs/params.md: every key of every section, with its type, limits and help (generated)."""
+    lines = [
+        "# Every parameter",
+        "",
+        "Generated from the config classes by `python -m pipeline.params > docs/params.md`; a test",
+        "checks that this page matches the code. The values live in `params.yaml` only: every key",
+        "below must be there, and a key that is not listed here is an error that names the nearest",
+        "valid key. Cross-field checks (e.g. `rerank.j <= sample.k`) are listed under each section.",
+    ]
+    for name in SECTIONS:
+        cls = section_class(name)
+        lines += ["", f"## `{name}:`", "", (cls.__doc__ or "").strip().splitlines()[0], ""]
+        if cls.reads:
+            lines += [f"Also reads {', '.join(f'`{v}`' for v in cls.reads.values())} for its checks.", ""]
+        lines += ["| key | type | limits | what it is |", "|---|---|---|---|", *_rows(cls, name)]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(params_reference(), end="")
