@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 import typer
 
+from pipeline.params import project_config
 from pipeline.self_contrast import SampleConfig, sample_batch
+from pipeline.training.sft import SFTConfig
 
 app = typer.Typer(add_completion=False)
 
@@ -27,7 +29,8 @@ def _load(model: str):
     if model == "demo":
         from pipeline.device import default_device
 
-        vlm = build_demo()
+        sft = project_config(SFTConfig, "sft")
+        vlm = build_demo(sft.seed, sft.vision, sft.system_prompt)
         vlm.model.to(default_device())
         return vlm, "demo (built, untrained)"
     return load_vlm(model), model
@@ -64,7 +67,7 @@ def main(
         model = "demo"
     vlm, name = _load(model)
     rows = read_rows(data, VQA_SCHEMA)[:entries]
-    cfg = SampleConfig(mode=mode)
+    cfg = project_config(SampleConfig, "sample", mode=mode)
     sample_batch(vlm, rows[:2], cfg)  # warm-up
     results = {}
     for label, bs in (("batched", batch_size), ("one_at_a_time", 1)):

@@ -41,6 +41,7 @@ from pipeline.data.phantoms import generate_dataset  # noqa: E402
 from pipeline.losses import dpo_loss, mlpo_loss  # noqa: E402
 from pipeline.models.profiles import build_demo, build_tiny, load_vlm  # noqa: E402
 from pipeline.models.vlm import VLM  # noqa: E402
+from pipeline.params import project_config  # noqa: E402
 from pipeline.reporting import read_json, write_json  # noqa: E402
 from pipeline.training.preference import (  # noqa: E402
     EntryCollator,
@@ -50,6 +51,7 @@ from pipeline.training.preference import (  # noqa: E402
     build_entries,
     lora_parameters,
 )
+from pipeline.training.sft import SFTConfig  # noqa: E402
 
 app = typer.Typer(add_completion=False)
 METHODS = ("grouped_shared_prompt", "grouped", "pairwise")
@@ -77,7 +79,8 @@ def load_model(profile: str, rows: list[dict], device: torch.device) -> tuple[VL
         sft = ROOT / "models" / "sft"
         if (sft / "config.json").exists():
             return load_vlm(sft, device=device, dtype=torch.float32), str(sft)
-        return build_demo(seed=0), "demo (built, untrained)"
+        sft = project_config(SFTConfig, "sft")
+        return build_demo(sft.seed, sft.vision, sft.system_prompt), "demo (built, untrained)"
     raise typer.BadParameter(f"--profile must be tiny or demo, got {profile!r}")
 
 
@@ -99,7 +102,7 @@ def pairwise_batches(vlm: VLM, rows: list[dict]) -> tuple[list, list, list]:
 class Runner:
     def __init__(self, vlm: VLM, rows: list[dict], batch_size: int, device: torch.device):
         self.vlm, self.rows, self.batch_size, self.device = vlm, rows, batch_size, device
-        self.cfg = PreferenceConfig(weighted=False, max_rejected=None)
+        self.cfg = project_config(PreferenceConfig, "train", weighted=False, max_rejected=None)
         self.entries = build_entries(vlm, rows, self.cfg)
         self.j = len(self.entries[0].rejected)
         self.collator = EntryCollator(vlm, self.entries, self.j)
@@ -138,7 +141,7 @@ class Runner:
 
     def reference(self, method: str, schedule: list[list[int]]):
         """Reference log-probs of the batches a method will see (adapter disabled, not timed)."""
-        peft_lm = self.vlm.model.model.language_model
+        peft_lm = self.vlm.language_model
         with torch.no_grad(), peft_lm.disable_adapter():
             if method == "pairwise":
                 return {ix: self.pairwise_logps(list(ix)).float() for ix in {tuple(b) for b in schedule}}
@@ -243,7 +246,7 @@ def main(
     torch.manual_seed(0)
     rows = make_rows(entries, rejected, seed=0)
     vlm, source = load_model(profile, rows, dev)
-    apply_lora(vlm, PreferenceConfig())
+    apply_lora(vlm, project_config(PreferenceConfig, "train"))
     vlm.model.to(dev)
     runner = Runner(vlm, rows, batch_size, dev)
     chosen = methods.split(",")

@@ -24,6 +24,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import Field, field_validator
 
+from pipeline.errors import DataError
 from pipeline.params import Config
 
 # Strategies that have a reserved name but no implementation yet, with what they will do.
@@ -48,7 +49,7 @@ def _check_ids_unique(rows: Sequence[Mapping[str, Any]]) -> None:
     counts = Counter(row["id"] for row in rows)
     duplicates = [key for key, n in counts.items() if n > 1]
     if duplicates:
-        raise ValueError(f"input has duplicate ids ({len(duplicates)}), e.g. {duplicates[:5]}")
+        raise DataError(f"input has duplicate ids ({len(duplicates)}), e.g. {duplicates[:5]}")
 
 
 def _check_request(name: str, rows: Sequence[Mapping[str, Any]], size: int, options: Mapping[str, Any]) -> None:
@@ -58,7 +59,7 @@ def _check_request(name: str, rows: Sequence[Mapping[str, Any]], size: int, opti
     if size < 1:
         raise ValueError(f"mine size must be >= 1, got {size}")
     if not rows:
-        raise ValueError("no rows to mine from: the input split is empty")
+        raise DataError("no rows to mine from: the input split is empty; check `prepare` (reports/prepare.json)")
     _check_ids_unique(rows)
 
 

@@ -90,7 +90,7 @@ def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
     try:
         params = yaml.load(path.read_text(encoding="utf-8-sig"), Loader=_Loader)
     except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+        raise ParamsError(f"{path}: not valid YAML: {exc}".replace("<unicode string>", str(path))) from None
     if params is None:
         raise ParamsError(f"{path}: the file is empty; it needs the sections {list(SECTIONS)}")
     if not isinstance(params, dict):

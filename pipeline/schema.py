@@ -166,3 +166,12 @@ def read_table(path: str | Path, schema: pa.Schema) -> pa.Table:
 def read_rows(path: str | Path, schema: pa.Schema) -> list[dict]:
     """Read an artifact as a list of row dicts (see `read_table`)."""
     return read_table(path, schema).to_pylist()
+
+
+def require_rows(rows: list[dict], path: str | Path) -> list[dict]:
+    """`rows` if there is at least one; a stage cannot do anything with an empty input."""
+    if not rows:
+        raise DataError(
+            f"{path}: has no rows; check the report of the stage that writes it (reports/*.json) and re-run it"
+        )
+    return rows

@@ -217,7 +217,7 @@ CASES = [Case(question="q", reference="ref", response=r) for r in ("r1", "r2", "
 def test_consensus_at_once(prompts):
     a = ScriptedJudge("A", fixed({"r1": 7, "r2": 2, "r3": 10}))
     b = ScriptedJudge("B", lambda response, previous, retry: answer(previous), role="b")  # always agrees
-    outcomes = run_consensus(CASES, [a, b], prompts, rounds=5)
+    outcomes = run_consensus(CASES, [a, b], prompts, rounds=5, retries=2)
     assert [o.score for o in outcomes] == [7.0, 2.0, 10.0]
     assert all(o.agreed and o.rounds == 1 and len(o.turns) == 2 for o in outcomes)
     turns = json.loads(outcomes[0].transcript())
@@ -230,7 +230,7 @@ def test_late_consensus(prompts):
     # A scores 8 fresh; B says 4; A, shown 4, comes round to 4: every judge's latest word is 4.
     a = ScriptedJudge("A", lambda response, previous, retry: answer(8 if previous is None else previous))
     b = ScriptedJudge("B", lambda response, previous, retry: answer(4), role="b")
-    [outcome] = run_consensus(CASES[:1], [a, b], prompts, rounds=5)
+    [outcome] = run_consensus(CASES[:1], [a, b], prompts, rounds=5, retries=2)
     assert outcome.agreed and outcome.score == 4.0 and outcome.rounds == 2
     assert [t.score for t in outcome.turns] == [8, 4, 4]
     assert [t.judge for t in outcome.turns] == ["A", "B", "A"]
@@ -239,7 +239,7 @@ def test_late_consensus(prompts):
 def test_no_consensus_gives_the_mean_of_the_history(prompts):
     a = ScriptedJudge("A", lambda response, previous, retry: answer(2))
     b = ScriptedJudge("B", lambda response, previous, retry: answer(7), role="b")
-    [outcome] = run_consensus(CASES[:1], [a, b], prompts, rounds=3)
+    [outcome] = run_consensus(CASES[:1], [a, b], prompts, rounds=3, retries=2)
     assert not outcome.agreed and outcome.rounds == 3
     assert outcome.history == [2, 7, 2, 7, 2, 7]
     assert outcome.score == pytest.approx(4.5)
@@ -248,7 +248,7 @@ def test_no_consensus_gives_the_mean_of_the_history(prompts):
 def test_three_judges_need_three_agreeing_turns(prompts):
     scores = iter([5, 6, 6, 6])
     judges = [ScriptedJudge(n, lambda response, previous, retry: answer(next(scores))) for n in "ABC"]
-    [outcome] = run_consensus(CASES[:1], judges, prompts, rounds=5)
+    [outcome] = run_consensus(CASES[:1], judges, prompts, rounds=5, retries=2)
     assert outcome.agreed and outcome.score == 6.0 and outcome.rounds == 2  # turns A B C | A
     assert [t.judge for t in outcome.turns] == ["A", "B", "C", "A"]
 
@@ -453,7 +453,7 @@ with ResponseCache(sys.argv[2]) as cache:
     judges = [CachedJudge(HFJudgeConfig(name=n, role=n.lower(), backend="hf", model="scripted", prefill=False,
                                         batch_size=8, max_new_tokens=48, temperature=0.0), backend, cache, "v")
               for n in "AB"]
-    run_consensus([Case("q", "ref", f"resp{i}") for i in range(10)], judges, prompts)
+    run_consensus([Case("q", "ref", f"resp{i}") for i in range(10)], judges, prompts, rounds=5, retries=2)
 """
 
 

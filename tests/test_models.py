@@ -58,7 +58,7 @@ def test_saved_config_names_the_folder_it_was_loaded_from_not_a_machine_path(tin
 
     tiny_vlm.save(tmp_path / "sft")
     loaded = load_vlm(tmp_path / "sft", device="cpu", dtype=torch.float32)
-    assert loaded.model.model.language_model.name_or_path == str(tmp_path / "sft")
+    assert loaded.language_model.name_or_path == str(tmp_path / "sft")
     loaded.save(tmp_path / "again")
     saved = json.loads((tmp_path / "again" / "config.json").read_text())
     assert saved["text_config"]["_name_or_path"] == str(tmp_path / "sft")

@@ -128,8 +128,8 @@ def run_consensus(
     cases: Sequence[Case],
     judges: Sequence[PanelJudge],
     prompts: PromptSet,
-    rounds: int = 5,
-    retries: int = 2,
+    rounds: int,
+    retries: int,
     on_ask: Callable[[int, str, int, int], None] | None = None,
 ) -> list[Outcome]:
     """Run the protocol on every case; one `Outcome` per case, in order.

@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.errors import InputNotFoundError, ParamsError
 from pipeline.judges.judge import JudgeRequest
 
 _CASE_FIELDS = {"question", "reference", "response"}
@@ -20,7 +21,7 @@ _REQUIRED = {  # template: (placeholders it must use, placeholders it may use)
 }
 
 
-class PromptFileError(ValueError):
+class PromptFileError(ParamsError):
     """The prompt file is missing a part or uses an unknown placeholder."""
 
 
@@ -100,8 +101,11 @@ def load_prompts(path: str | Path) -> PromptSet:
     """Read and validate a prompt file (see pipeline/judges/prompts.yaml for the format)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"prompt file {path} not found (score.prompts in params.yaml)")
-    raw = yaml.safe_load(path.read_text())
+        raise InputNotFoundError(f"prompt file {path} not found (score.prompts in params.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+    except yaml.YAMLError as exc:
+        raise PromptFileError(f"{path}: not valid YAML: {exc}".replace("<unicode string>", str(path))) from None
     if not isinstance(raw, dict):
         raise PromptFileError(f"{path}: expected a mapping")
     needed = {"version", "roles", "rubric", "first_turn", "followup_turn", "retry_turn"}

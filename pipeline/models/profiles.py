@@ -34,8 +34,9 @@ from transformers import (
 from pipeline.device import default_device, default_dtype
 from pipeline.errors import InputNotFoundError, ModelLoadError
 from pipeline.models.smollm2 import SMOLLM2_NAME, smollm2_dir
+from pipeline.models.sources import model_load_errors
 from pipeline.models.tiny_tokenizer import build_tiny_tokenizer
-from pipeline.models.vlm import DEFAULT_SYSTEM_PROMPT, IMAGE_TOKEN, VLM, PromptSettings
+from pipeline.models.vlm import IMAGE_TOKEN, VLM, PromptSettings
 
 PROFILES = ("tiny", "demo")
 
@@ -101,8 +102,7 @@ def build_tiny(texts: Iterable[str], seed: int = 0, vision: dict[str, Any] | Non
     return VLM(model.eval(), tokenizer, _image_processor(vision_config.image_size), settings)
 
 
-def build_demo(seed: int = 0, vision: dict[str, Any] | None = None,
-               system_prompt: str | None = DEFAULT_SYSTEM_PROMPT) -> VLM:
+def build_demo(seed: int, vision: dict[str, Any] | None, system_prompt: str | None) -> VLM:
     """SmolLM2-135M-Instruct + a fresh vision tower + a fresh projector (to be trained by `sft`)."""
     torch.manual_seed(seed)
     lm_dir = smollm2_dir()
@@ -123,7 +123,7 @@ def build_demo(seed: int = 0, vision: dict[str, Any] | None = None,
         projector_hidden_act="gelu",
     )
     model = LlavaForConditionalGeneration(config)
-    model.model.language_model.load_state_dict(language_model.model.state_dict())
+    model.get_decoder().load_state_dict(language_model.get_decoder().state_dict())
     model.lm_head.load_state_dict(language_model.lm_head.state_dict())
     # One new row for the image placeholder; it is never looked up (see VLM.embed).
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
@@ -194,7 +194,7 @@ def load_vlm(source: str | Path, device: torch.device | str | None = None,
     model.config.get_text_config()._name_or_path = source
     model.get_decoder().name_or_path = source
     if not hasattr(model.config, "image_token_id") and not hasattr(model.config, "image_token_index"):
-        raise ValueError(f"{source}: {type(model).__name__} is not a LLaVA-family model (no image token)")
+        raise ModelLoadError(f"{source}: {type(model).__name__} is not a LLaVA-family model (no image token)")
     with _load_errors(source, local):
         tokenizer = AutoTokenizer.from_pretrained(source)
         image_processor = AutoImageProcessor.from_pretrained(source)
@@ -215,17 +215,10 @@ def load_vlm(source: str | Path, device: torch.device | str | None = None,
 def _load_errors(source: str, local: bool) -> Iterator[None]:
     """Turn a failure to load from a local folder (a missing or broken file) into a `ModelLoadError`.
 
-    Hub loading errors (unknown repository, no network) pass through: they already name the id.
+    Hub loading errors (unknown repository, no network) become one too, naming the id.
     """
-    try:
+    with model_load_errors(source, _RECREATE):
         yield
-    except (OSError, ValueError, SafetensorError) as e:
-        if not local or isinstance(e, ModelLoadError):
-            raise
-        raise ModelLoadError(
-            f"{source}: cannot load the model ({type(e).__name__}: {e}); the folder is incomplete or "
-            f"corrupt: {_RECREATE}"
-        ) from e
 
 
 # Profiles built here from configs, with a vision tower trained from scratch by `sft` phase 1.

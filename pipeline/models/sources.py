@@ -9,10 +9,13 @@ as changed. A hub id is passed through: DVC sees only the id, so pin what you ca
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.errors import InputNotFoundError, ParamsError
+from safetensors import SafetensorError
+
+from pipeline.errors import InputNotFoundError, ModelLoadError, ParamsError, PipelineError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -44,3 +47,27 @@ def check_model_source(value: str, key: str, root: str | Path, packaged: Iterabl
         f"`{key}`: {value!r} is not a local folder, not a hub id (org/name)"
         + (f" and not one of the packaged models ({names})" if names else "")
     )
+
+
+@contextmanager
+def model_load_errors(source: str, fix: str) -> Iterator[None]:
+    """Turn a failure to load `source` into a `ModelLoadError` that names it and says what to do.
+
+    A local folder that fails is incomplete or corrupt (`fix` says how to re-create it); a hub id
+    that fails is mistyped, gated, or the hub cannot be reached (no network, HF_HUB_OFFLINE).
+    """
+    try:
+        yield
+    except (OSError, ValueError, SafetensorError) as e:
+        if isinstance(e, PipelineError):
+            raise
+        if Path(source).exists():
+            raise ModelLoadError(
+                f"{source}: cannot load the model ({type(e).__name__}: {e}); the folder is incomplete or "
+                f"corrupt: {fix}"
+            ) from e
+        raise ModelLoadError(
+            f"{source}: cannot load it from the Hugging Face hub ({type(e).__name__}: {str(e)[:300]}); check the "
+            "id and the network (offline, HF_HUB_OFFLINE=1 allows only cached models), or put the model in a "
+            "local folder"
+        ) from e

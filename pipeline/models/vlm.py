@@ -19,16 +19,15 @@ from transformers import PreTrainedModel
 
 IMAGE_TOKEN = "<image>"
 SETTINGS_FILE = "medalign.json"
-DEFAULT_SYSTEM_PROMPT = "Answer in one word."
 
 
 @dataclass
 class PromptSettings:
     """How questions are put to the model; saved beside the weights as `medalign.json`."""
 
-    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
-    num_image_tokens: int = 16
-    profile: str = "custom"
+    system_prompt: str | None
+    num_image_tokens: int
+    profile: str
 
     def save(self, folder: str | Path) -> None:
         Path(folder, SETTINGS_FILE).write_text(json.dumps(self.__dict__, indent=2) + "\n")

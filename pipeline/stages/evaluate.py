@@ -25,11 +25,19 @@ def main(
     plots: Path = output_option("folder of the log-prob gap histograms, one CSV per modality", "--plots"),
     metrics: Path = metrics_option(),
 ) -> None:
+    from pipeline.errors import ModelLoadError
     from pipeline.evaluation import EvaluateConfig, evaluate_models
     from pipeline.models.profiles import load_vlm
     from pipeline.params import load_config
     from pipeline.reporting import write_json
-    from pipeline.schema import PREDICTION_SCHEMA, SCORED_SCHEMA, VQA_SCHEMA, read_rows, write_rows
+    from pipeline.schema import (
+        PREDICTION_SCHEMA,
+        SCORED_SCHEMA,
+        VQA_SCHEMA,
+        read_rows,
+        require_rows,
+        write_rows,
+    )
 
     config = load_config(EvaluateConfig, params, "evaluate")
     models = []
@@ -38,9 +46,10 @@ def main(
         if not name or not folder:
             raise typer.BadParameter(f"--model takes NAME=FOLDER, got {spec!r}")
         if not Path(folder, "config.json").is_file():
-            raise typer.BadParameter(f"--model {spec}: {folder} is not a model folder (no config.json)")
+            raise ModelLoadError(f"--model {spec}: {folder} is not a model folder (no config.json); "
+                                 "run the stage that writes it (`dvc repro`)")
         models.append((name, folder))
-    rows = read_rows(input, VQA_SCHEMA)
+    rows = require_rows(read_rows(input, VQA_SCHEMA), input)
     pref_rows = read_rows(preferences, SCORED_SCHEMA)
 
     def progress(name: str, results: dict) -> None:

@@ -11,7 +11,7 @@ from pipeline.models.sources import check_model_source
 from pipeline.params import load_config
 from pipeline.reporting import write_json
 from pipeline.rerank import PACKAGED_ALIASES, RerankConfig, load_embedder, rerank
-from pipeline.schema import CANDIDATES_SCHEMA, RANKED_SCHEMA, read_rows, write_rows
+from pipeline.schema import CANDIDATES_SCHEMA, RANKED_SCHEMA, read_rows, require_rows, write_rows
 from pipeline.stages._cli import input_option, metrics_option, output_option, params_option, run, stage_app
 
 app = stage_app(__doc__)
@@ -27,7 +27,7 @@ def main(
 ) -> None:
     config = load_config(RerankConfig, params, "rerank")
     check_model_source(config.model, "rerank.model", model_root, packaged=PACKAGED_ALIASES)
-    rows = read_rows(input, CANDIDATES_SCHEMA)
+    rows = require_rows(read_rows(input, CANDIDATES_SCHEMA), input)
     embedder = load_embedder(config.model)
     ranked, report = rerank(rows, embedder, config, show_progress=True)
     write_json(metrics, report)  # before the check below, so the reason can be read

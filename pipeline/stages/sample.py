@@ -29,11 +29,11 @@ def main(
     from pipeline.models.profiles import load_vlm
     from pipeline.params import load_config
     from pipeline.reporting import write_json
-    from pipeline.schema import CANDIDATES_SCHEMA, POOL_SCHEMA, read_rows, write_table
+    from pipeline.schema import CANDIDATES_SCHEMA, POOL_SCHEMA, read_rows, require_rows, write_table
     from pipeline.self_contrast import SampleConfig, sample_pool, summarize_candidates
 
     config = load_config(SampleConfig, params, "sample")
-    rows = read_rows(input, POOL_SCHEMA)
+    rows = require_rows(read_rows(input, POOL_SCHEMA), input)
     vlm = load_vlm(model)
     done = sample_pool(vlm, rows, config, work_dir, {"pool": file_digest(input), "model": folder_digest(model)})
     write_table(done.table, output, CANDIDATES_SCHEMA)

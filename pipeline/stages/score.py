@@ -30,13 +30,13 @@ def main(
     from pipeline.models.sources import check_model_source
     from pipeline.params import load_config
     from pipeline.reporting import write_json
-    from pipeline.schema import RANKED_SCHEMA, SCORED_SCHEMA, read_rows, write_rows
+    from pipeline.schema import RANKED_SCHEMA, SCORED_SCHEMA, read_rows, require_rows, write_rows
 
     config = load_config(ScoreConfig, params, "score")
     for i, judge in enumerate(config.judges):
         if judge.backend == "hf":
             check_model_source(judge.model, f"score.judges[{i}].model", model_root, packaged=[PACKAGED])
-    rows = read_rows(input, RANKED_SCHEMA)
+    rows = require_rows(read_rows(input, RANKED_SCHEMA), input)
     scored, report = score_panel(config, rows, cache, progress=progress)
     write_rows(scored, output, SCORED_SCHEMA)
     write_json(metrics, report)

@@ -34,11 +34,11 @@ def main(
     from pipeline.models.profiles import load_vlm
     from pipeline.params import load_config
     from pipeline.reporting import write_json
-    from pipeline.schema import SCORED_SCHEMA, read_rows
+    from pipeline.schema import SCORED_SCHEMA, read_rows, require_rows
     from pipeline.training.preference import PreferenceConfig, PreferenceTrainer
 
     cfg = load_config(PreferenceConfig, params, "train")
-    rows = read_rows(input, SCORED_SCHEMA)
+    rows = require_rows(read_rows(input, SCORED_SCHEMA), input)
     # Under `accelerate launch` each process loads the model onto its own device. The process
     # state is a singleton, so read the launcher's CPU flag here as the Accelerator would.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))

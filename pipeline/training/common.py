@@ -34,9 +34,21 @@ def merge_lora(vlm: VLM, peft_lm) -> None:
     vlm.language_model = peft_lm.merge_and_unload()
 
 
-def warmup_cosine(optimizer: Optimizer, warmup_steps: int, total_steps: int) -> LambdaLR:
-    """Linear warm-up from 0, then cosine decay to 0 at `total_steps` (transformers' schedule)."""
+def warmup_cosine(optimizer: Optimizer, warmup_steps: int, total_steps: int,
+                  warmup_from_first_step: bool = False) -> LambdaLR:
+    """transformers' schedule: linear warm-up, then cosine decay to 0 at `total_steps`.
+
+    transformers' warm-up gives the first step a learning rate of 0. With
+    `warmup_from_first_step` the warm-up counts the first step as step 1 (rates 1/w, 2/w, ...,
+    1), the same curve shifted by one step during warm-up only; SFT has trained that way since
+    its first version, and keeping it keeps the embedded default's checkpoints (and every number
+    measured on them) as they are.
+    """
     from transformers import get_cosine_schedule_with_warmup
 
-    return get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+    schedule = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+    if not warmup_from_first_step:
+        return schedule
+    curve = schedule.lr_lambdas[0]
+    return LambdaLR(optimizer, lambda step: curve(step + 1) if step < warmup_steps else curve(step))
 

@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from pipeline.device import use_bf16
+from pipeline.errors import DataError
 from pipeline.grouped_scoring import collate_groups, group_logprobs
 from pipeline.losses import LossOutput, dpo_loss, mlpo_loss, with_nll
 from pipeline.models.vlm import VLM
@@ -125,13 +126,13 @@ def build_entries(vlm: VLM, rows: list[dict], cfg: PreferenceConfig) -> list[Pre
         rid = row.get("id", "?")
         rejected = list(row.get("rejected") or [])
         if not rejected:
-            raise ValueError(f"train: entry {rid} has no dispreferred answer (rerank should have dropped it)")
+            raise DataError(f"train: entry {rid} has no dispreferred answer (rerank should have dropped it)")
         if cap is not None:
             rejected = rejected[:cap]
         if cfg.weighted:
             judgements = list(row.get("judgements") or [])
             if len(judgements) < len(rejected):
-                raise ValueError(
+                raise DataError(
                     f"train: entry {rid} has {len(row['rejected'])} dispreferred answers but "
                     f"{len(judgements)} judgements; weighted training needs one weight per answer"
                 )
@@ -139,7 +140,7 @@ def build_entries(vlm: VLM, rows: list[dict], cfg: PreferenceConfig) -> list[Pre
             for j in range(len(rejected)):
                 w = judgements[j].get("weight")
                 if w is None or not math.isfinite(float(w)):
-                    raise ValueError(
+                    raise DataError(
                         f"train: entry {rid}, dispreferred {j} has no judge weight ({w!r}); rerun `score`, "
                         "or train with weighted: false"
                     )
@@ -157,7 +158,7 @@ def build_entries(vlm: VLM, rows: list[dict], cfg: PreferenceConfig) -> list[Pre
             )
         )
     if not entries:
-        raise ValueError("train: no preference entries")
+        raise DataError("train: the scored input has no preference entries; check the rerank and score reports (reports/rerank.json, reports/score.json)")
     return entries
 
 
@@ -284,7 +285,7 @@ class PreferenceTrainer:
         most = max(len(e.rejected) for e in self.entries)
         self.n_rejected = most if cap is None else min(cap, most)
         if cfg.loss == "mlpo" and cfg.implicit and not cfg.explicit and self.n_rejected < 2:
-            raise ValueError("train: implicit-only MLPO needs entries with at least two dispreferred answers")
+            raise DataError("train: implicit-only MLPO needs entries with at least two dispreferred answers")
         self.peft_lm = apply_lora(vlm, cfg)
         vlm.model.to(self.accelerator.device)
         self.scorer = GroupedScorer(vlm, share_prompt=cfg.share_prompt)

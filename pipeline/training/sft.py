@@ -31,7 +31,7 @@ from pipeline.errors import DataError
 from pipeline.metrics import normalize_answer
 from pipeline.models.vlm import VLM
 from pipeline.params import Config
-from pipeline.training.common import merge_lora, wrap_lora
+from pipeline.training.common import merge_lora, warmup_cosine, wrap_lora
 
 LogFn = Callable[[str, dict[str, float]], None]
 
@@ -81,16 +81,6 @@ class SFTConfig(Config):
         return value
 
 
-def _legacy_warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 class VisionProbe(nn.Module):
     """Answer classifier over all patch features (flattened, so where a finding is stays known)
     and the question embedding. Attention pooling to one vector was tried first: it loses
@@ -131,7 +121,8 @@ def pretrain_vision(vlm: VLM, rows: list[dict], cfg: SFTConfig, log: LogFn | Non
     order = list(range(len(rows)))
     steps_per_epoch = math.ceil(len(rows) / cfg.vision_batch_size)
     total = steps_per_epoch * cfg.vision_epochs
-    scheduler = _legacy_warmup_cosine(optimizer, max(1, int(cfg.vision_warmup_fraction * total)), total)
+    warmup = max(1, int(cfg.vision_warmup_fraction * total))
+    scheduler = warmup_cosine(optimizer, warmup, total, warmup_from_first_step=True)
     # The question embeddings and pixels do not change across epochs: compute them once.
     with torch.no_grad():
         question_vecs = []
@@ -212,7 +203,7 @@ def train_llava(vlm: VLM, rows: list[dict], cfg: SFTConfig, log: LogFn | None = 
     steps_per_epoch = math.ceil(len(rows) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     warmup = max(1, int(cfg.warmup_fraction * total))
-    scheduler = _legacy_warmup_cosine(optimizer, warmup, total)
+    scheduler = warmup_cosine(optimizer, warmup, total, warmup_from_first_step=True)
     vlm.model.train()
     bar = tqdm(total=total, desc="sft: LLaVA fine-tuning", unit="step")
     losses: list[float] = []

@@ -24,9 +24,11 @@ from typing import Any
 import torch
 
 from pipeline.device import default_device, default_dtype
+from pipeline.errors import ModelLoadError
 from pipeline.fingerprint import code_version, folder_digest
 from pipeline.judges.judge import JudgeRequest
 from pipeline.judges.panel import Generation
+from pipeline.models.sources import model_load_errors
 
 STOP = "}"
 MIN_SHARED = 8  # shorter common prefixes are not worth a separate forward
@@ -55,14 +57,17 @@ def load_model(name: str, device: torch.device | None = None) -> LoadedModel:
         source: str = str(smollm2_dir())
     else:
         source = name
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    fix = "re-copy or re-download the judge model"
+    with model_load_errors(source, fix):
+        tokenizer = AutoTokenizer.from_pretrained(source)
     if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError(f"judge model {name!r} has no chat template: use an instruction-tuned (chat) model")
+        raise ModelLoadError(f"judge model {name!r} has no chat template: use an instruction-tuned (chat) model")
     tokenizer.padding_side = "left"  # generation appends on the right: pads must be on the left
     if tokenizer.pad_token is None:
         # Pads are masked out by the attention mask, so any token will do; EOS is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device).eval()
+    with model_load_errors(source, fix):
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device).eval()
     weights = folder_digest(source) if Path(source).is_dir() else source
     return LoadedModel(name=name, model=model, tokenizer=tokenizer, device=device, dtype=dtype, weights=weights)
 
@@ -70,7 +75,7 @@ def load_model(name: str, device: torch.device | None = None) -> LoadedModel:
 class HFBackend:
     """Batched generation with one loaded model (judges sharing a model share the `LoadedModel`)."""
 
-    def __init__(self, loaded: LoadedModel, batch_size: int = 16, prefix_cache: bool = True) -> None:
+    def __init__(self, loaded: LoadedModel, batch_size: int, prefix_cache: bool = True) -> None:
         self.loaded = loaded
         self.batch_size = batch_size
         self.prefix_cache = prefix_cache
