@@ -118,7 +118,7 @@ class Runner:
         with self.autocast:
             policy = GroupedScorer(self.vlm, share_prompt=share_prompt)(batch)
         ref = reference[batch["entry"]]
-        out = mlpo_loss(policy[:, 0], policy[:, 1:], ref[:, 0], ref[:, 1:], rejected_mask=batch["slots"][:, 1:] >= 0)
+        out = mlpo_loss(policy[:, 0], policy[:, 1:], ref[:, 0], ref[:, 1:], rejected_mask=batch["slots"][:, 1:] >= 0, gamma=0.1, explicit=True, implicit=True)
         out.loss.backward()
         return float(out.loss.detach())
 
@@ -134,7 +134,7 @@ class Runner:
         ref = reference[tuple(indices)]
         half = logps.shape[0] // 2
         pairs_per_entry = half // len(indices)
-        out = dpo_loss(logps[:half], logps[half:], ref[:half], ref[half:])
+        out = dpo_loss(logps[:half], logps[half:], ref[:half], ref[half:], gamma=0.1)
         # dpo_loss averages over pairs; MLPO sums the terms of an entry, then averages entries.
         (out.loss * pairs_per_entry).backward()
         return float(out.loss.detach()) * pairs_per_entry
@@ -149,7 +149,7 @@ class Runner:
             for ix in {tuple(b) for b in schedule}:
                 batch = {k: v.to(self.device) for k, v in self.collator(list(ix)).items()}
                 with self.autocast:
-                    reference[batch["entry"]] = GroupedScorer(self.vlm)(batch).float()
+                    reference[batch["entry"]] = GroupedScorer(self.vlm, share_prompt=True)(batch).float()
             return reference
 
     def measure(self, methods: list[str], warmup: int, steps: int) -> dict[str, dict]:

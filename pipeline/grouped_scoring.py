@@ -97,7 +97,7 @@ def embed_with_features(vlm: VLM, input_ids: Tensor, features: Tensor) -> Tensor
     return embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))
 
 
-def group_logprobs(vlm: VLM, batch: dict[str, Tensor], share_prompt: bool = True) -> Tensor:
+def group_logprobs(vlm: VLM, batch: dict[str, Tensor], share_prompt: bool) -> Tensor:
     """Summed log-probs of every answer of a `collate_groups` batch (on the model's device), as
     an (E, width) table aligned with `slots` (0 where a slot is empty).
 

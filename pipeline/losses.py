@@ -112,9 +112,10 @@ def mlpo_loss(
     policy_rejected: Tensor,
     ref_chosen: Tensor,
     ref_rejected: Tensor,
-    gamma: float = 0.1,
-    explicit: bool = True,
-    implicit: bool = True,
+    *,
+    gamma: float,
+    explicit: bool,
+    implicit: bool,
     weights: Tensor | None = None,
     rejected_mask: Tensor | None = None,
 ) -> LossOutput:
@@ -242,7 +243,8 @@ def dpo_loss(
     policy_rejected: Tensor,
     ref_chosen: Tensor,
     ref_rejected: Tensor,
-    gamma: float = 0.1,
+    *,
+    gamma: float,
     weights: Tensor | None = None,
 ) -> LossOutput:
     """DPO (HSCR eq. 2), or weighted DPO (MMedPO eq. 3) when `weights` is given.

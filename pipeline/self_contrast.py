@@ -258,7 +258,8 @@ def score_candidates(vlm: VLM, images: list, questions: list[str], candidates: l
         answers[group_of[b]].append(ids)
     batch = collate_groups(vlm, [images[b] for b in entries], [vlm.prompt_ids(questions[b]) for b in entries],
                            answers)
-    table = group_logprobs(vlm, {k: v.to(vlm.device) for k, v in batch.items()}).tolist()
+    # Candidates always share their entry's prompt cache here (sampling has no switch for it).
+    table = group_logprobs(vlm, {k: v.to(vlm.device) for k, v in batch.items()}, share_prompt=True).tolist()
     return [table[g][k] for g, k in where]
 
 

@@ -50,7 +50,7 @@ def test_data_errors_are_pipeline_errors_and_still_value_errors() -> None:
 def test_missing_input_file_is_input_not_found_naming_the_path(tmp_path: Path, images: Path) -> None:
     missing = tmp_path / "raw" / "train.json"
     with pytest.raises(InputNotFoundError) as err:
-        ingest(missing, None, images, "train", "x")
+        ingest(missing, None, images, "train", "x", skip_bad=False)
     assert isinstance(err.value, FileNotFoundError)
     assert str(err.value) == (
         f"{missing}: file not found; check the path (prepare.files in params.yaml) and that the "
@@ -105,11 +105,11 @@ def test_read_table_schema_mismatch_says_what_to_do(tmp_path: Path) -> None:
 def test_json_and_jsonl_with_a_utf8_bom_are_read(tmp_path: Path, images: Path) -> None:
     src_json = tmp_path / "bom.json"
     src_json.write_bytes(BOM + json.dumps([item(0), item(1)]).encode())
-    assert [r["id"] for r in ingest(src_json, None, images, "train", "x").rows] == ["q0", "q1"]
+    assert [r["id"] for r in ingest(src_json, None, images, "train", "x", skip_bad=False).rows] == ["q0", "q1"]
 
     src_jsonl = tmp_path / "bom.jsonl"
     src_jsonl.write_bytes(BOM + jsonl([item(0), item(1)]).encode())
-    result = ingest(src_jsonl, None, images, "train", "x")
+    result = ingest(src_jsonl, None, images, "train", "x", skip_bad=False)
     assert [r["id"] for r in result.rows] == ["q0", "q1"] and result.skipped == []
 
 
@@ -162,14 +162,14 @@ def test_empty_json_list_and_parquet_without_rows_say_they_have_no_rows(tmp_path
     zero = tmp_path / "zero.parquet"
     zero.write_bytes(b"")
     with pytest.raises(IngestError) as err:
-        ingest(zero, None, images, "train", "x")
+        ingest(zero, None, images, "train", "x", skip_bad=False)
     assert str(err.value) == f"{zero}: the file is empty (0 bytes); {PARQUET_EXPECTED}"
 
     no_rows = tmp_path / "no_rows.parquet"
     pq.write_table(pa.table({"image": pa.array([], pa.string()), "question": pa.array([], pa.string()),
                              "answer": pa.array([], pa.string())}), no_rows)
     with pytest.raises(IngestError) as err:
-        ingest(no_rows, None, images, "train", "x")
+        ingest(no_rows, None, images, "train", "x", skip_bad=False)
     assert str(err.value) == f"{no_rows}: the file has no rows; {PARQUET_EXPECTED}"
 
 
@@ -184,7 +184,7 @@ def test_truncated_jsonl_line_names_file_line_and_column(tmp_path: Path, images:
     # line 1, a blank line 2 (still counted), line 3, the cut-off line 4
     src.write_text(json.dumps(item(0)) + "\n\n" + json.dumps(item(1)) + "\n" + truncated)
     with pytest.raises(IngestError) as err:
-        ingest(src, None, images, "train", "x")
+        ingest(src, None, images, "train", "x", skip_bad=False)
     msg = str(err.value)
     assert msg.startswith(f"{src}: 1 of 3 rows are bad; fix them, or set skip_bad: true")
     assert "  invalid row: 1 rows, e.g. line 4, column 27: invalid JSON (Unterminated string starting at)" in msg
@@ -227,7 +227,7 @@ def test_malformed_json_file_names_line_and_column(tmp_path: Path, images: Path)
     cut = tmp_path / "cut.json"
     cut.write_text(json.dumps([item(0), item(1)], indent=1)[:40])
     with pytest.raises(IngestError, match=r"cut.json: line \d+, column \d+: invalid JSON \(.*is it truncated"):
-        ingest(cut, None, images, "train", "x")
+        ingest(cut, None, images, "train", "x", skip_bad=False)
 
 
 # ---------------------------------------------------------------------------------------------

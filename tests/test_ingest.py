@@ -329,7 +329,7 @@ def test_json_vqa_rad_and_slake_fields(tmp_path: Path, images: Path) -> None:
         },
     ]
     src = write_json(tmp_path / "train.json", items)
-    result = ingest(src, None, images, "train", "vqa-rad")
+    result = ingest(src, None, images, "train", "vqa-rad", skip_bad=False)
     assert result.skipped == []
     rows = round_trip(result, tmp_path)
     assert [r["id"] for r in rows] == ["1", "2", "3", "4"]
@@ -370,7 +370,7 @@ def test_jsonl_flat_and_conversation_format(tmp_path: Path, images: Path) -> Non
     ]
     src = tmp_path / "test.jsonl"
     src.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
-    rows = round_trip(ingest(src, None, images, "test", "pathvqa"), tmp_path)
+    rows = round_trip(ingest(src, None, images, "test", "pathvqa", skip_bad=False), tmp_path)
     assert [r["id"] for r in rows] == ["a", "b"]
     assert rows[0]["question"] == "What stain is used?" and rows[0]["answer"] == "H&E"
     assert rows[1]["question"] == "Is the heart enlarged?" and rows[1]["answer"] == "Yes"
@@ -381,16 +381,16 @@ def test_explicit_format_overrides_suffix(tmp_path: Path, images: Path) -> None:
     src = tmp_path / "data.txt"
     src.write_text(json.dumps({"id": 1, "image": "synpic1.png", "question": "q?", "answer": "a"}) + "\n")
     with pytest.raises(IngestError, match="data.txt.*suffix"):
-        ingest(src, None, images, "train", "x")
-    assert len(ingest(src, "jsonl", images, "train", "x").rows) == 1
+        ingest(src, None, images, "train", "x", skip_bad=False)
+    assert len(ingest(src, "jsonl", images, "train", "x", skip_bad=False).rows) == 1
     with pytest.raises(IngestError, match="unknown format 'csv'"):
-        ingest(src, "csv", images, "train", "x")
+        ingest(src, "csv", images, "train", "x", skip_bad=False)
 
 
 def test_image_root_defaults_to_source_directory(tmp_path: Path) -> None:
     write_png(tmp_path / "img.png")
     src = write_json(tmp_path / "d.json", [{"id": 1, "image": "img.png", "question": "q?", "answer": "a"}])
-    assert len(ingest(src, None, None, "train", "x").rows) == 1
+    assert len(ingest(src, None, None, "train", "x", skip_bad=False).rows) == 1
 
 
 def test_parquet_struct_images_infers_answer_type_and_ids(tmp_path: Path) -> None:
@@ -411,7 +411,7 @@ def test_parquet_struct_images_infers_answer_type_and_ids(tmp_path: Path) -> Non
     )
     src = tmp_path / "train-00000.parquet"
     pq.write_table(table, src)
-    rows = round_trip(ingest(src, None, None, "train", "vqa-rad"), tmp_path)
+    rows = round_trip(ingest(src, None, None, "train", "vqa-rad", skip_bad=False), tmp_path)
     assert [r["id"] for r in rows] == ["train-000000", "train-000001", "train-000002"]
     assert [r["answer_type"] for r in rows] == ["closed", "open", "closed"]
     assert np.asarray(decode_image(rows[1]["image"]))[0, 0].tolist() == [20, 20, 20]
@@ -430,7 +430,7 @@ def test_parquet_binary_images_with_ids_and_types(tmp_path: Path) -> None:
     )
     src = tmp_path / "test.parquet"
     pq.write_table(table, src)
-    rows = round_trip(ingest(src, None, None, "test", "slake"), tmp_path)
+    rows = round_trip(ingest(src, None, None, "test", "slake", skip_bad=False), tmp_path)
     assert [r["id"] for r in rows] == ["p1", "p2"]
     assert [r["answer_type"] for r in rows] == ["open", "closed"]
     assert [r["modality"] for r in rows] == ["MRI", "CT"]
@@ -445,7 +445,7 @@ def test_parquet_image_paths_resolve_against_image_root(tmp_path: Path, images: 
     table = pa.table({"image": ["synpic1.png"], "question": ["q?"], "answer": ["a"]})
     src = tmp_path / "paths.parquet"
     pq.write_table(table, src)
-    assert len(ingest(src, None, images, "train", "x").rows) == 1
+    assert len(ingest(src, None, images, "train", "x", skip_bad=False).rows) == 1
 
 
 def test_infer_answer_type() -> None:
@@ -485,7 +485,7 @@ def test_bad_row_is_an_error_naming_file_and_row(tmp_path: Path, images: Path, k
     items = [good(0), {**good(1), "qid": "bad1", **change}, good(2)]
     src = write_json(tmp_path / "train.json", items)
     with pytest.raises(IngestError) as err:
-        ingest(src, None, images, "train", "vqa-rad")
+        ingest(src, None, images, "train", "vqa-rad", skip_bad=False)
     msg = str(err.value)
     assert str(src) in msg and "1 of 3 rows are bad" in msg
     assert f"{kind}: 1 rows" in msg and "bad1 (index 1)" in msg and detail in msg
@@ -503,7 +503,7 @@ def test_many_bad_rows_list_the_first_few_and_the_count(tmp_path: Path, images: 
     items = [good(i) for i in range(3)] + [{**good(i), "answer": " "} for i in range(3, 10)]
     src = write_json(tmp_path / "train.json", items)
     with pytest.raises(IngestError) as err:
-        ingest(src, None, images, "train", "x")
+        ingest(src, None, images, "train", "x", skip_bad=False)
     msg = str(err.value)
     assert "7 of 10 rows are bad" in msg and "empty answer: 7 rows" in msg
     assert all(f"q{i} (index {i})" in msg for i in range(3, 8)) and "q8" not in msg
@@ -515,7 +515,7 @@ def test_many_bad_rows_list_the_first_few_and_the_count(tmp_path: Path, images: 
 def test_several_problems_in_one_row_are_all_reported(tmp_path: Path, images: Path) -> None:
     src = write_json(tmp_path / "t.json", [good(0), {**good(1), "image_name": "absent.png", "answer": None}])
     with pytest.raises(IngestError) as err:
-        ingest(src, None, images, "train", "x")
+        ingest(src, None, images, "train", "x", skip_bad=False)
     assert "missing image: 1 rows" in str(err.value) and "empty answer: 1 rows" in str(err.value)
 
 
@@ -537,7 +537,7 @@ def test_no_rows_is_an_error(tmp_path: Path, images: Path) -> None:
     blank = tmp_path / "blank.jsonl"
     blank.write_text("\n")
     with pytest.raises(IngestError, match=r"blank.jsonl: the file is empty; expected one JSON question object"):
-        ingest(blank, None, images, "train", "x")
+        ingest(blank, None, images, "train", "x", skip_bad=False)
     pq.write_table(
         pa.table(
             {
@@ -549,7 +549,7 @@ def test_no_rows_is_an_error(tmp_path: Path, images: Path) -> None:
         tmp_path / "empty.parquet",
     )
     with pytest.raises(IngestError, match=r"empty.parquet: the file has no rows; expected a Parquet table"):
-        ingest(tmp_path / "empty.parquet", None, images, "train", "x")
+        ingest(tmp_path / "empty.parquet", None, images, "train", "x", skip_bad=False)
 
 
 def test_everything_skipped_is_an_error(tmp_path: Path, images: Path) -> None:
@@ -580,7 +580,7 @@ def test_malformed_rows_and_files(tmp_path: Path, images: Path) -> None:
         )
     )
     with pytest.raises(IngestError) as err:
-        ingest(src, None, images, "train", "x")
+        ingest(src, None, images, "train", "x", skip_bad=False)
     msg = str(err.value)
     assert "4 of 5 rows are bad" in msg
     assert "missing id: 1 rows, e.g. line 2" in msg and "missing answer type: 1 rows, e.g. line 2" in msg
@@ -590,19 +590,19 @@ def test_malformed_rows_and_files(tmp_path: Path, images: Path) -> None:
 
     with pytest.raises(IngestError, match=r"no row has an answer field"):
         ingest(
-            write_json(tmp_path / "noans.json", [{"image": "x.png", "question": "q"}]), None, images, "t", "x"
+            write_json(tmp_path / "noans.json", [{"image": "x.png", "question": "q"}]), None, images, "t", "x", skip_bad=False
         )
     with pytest.raises(IngestError, match=r"obj.json: expected a JSON list.*got a dict"):
-        ingest(write_json(tmp_path / "obj.json", {"data": []}), None, images, "t", "x")  # type: ignore[arg-type]
+        ingest(write_json(tmp_path / "obj.json", {"data": []}), None, images, "t", "x", skip_bad=False)  # type: ignore[arg-type]
     jsonl_named_json = tmp_path / "lines.json"
     jsonl_named_json.write_text(json.dumps(good(0)) + "\n" + json.dumps(good(1)) + "\n")
     with pytest.raises(IngestError, match=r"lines.json: line 2, column 1: invalid JSON \(Extra data\).*format: jsonl"):
-        ingest(jsonl_named_json, None, images, "t", "x")
+        ingest(jsonl_named_json, None, images, "t", "x", skip_bad=False)
     with pytest.raises(InputNotFoundError, match=r"missing.json: file not found; check the path"):
-        ingest(tmp_path / "missing.json", None, images, "t", "x")
+        ingest(tmp_path / "missing.json", None, images, "t", "x", skip_bad=False)
     with pytest.raises(InputNotFoundError, match=r"image_root .*nodir is not a directory \(it does not exist\)"):
-        ingest(write_json(tmp_path / "ok.json", [good(0)]), None, tmp_path / "nodir", "t", "x")
+        ingest(write_json(tmp_path / "ok.json", [good(0)]), None, tmp_path / "nodir", "t", "x", skip_bad=False)
     junk = tmp_path / "junk.parquet"
     junk.write_bytes(b"nope")
     with pytest.raises(IngestError, match=r"junk.parquet: not a readable Parquet file"):
-        ingest(junk, None, images, "t", "x")
+        ingest(junk, None, images, "t", "x", skip_bad=False)

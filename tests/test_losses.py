@@ -87,8 +87,8 @@ def test_weighted_dpo_weight_multiplies_log_sigmoid() -> None:
 
 
 def test_dpo_unit_weights_equal_unweighted() -> None:
-    plain = dpo_loss(PC, PR, RC, RR)
-    weighted = dpo_loss(PC, PR, RC, RR, weights=torch.ones(2))
+    plain = dpo_loss(PC, PR, RC, RR, gamma=0.1)
+    weighted = dpo_loss(PC, PR, RC, RR, weights=torch.ones(2), gamma=0.1)
     assert weighted.loss.item() == pytest.approx(plain.loss.item(), abs=1e-7)
 
 
@@ -100,7 +100,7 @@ ZC, ZR = torch.zeros(1), torch.zeros(1, 3)
 
 
 def test_mlpo_hand_computed() -> None:
-    out = mlpo_loss(MC, MR, ZC, ZR, gamma=0.5)
+    out = mlpo_loss(MC, MR, ZC, ZR, gamma=0.5, explicit=True, implicit=True)
     explicit = neg_logsig(1.0 - 0.5) + neg_logsig(1.0 - 0.0) + neg_logsig(1.0 - 0.25)
     # Pairs (0,1), (0,2), (1,2): higher-ranked minus lower-ranked reward.
     implicit = neg_logsig(0.5 - 0.0) + neg_logsig(0.5 - 0.25) + neg_logsig(0.0 - 0.25)
@@ -116,7 +116,7 @@ def test_mlpo_hand_computed() -> None:
 def test_with_nll_adds_the_chosen_per_token_nll() -> None:
     chosen = t([-2.0, -0.5])  # summed log-probs of a 4-token and a 1-token answer
     lengths = t([4.0, 1.0])
-    base = mlpo_loss(chosen, t([[-3.0], [-1.0]]), t([-2.5, -1.0]), t([[-2.0], [-1.5]]), gamma=0.5)
+    base = mlpo_loss(chosen, t([[-3.0], [-1.0]]), t([-2.5, -1.0]), t([[-2.0], [-1.5]]), gamma=0.5, explicit=True, implicit=True)
     out = with_nll(base, chosen, lengths, weight=0.5)
     nll = (2.0 / 4 + 0.5 / 1) / 2
     assert out.nll is not None and out.nll.item() == pytest.approx(nll, abs=1e-6)
@@ -133,7 +133,7 @@ def test_with_nll_adds_the_chosen_per_token_nll() -> None:
 
 def test_mlpo_weighted_hand_computed() -> None:
     w = [1.2, 0.8, 1.0]
-    out = mlpo_loss(MC, MR, ZC, ZR, gamma=0.5, weights=t([w]))
+    out = mlpo_loss(MC, MR, ZC, ZR, gamma=0.5, weights=t([w]), explicit=True, implicit=True)
     explicit = w[0] * neg_logsig(0.5) + w[1] * neg_logsig(1.0) + w[2] * neg_logsig(0.75)
     implicit = (
         (w[0] + w[1]) / 2 * neg_logsig(0.5)
@@ -145,9 +145,9 @@ def test_mlpo_weighted_hand_computed() -> None:
 
 
 def test_mlpo_switches() -> None:
-    both = mlpo_loss(MC, MR, ZC, ZR, gamma=0.5)
-    only_e = mlpo_loss(MC, MR, ZC, ZR, gamma=0.5, implicit=False)
-    only_i = mlpo_loss(MC, MR, ZC, ZR, gamma=0.5, explicit=False)
+    both = mlpo_loss(MC, MR, ZC, ZR, gamma=0.5, explicit=True, implicit=True)
+    only_e = mlpo_loss(MC, MR, ZC, ZR, gamma=0.5, implicit=False, explicit=True)
+    only_i = mlpo_loss(MC, MR, ZC, ZR, gamma=0.5, explicit=False, implicit=True)
     assert only_e.implicit.item() == 0.0 and only_i.explicit.item() == 0.0
     assert only_e.loss.item() == pytest.approx(both.explicit.item(), abs=1e-7)
     assert only_i.loss.item() == pytest.approx(both.implicit.item(), abs=1e-7)
@@ -156,10 +156,9 @@ def test_mlpo_switches() -> None:
 def test_mlpo_mean_over_entries() -> None:
     # Entry 2 is entry 1 with every reward shifted by the same amount: same loss, so the mean
     # over two entries equals the single-entry loss (a sum over entries would double it).
-    one = mlpo_loss(MC, MR, ZC, ZR, gamma=0.5)
+    one = mlpo_loss(MC, MR, ZC, ZR, gamma=0.5, explicit=True, implicit=True)
     two = mlpo_loss(
-        t([2.0, 5.0]), t([[1.0, 0.0, 0.5], [4.0, 3.0, 3.5]]), torch.zeros(2), torch.zeros(2, 3), gamma=0.5
-    )
+        t([2.0, 5.0]), t([[1.0, 0.0, 0.5], [4.0, 3.0, 3.5]]), torch.zeros(2), torch.zeros(2, 3), gamma=0.5, explicit=True, implicit=True)
     assert two.loss.item() == pytest.approx(one.loss.item(), abs=1e-6)
 
 
@@ -167,16 +166,15 @@ def test_mlpo_single_rejected_equals_dpo() -> None:
     dpo = dpo_loss(PC, PR, RC, RR, gamma=0.1, weights=t([1.25, 0.75]))
     for implicit in (False, True):  # with J = 1 there is no implicit pair either way
         mlpo = mlpo_loss(
-            PC, PR[:, None], RC, RR[:, None], gamma=0.1, implicit=implicit, weights=t([[1.25], [0.75]])
-        )
+            PC, PR[:, None], RC, RR[:, None], gamma=0.1, implicit=implicit, weights=t([[1.25], [0.75]]), explicit=True)
         assert mlpo.loss.item() == pytest.approx(dpo.loss.item(), abs=1e-7)
         assert mlpo.reward_margin.item() == pytest.approx(dpo.reward_margin.item(), abs=1e-7)
         assert mlpo.reward_accuracy.item() == dpo.reward_accuracy.item()
 
 
 def test_mlpo_unit_weights_equal_unweighted() -> None:
-    plain = mlpo_loss(MC, MR, ZC, ZR, gamma=0.5)
-    weighted = mlpo_loss(MC, MR, ZC, ZR, gamma=0.5, weights=torch.ones(1, 3))
+    plain = mlpo_loss(MC, MR, ZC, ZR, gamma=0.5, explicit=True, implicit=True)
+    weighted = mlpo_loss(MC, MR, ZC, ZR, gamma=0.5, weights=torch.ones(1, 3), explicit=True, implicit=True)
     assert weighted.loss.item() == pytest.approx(plain.loss.item(), abs=1e-7)
 
 
@@ -189,9 +187,9 @@ def test_mlpo_masking_equals_dropping() -> None:
     w = t([[1.1, 0.9, 1.0], [1.2, 0.8, float("nan")]])
     mask = torch.tensor([[True, True, True], [True, True, False]])
     pr.requires_grad_(True)
-    padded = mlpo_loss(pc, pr, rc, rr, gamma=0.5, weights=w, rejected_mask=mask)
-    e0 = mlpo_loss(pc[:1], pr[:1].detach(), rc[:1], rr[:1], gamma=0.5, weights=w[:1])
-    e1 = mlpo_loss(pc[1:], pr[1:, :2].detach(), rc[1:], rr[1:, :2], gamma=0.5, weights=w[1:, :2])
+    padded = mlpo_loss(pc, pr, rc, rr, gamma=0.5, weights=w, rejected_mask=mask, explicit=True, implicit=True)
+    e0 = mlpo_loss(pc[:1], pr[:1].detach(), rc[:1], rr[:1], gamma=0.5, weights=w[:1], explicit=True, implicit=True)
+    e1 = mlpo_loss(pc[1:], pr[1:, :2].detach(), rc[1:], rr[1:, :2], gamma=0.5, weights=w[1:, :2], explicit=True, implicit=True)
     assert padded.loss.item() == pytest.approx((e0.loss.item() + e1.loss.item()) / 2, abs=1e-6)
     assert padded.reward_margin.item() == pytest.approx(
         (e0.reward_margin.item() + e1.reward_margin.item()) / 2, abs=1e-6
@@ -206,14 +204,14 @@ def test_mlpo_masking_equals_dropping() -> None:
 
 def test_mlpo_masked_column_equals_dropped_column() -> None:
     pr = t([[1.0, 0.0, 0.5]])
-    masked = mlpo_loss(MC, pr, ZC, ZR, gamma=0.5, rejected_mask=torch.tensor([[True, True, False]]))
-    dropped = mlpo_loss(MC, pr[:, :2], ZC, ZR[:, :2], gamma=0.5)
+    masked = mlpo_loss(MC, pr, ZC, ZR, gamma=0.5, rejected_mask=torch.tensor([[True, True, False]]), explicit=True, implicit=True)
+    dropped = mlpo_loss(MC, pr[:, :2], ZC, ZR[:, :2], gamma=0.5, explicit=True, implicit=True)
     assert masked.to_dict() == pytest.approx(dropped.to_dict())
 
 
 def test_ranking_accuracy_none_or_nan() -> None:
     mask = torch.tensor([[True, False]])
-    out = mlpo_loss(MC, t([[1.0, 0.0]]), ZC, torch.zeros(1, 2), rejected_mask=mask)
+    out = mlpo_loss(MC, t([[1.0, 0.0]]), ZC, torch.zeros(1, 2), rejected_mask=mask, gamma=0.1, explicit=True, implicit=True)
     assert math.isnan(out.ranking_accuracy.item())
     assert out.to_dict()["ranking_accuracy"] is None
 
@@ -222,7 +220,7 @@ def test_gradient_reaches_only_policy() -> None:
     pc, pr = t([2.0, 1.0]).requires_grad_(), t([[1.0, 0.0], [0.5, 0.7]]).requires_grad_()
     rc, rr = torch.zeros(2, requires_grad=True), torch.zeros(2, 2, requires_grad=True)
     w = torch.ones(2, 2, requires_grad=True)
-    out = mlpo_loss(pc, pr, rc, rr, weights=w)
+    out = mlpo_loss(pc, pr, rc, rr, weights=w, gamma=0.1, explicit=True, implicit=True)
     out.loss.backward()
     assert pc.grad is not None and pr.grad is not None
     assert pc.grad.abs().sum() > 0 and pr.grad.abs().sum() > 0
@@ -232,16 +230,16 @@ def test_gradient_reaches_only_policy() -> None:
 
 def test_errors() -> None:
     with pytest.raises(ValueError, match="both off"):
-        mlpo_loss(MC, MR, ZC, ZR, explicit=False, implicit=False)
+        mlpo_loss(MC, MR, ZC, ZR, explicit=False, implicit=False, gamma=0.1)
     with pytest.raises(ValueError, match="rejected"):
-        mlpo_loss(MC, MR, ZC, torch.zeros(1, 2))
+        mlpo_loss(MC, MR, ZC, torch.zeros(1, 2), gamma=0.1, explicit=True, implicit=True)
     with pytest.raises(ValueError, match="chosen"):
-        mlpo_loss(t([1.0, 2.0]), MR, t([0.0, 0.0]), ZR)
+        mlpo_loss(t([1.0, 2.0]), MR, t([0.0, 0.0]), ZR, gamma=0.1, explicit=True, implicit=True)
     with pytest.raises(ValueError, match="weights"):
-        mlpo_loss(MC, MR, ZC, ZR, weights=torch.ones(3))
+        mlpo_loss(MC, MR, ZC, ZR, weights=torch.ones(3), gamma=0.1, explicit=True, implicit=True)
     with pytest.raises(ValueError, match="bool"):
-        mlpo_loss(MC, MR, ZC, ZR, rejected_mask=torch.ones(1, 3))
+        mlpo_loss(MC, MR, ZC, ZR, rejected_mask=torch.ones(1, 3), gamma=0.1, explicit=True, implicit=True)
     with pytest.raises(ValueError, match="at least two"):
-        mlpo_loss(MC, MR[:, :1], ZC, ZR[:, :1], explicit=False)
+        mlpo_loss(MC, MR[:, :1], ZC, ZR[:, :1], explicit=False, gamma=0.1, implicit=True)
     with pytest.raises(ValueError, match="rejected"):
-        dpo_loss(PC, PR[:1], RC, RR)
+        dpo_loss(PC, PR[:1], RC, RR, gamma=0.1)

@@ -210,3 +210,39 @@ def test_no_default_of_a_param_outside_params_yaml():
                 from pipeline.params import _unwrap
 
                 stack.extend(_unwrap(field.annotation))
+
+
+def test_no_library_function_defaults_a_param():
+    """No function in pipeline/ gives a default to an argument named like a params.yaml key:
+    such a default would be a second home for the value (the `grep` check of the params issue)."""
+    import ast
+
+    names: set[str] = set()
+
+    def collect(value):
+        if isinstance(value, dict):
+            for key, sub in value.items():
+                names.add(key)
+                collect(sub)
+        elif isinstance(value, list):
+            for sub in value:
+                collect(sub)
+
+    collect(PARAMS)
+    # keys that name structure, not values
+    names -= {"model", "name", "role", "backend", "path", "format", "train", "test", "files", "phantom", "judges",
+              "weights", "request_retry", "vision"}
+    found = []
+    for file in sorted((REPO / "pipeline").rglob("*.py")):
+        if file.name == "params.py":
+            continue
+        for node in ast.walk(ast.parse(file.read_text())):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            args = node.args
+            positional = list(zip(args.args[len(args.args) - len(args.defaults):], args.defaults))
+            keyword = [(a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None]
+            for arg, default in positional + keyword:
+                if arg.arg in names and not (isinstance(default, ast.Constant) and default.value is None):
+                    found.append(f"{file.relative_to(REPO)}:{node.lineno} {node.name}({arg.arg}=...)")
+    assert not found, found

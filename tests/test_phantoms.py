@@ -16,7 +16,7 @@ from pipeline.schema import ANSWER_TYPES, VQA_SCHEMA
 
 @pytest.fixture(scope="module")
 def train_rows() -> list[dict]:
-    return ph.generate_split(48, "train", seed=0, prior=0.7)
+    return ph.generate_split(48, "train", seed=0, prior=0.7, image_size=64)
 
 
 def _decode(png: bytes) -> Image.Image:
@@ -60,12 +60,12 @@ def test_image_size_is_respected() -> None:
 
 
 def test_same_seed_gives_identical_rows(train_rows: list[dict]) -> None:
-    assert ph.generate_split(48, "train", seed=0, prior=0.7) == train_rows
+    assert ph.generate_split(48, "train", seed=0, prior=0.7, image_size=64) == train_rows
 
 
 def test_other_seed_and_split_differ(train_rows: list[dict]) -> None:
-    other_seed = ph.generate_split(48, "train", seed=1, prior=0.7)
-    test_split = ph.generate_split(48, "test", seed=0, prior=0.7)
+    other_seed = ph.generate_split(48, "train", seed=1, prior=0.7, image_size=64)
+    test_split = ph.generate_split(48, "test", seed=0, prior=0.7, image_size=64)
     for other in (other_seed, test_split):
         assert sum(a["image"] == b["image"] for a, b in zip(train_rows, other, strict=True)) == 0
         assert [r["answer"] for r in other] != [r["answer"] for r in train_rows]
@@ -114,29 +114,29 @@ def test_closed_fraction_is_exact() -> None:
 
 
 def test_coverage_of_modalities_and_answer_types() -> None:
-    rows = ph.generate_split(40, "test", seed=2, prior=None)
+    rows = ph.generate_split(40, "test", seed=2, prior=None, image_size=64)
     assert {r["modality"] for r in rows} == set(ph.MODALITIES)
     assert {r["answer_type"] for r in rows} == {"closed", "open"}
     assert len(ph.MODALITIES) >= 4
     for m in ph.MODALITIES:
         assert {t.answer_type for t in ph.TEMPLATES if t.modality == m} == {"closed", "open"}
-    restricted = ph.generate_split(10, "test", seed=2, prior=None, modalities=["histology"])
+    restricted = ph.generate_split(10, "test", seed=2, prior=None, modalities=["histology"], image_size=64)
     assert {r["modality"] for r in restricted} == {"histology"}
 
 
 def test_bad_arguments_raise() -> None:
     with pytest.raises(ValueError):
-        ph.generate_split(2, "train", seed=0, prior=0.7, modalities=["ultrasound"])
+        ph.generate_split(2, "train", seed=0, prior=0.7, modalities=["ultrasound"], image_size=64)
     with pytest.raises(ValueError):
-        ph.generate_split(2, "train", seed=0, prior=0.7, closed_fraction=1.5)
+        ph.generate_split(2, "train", seed=0, prior=0.7, closed_fraction=1.5, image_size=64)
     with pytest.raises(ValueError):
         ph.findings_for(ph.TEMPLATES[0], "maybe", np.random.default_rng(0))
 
 
 def _changed(modality: str, a: ph.Findings, b: ph.Findings, seed: int = 5) -> np.ndarray:
     """Pixels where two renderings from the same rng state differ by more than noise could."""
-    img_a = ph.render(modality, a, np.random.default_rng(seed)).astype(int)
-    img_b = ph.render(modality, b, np.random.default_rng(seed)).astype(int)
+    img_a = ph.render(modality, a, np.random.default_rng(seed), image_size=64).astype(int)
+    img_b = ph.render(modality, b, np.random.default_rng(seed), image_size=64).astype(int)
     return np.abs(img_a - img_b).max(axis=2) > 40
 
 
@@ -194,4 +194,4 @@ def test_crowded_scenes_still_fit() -> None:
     ]
     for seed in range(10):
         for modality, findings in crowded:
-            assert ph.render(modality, findings, np.random.default_rng(seed)).shape == (64, 64, 3)
+            assert ph.render(modality, findings, np.random.default_rng(seed), image_size=64).shape == (64, 64, 3)

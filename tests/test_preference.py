@@ -139,7 +139,7 @@ def test_vision_tower_runs_once_per_entry():
     seen: list[int] = []
     hook = vlm.vision_tower.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
     try:
-        GroupedScorer(vlm)(batch)
+        GroupedScorer(vlm, share_prompt=True)(batch)
     finally:
         hook.remove()
     assert seen == [4]  # 4 images for 4 entries, not one per scored sequence
@@ -245,7 +245,7 @@ def test_saved_merged_model_and_adapter_reproduce_the_policy(tmp_path):
 
     cfg = config(weighted=False)
     merged = load_vlm(tmp_path / "aligned", device="cpu", dtype=torch.float32)
-    scorer = GroupedScorer(merged).eval()
+    scorer = GroupedScorer(merged, share_prompt=True).eval()
     collate = EntryCollator(merged, build_entries(merged, rows, cfg), 3)
     with torch.no_grad():
         torch.testing.assert_close(scorer(collate(list(range(6)))), policy, atol=1e-4, rtol=1e-5)
@@ -253,10 +253,10 @@ def test_saved_merged_model_and_adapter_reproduce_the_policy(tmp_path):
     base = tiny()  # the SFT model again (same seed), plus the saved adapter
     base.language_model = PeftModel.from_pretrained(base.language_model, tmp_path / "aligned" / "adapter")
     with torch.no_grad():
-        torch.testing.assert_close(GroupedScorer(base).eval()(collate(list(range(6)))), policy,
+        torch.testing.assert_close(GroupedScorer(base, share_prompt=True).eval()(collate(list(range(6)))), policy,
                                    atol=1e-4, rtol=1e-5)
         with base.language_model.disable_adapter():
-            torch.testing.assert_close(GroupedScorer(base).eval()(collate(list(range(6)))), reference,
+            torch.testing.assert_close(GroupedScorer(base, share_prompt=True).eval()(collate(list(range(6)))), reference,
                                        atol=1e-4, rtol=1e-5)
 
 

@@ -125,7 +125,7 @@ def ingest(
     image_root: str | Path | None,
     split: str,
     dataset: str,
-    skip_bad: bool = False,
+    skip_bad: bool,
 ) -> IngestResult:
     """Read a VQA file into VQA_SCHEMA rows with PNG-encoded images.
 

@@ -513,7 +513,7 @@ def _histology(cv: _Canvas, f: Findings, anat: np.random.Generator, les: np.rand
 _RENDERERS = {"chest_xray": _chest_xray, "ct": _ct, "brain_mri": _brain_mri, "histology": _histology}
 
 
-def render(modality: str, findings: Findings, rng: np.random.Generator, image_size: int = 64) -> np.ndarray:
+def render(modality: str, findings: Findings, rng: np.random.Generator, image_size: int) -> np.ndarray:
     """Draw one phantom as an RGB uint8 array of shape (image_size, image_size, 3).
 
     Anatomy, lesions and noise use three independent streams drawn from `rng`, so with the same
@@ -548,7 +548,7 @@ def generate_split(
     split: str,
     seed: int,
     prior: float | None,
-    image_size: int = 64,
+    image_size: int,
     closed_fraction: float = 0.5,
     modalities: Sequence[str] = MODALITIES,
 ) -> list[dict]:
@@ -580,7 +580,7 @@ def generate_split(
 
 
 def generate_dataset(
-    n_train: int, n_test: int, seed: int, prior: float | None, image_size: int = 64
+    n_train: int, n_test: int, seed: int, prior: float | None, image_size: int
 ) -> tuple[list[dict], list[dict]]:
     """The `train` split (with the language prior) and the balanced `test` split."""
     train = generate_split(n_train, "train", seed, prior, image_size)

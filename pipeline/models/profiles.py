@@ -68,7 +68,7 @@ def _num_patches(vision: CLIPVisionConfig) -> int:
     return (vision.image_size // vision.patch_size) ** 2
 
 
-def build_tiny(texts: Iterable[str], seed: int = 0, vision: dict[str, Any] | None = None,
+def build_tiny(texts: Iterable[str], seed: int, vision: dict[str, Any] | None = None,
                system_prompt: str | None = None) -> VLM:
     """A randomly initialised LLaVA of a few million parameters with a tokenizer built from `texts`."""
     torch.manual_seed(seed)

@@ -203,7 +203,7 @@ class GroupedScorer(nn.Module):
     An nn.Module so that accelerate can wrap it (DDP, autocast); the parameters are the VLM's.
     """
 
-    def __init__(self, vlm: VLM, share_prompt: bool = True):
+    def __init__(self, vlm: VLM, share_prompt: bool):
         super().__init__()
         self.model = vlm.model
         self.vlm = vlm
