@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import io
 import random
+import shlex
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from PIL import Image, ImageDraw
 
 from pipeline.models.profiles import build_tiny
+
+REPO = Path(__file__).resolve().parents[1]
 
 # Tiny models gain nothing from threads, and OpenMP spin-waits badly when the cores are shared.
 torch.set_num_threads(1)
@@ -53,3 +59,21 @@ def tiny_vlm(rows):
     torch.manual_seed(0)
     texts = [r["question"] for r in rows] + ["yes", "no", "left", "right", "large", "small", "1", "2", "3"]
     return build_tiny(texts, seed=0)
+
+
+def stage_commands() -> dict[str, list[str]]:
+    """Each stage's arguments exactly as dvc.yaml passes them (after `-m pipeline.stages.<name>`)."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    commands = {}
+    for name, stage in stages.items():
+        argv = shlex.split(stage["cmd"])
+        at = argv.index(f"pipeline.stages.{name}")
+        commands[name] = argv[at + 1:]
+    return commands
+
+
+def sh(cmd: str, cwd: Path) -> str:
+    """Run a shell command; fail the test with its output's tail if it fails."""
+    done = subprocess.run(cmd, shell=True, cwd=cwd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout + done.stderr

@@ -13,7 +13,6 @@ import importlib
 import json
 import os
 import re
-import shlex
 import shutil
 import socket
 import subprocess
@@ -40,6 +39,7 @@ from pipeline.schema import (
     write_rows,
 )
 from pipeline.stages._cli import run
+from tests.conftest import stage_commands
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "bad-inputs.md"
@@ -95,17 +95,6 @@ def doc_rows() -> list[Row]:
 
 ROWS = doc_rows()
 STAGES = ("prepare", "sft", "mine", "sample", "rerank", "score", "train", "evaluate")
-
-
-def stage_commands() -> dict[str, list[str]]:
-    """Each stage's arguments exactly as dvc.yaml passes them (after `-m pipeline.stages.<name>`)."""
-    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    commands = {}
-    for name, stage in stages.items():
-        argv = shlex.split(stage["cmd"])
-        at = argv.index(f"pipeline.stages.{name}")
-        commands[name] = argv[at + 1:]
-    return commands
 
 
 COMMANDS = stage_commands()

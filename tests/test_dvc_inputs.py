@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 from PIL import Image
+
+from tests.conftest import sh
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,12 +33,6 @@ def test_folders_a_param_can_point_into_are_deps_of_their_stage():
     assert "models/judges" in deps["score"]
     for folder in ("data/raw", "models/base", "models/embedders", "models/judges"):
         assert (REPO / folder).is_dir(), f"{folder} must exist in a fresh clone (a dep DVC hashes)"
-
-
-def sh(cmd: str, cwd: Path) -> str:
-    done = subprocess.run(cmd, shell=True, cwd=cwd, capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout + done.stderr
 
 
 def write_dataset(root: Path, answers: list[str]) -> None:

@@ -240,8 +240,8 @@ def test_no_library_function_defaults_a_param():
             if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue
             args = node.args
-            positional = list(zip(args.args[len(args.args) - len(args.defaults):], args.defaults))
-            keyword = [(a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None]
+            positional = list(zip(args.args[len(args.args) - len(args.defaults):], args.defaults, strict=True))
+            keyword = [(a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults, strict=True) if d is not None]
             for arg, default in positional + keyword:
                 if arg.arg in names and not (isinstance(default, ast.Constant) and default.value is None):
                     found.append(f"{file.relative_to(REPO)}:{node.lineno} {node.name}({arg.arg}=...)")

@@ -4,7 +4,6 @@ it, in a scratch directory, in seconds."""
 from __future__ import annotations
 
 import json
-import shlex
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -14,6 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
 from pipeline.models.tiny_tokenizer import build_tiny_tokenizer
+from tests.conftest import stage_commands
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,17 +45,6 @@ def save_tiny_judge(folder: Path) -> None:
                                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id))
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-
-
-def stage_commands() -> dict[str, list[str]]:
-    """Each stage's arguments exactly as dvc.yaml passes them (after `-m pipeline.stages.<name>`)."""
-    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    commands = {}
-    for name, stage in stages.items():
-        argv = shlex.split(stage["cmd"])
-        at = argv.index(f"pipeline.stages.{name}")
-        commands[name] = argv[at + 1:]
-    return commands
 
 
 COMMANDS = stage_commands()

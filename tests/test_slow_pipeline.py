@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.conftest import sh
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def sh(cmd: str, cwd: Path) -> str:
-    done = subprocess.run(cmd, shell=True, cwd=cwd, capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout + done.stderr
 
 
 @pytest.mark.slow
