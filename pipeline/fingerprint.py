@@ -45,11 +45,6 @@ def folder_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def path_digest(path: str | Path) -> str:
-    """`file_digest` or `folder_digest`, whichever `path` is."""
-    return folder_digest(path) if Path(path).is_dir() else file_digest(path)
-
-
 def code_version(modules: Iterable[str]) -> str:
     """SHA-256 over the source files of the named modules (packages: every .py file in them)."""
     h = hashlib.sha256()

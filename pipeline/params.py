@@ -161,9 +161,6 @@ def project_config(cls: type[C], name: str, /, **overrides: Any) -> C:
     section = dict(params[name])
     for key in cls.top_level:
         section[key] = params[key]
-    unknown = sorted(set(overrides) - set(cls.model_fields))
-    if unknown:
-        raise ParamsError(_unknown_message("overrides", unknown[0], name, list(cls.model_fields)))
     section.update(overrides)
     context = {label: _lookup(params, dotted, "params.yaml") for label, dotted in cls.reads.items()}
     return build_config(cls, section, where=name, **context)

@@ -72,11 +72,10 @@ def run_batches(
     compute: Callable[[list[Any]], list[dict]],
     store: BatchStore,
     desc: str,
-    keep: bool = False,
 ) -> BatchRun:
     """Apply `compute` to consecutive batches of `items`, resuming from `store`.
 
-    The parts are deleted once the whole table is assembled, unless `keep`.
+    The parts are deleted once the whole table is assembled.
     """
     n_batches = (len(items) + batch_size - 1) // batch_size
     store.open()
@@ -92,6 +91,5 @@ def run_batches(
             computed += 1
             bar.update(1)
     table = store.read(n_batches) if n_batches else store.schema.empty_table()
-    if not keep:
-        store.clear()
+    store.clear()
     return BatchRun(table=table, batches=n_batches, reused=reused, computed=computed)

@@ -16,7 +16,8 @@ from PIL import Image
 from pipeline.data.images import ImageError
 from pipeline.data.ingest import IngestError, ingest
 from pipeline.errors import DataError, InputNotFoundError, ModelLoadError, PipelineError
-from pipeline.models.profiles import _looks_like_hub_id, load_vlm
+from pipeline.models.profiles import load_vlm
+from pipeline.models.sources import is_hub_id
 from pipeline.schema import VQA_SCHEMA, SchemaError, read_rows, read_table, write_rows
 
 BOM = b"\xef\xbb\xbf"
@@ -326,7 +327,7 @@ def test_missing_local_model_path_is_input_not_found(tmp_path: Path, monkeypatch
 
 
 def test_hub_ids_are_still_recognised() -> None:
-    assert _looks_like_hub_id("llava-hf/llava-1.5-7b-hf")
-    assert _looks_like_hub_id("microsoft/llava-med-v1.5-mistral-7b")
+    assert is_hub_id("llava-hf/llava-1.5-7b-hf")
+    assert is_hub_id("microsoft/llava-med-v1.5-mistral-7b")
     for path in ("./models/sft", "/abs/models/sft", "sft", "a/b/c", "org--x/name", "../up/model"):
-        assert not _looks_like_hub_id(path), path
+        assert not is_hub_id(path), path

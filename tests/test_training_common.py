@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.device import use_bf16
-from pipeline.training.common import merge_lora, warmup_cosine, wrap_lora
+from pipeline.training.common import LoraSettings, merge_lora, warmup_cosine, wrap_lora
 
 
 def rates(schedule, optimizer, steps: int) -> list[float]:
@@ -37,7 +37,7 @@ def test_lora_wraps_the_language_model_and_merges_back(tiny_vlm):
     ids = torch.tensor([tiny_vlm.tokenizer.encode("is there a lesion", add_special_tokens=False)])
     mask = torch.ones_like(ids)
     before = tiny_vlm.forward(mask, input_ids=ids, pixel_values=None).logits
-    peft_lm = wrap_lora(tiny_vlm, r=4, alpha=8, dropout=0.0, targets=["q_proj", "v_proj"])
+    peft_lm = wrap_lora(tiny_vlm, LoraSettings(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_targets=("q_proj", "v_proj")))
     assert tiny_vlm.language_model is peft_lm
     trainable = [n for n, p in peft_lm.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)  # the LM's own weights are frozen

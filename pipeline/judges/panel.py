@@ -51,7 +51,7 @@ class _JudgeBase(Config):
 
     @property
     def generation(self) -> Generation:
-        return Generation(self.max_new_tokens, self.temperature, dict(getattr(self, "extra_body", {}) or {}))
+        return Generation(self.max_new_tokens, self.temperature)
 
 
 class HFJudgeConfig(_JudgeBase):
@@ -74,6 +74,10 @@ class OpenAIJudgeConfig(_JudgeBase):
     timeout_s: float = Field(gt=0.0, description="per-request timeout in seconds")
     max_concurrency: int = Field(ge=1, description="requests in flight at once")
     extra_body: dict[str, Any] = Field(description="passed to the server as is (e.g. vLLM sampling options); {} for none")
+
+    @property
+    def generation(self) -> Generation:
+        return Generation(self.max_new_tokens, self.temperature, dict(self.extra_body))
 
     @field_validator("api_key_env")
     @classmethod

@@ -11,9 +11,7 @@
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +32,7 @@ from transformers import (
 from pipeline.device import default_device, default_dtype
 from pipeline.errors import InputNotFoundError, ModelLoadError
 from pipeline.models.smollm2 import SMOLLM2_NAME, smollm2_dir
-from pipeline.models.sources import model_load_errors
+from pipeline.models.sources import is_hub_id, model_load_errors
 from pipeline.models.tiny_tokenizer import build_tiny_tokenizer
 from pipeline.models.vlm import IMAGE_TOKEN, VLM, PromptSettings
 
@@ -132,25 +130,19 @@ def build_demo(seed: int, vision: dict[str, Any] | None, system_prompt: str | No
     return VLM(model.eval(), tokenizer, _image_processor(vision_config.image_size), settings)
 
 
-# A Hugging Face hub repository id, `org/name` (huggingface_hub's rules: no "--" or "..").
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _RECREATE = ("re-create it (`dvc repro -f sft` for models/sft, `dvc repro -f train` for models/aligned) "
              "or re-download the checkpoint")
 
 
-def _looks_like_hub_id(source: str) -> bool:
-    """True for `org/name`, unless `org` is a local folder (then it is a path, e.g. `models/sft`)."""
-    if not _HUB_ID.fullmatch(source) or "--" in source or ".." in source:
-        return False
-    return not Path(source.split("/")[0]).is_dir()
-
-
-def _check_local_folder(folder: Path) -> None:
+def check_model_folder(folder: Path) -> None:
     """Fail with a `ModelLoadError` naming the folder and file for a folder that cannot load.
 
     Safetensors files are opened (header only, memory-mapped) because a truncated one otherwise
     fails deep in transformers with an error that names no file.
     """
+    if not folder.exists():
+        raise InputNotFoundError(f"{folder}: model folder not found; check the path, or run the stage that "
+                                 "writes it first (`dvc repro`)")
     if not folder.is_dir():
         raise ModelLoadError(f"{folder}: is a file, not a model folder (a folder holding config.json)")
     if not (folder / "config.json").is_file():
@@ -181,13 +173,13 @@ def load_vlm(source: str | Path, device: torch.device | str | None = None,
     source = str(source)
     local = Path(source).exists()
     if local:
-        _check_local_folder(Path(source))
-    elif not _looks_like_hub_id(source):
+        check_model_folder(Path(source))
+    elif not is_hub_id(source):
         raise InputNotFoundError(
             f"{source}: model folder not found; check the path, run the stage that writes it first "
             "(`dvc repro`), or give a Hugging Face hub id (`org/name`)"
         )
-    with _load_errors(source, local):
+    with model_load_errors(source, _RECREATE):
         model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype)
     # The language model's name is what peft records as an adapter's base: the folder it was
     # loaded from, as given (e.g. `models/sft`), not whatever path the checkpoint was built from.
@@ -195,7 +187,7 @@ def load_vlm(source: str | Path, device: torch.device | str | None = None,
     model.get_decoder().name_or_path = source
     if not hasattr(model.config, "image_token_id") and not hasattr(model.config, "image_token_index"):
         raise ModelLoadError(f"{source}: {type(model).__name__} is not a LLaVA-family model (no image token)")
-    with _load_errors(source, local):
+    with model_load_errors(source, _RECREATE):
         tokenizer = AutoTokenizer.from_pretrained(source)
         image_processor = AutoImageProcessor.from_pretrained(source)
     settings = PromptSettings.load(source) if local else None
@@ -209,16 +201,6 @@ def load_vlm(source: str | Path, device: torch.device | str | None = None,
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return VLM(model.to(device).eval(), tokenizer, image_processor, settings)
-
-
-@contextmanager
-def _load_errors(source: str, local: bool) -> Iterator[None]:
-    """Turn a failure to load from a local folder (a missing or broken file) into a `ModelLoadError`.
-
-    Hub loading errors (unknown repository, no network) become one too, naming the id.
-    """
-    with model_load_errors(source, _RECREATE):
-        yield
 
 
 # Profiles built here from configs, with a vision tower trained from scratch by `sft` phase 1.

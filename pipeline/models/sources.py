@@ -17,11 +17,15 @@ from safetensors import SafetensorError
 
 from pipeline.errors import InputNotFoundError, ModelLoadError, ParamsError, PipelineError
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# A Hugging Face hub repository id, `org/name` (huggingface_hub's rules: no "--" or "..").
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def is_hub_id(value: str) -> bool:
-    return bool(_HUB_ID.match(value)) and not Path(value).exists()
+    """True for `org/name`, unless `org` is a local folder (then it is a path, e.g. `models/sft`)."""
+    if not _HUB_ID.fullmatch(value) or "--" in value or ".." in value:
+        return False
+    return not Path(value.split("/")[0]).is_dir()
 
 
 def check_model_source(value: str, key: str, root: str | Path, packaged: Iterable[str] = ()) -> str:

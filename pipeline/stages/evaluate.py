@@ -25,9 +25,8 @@ def main(
     plots: Path = output_option("folder of the log-prob gap histograms, one CSV per modality", "--plots"),
     metrics: Path = metrics_option(),
 ) -> None:
-    from pipeline.errors import ModelLoadError
     from pipeline.evaluation import EvaluateConfig, evaluate_models
-    from pipeline.models.profiles import load_vlm
+    from pipeline.models.profiles import check_model_folder, load_vlm
     from pipeline.params import load_config
     from pipeline.reporting import write_json
     from pipeline.schema import (
@@ -45,9 +44,7 @@ def main(
         name, _, folder = spec.partition("=")
         if not name or not folder:
             raise typer.BadParameter(f"--model takes NAME=FOLDER, got {spec!r}")
-        if not Path(folder, "config.json").is_file():
-            raise ModelLoadError(f"--model {spec}: {folder} is not a model folder (no config.json); "
-                                 "run the stage that writes it (`dvc repro`)")
+        check_model_folder(Path(folder))  # every folder, before the first model loads
         models.append((name, folder))
     rows = require_rows(read_rows(input, VQA_SCHEMA), input)
     pref_rows = read_rows(preferences, SCORED_SCHEMA)

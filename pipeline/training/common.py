@@ -4,22 +4,33 @@ schedule, one helper each (the bf16 decision is `pipeline.device.use_bf16`)."""
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
 
+from pydantic import Field
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from pipeline.models.vlm import VLM
+from pipeline.params import Config
 
 
-def wrap_lora(vlm: VLM, r: int, alpha: int, dropout: float, targets: Sequence[str]):
+class LoraSettings(Config):
+    """The LoRA keys both trainers' sections carry (`sft:` and `train:`)."""
+
+    lora_r: int = Field(ge=1, description="LoRA rank")
+    lora_alpha: int = Field(ge=1, description="LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = Field(ge=0.0, lt=1.0, description="LoRA dropout")
+    lora_targets: tuple[str, ...] = Field(strict=False, min_length=1, description="LM modules that get adapters")
+
+
+def wrap_lora(vlm: VLM, settings: LoraSettings):
     """Put LoRA adapters (peft) on the VLM's language model, in place; returns the peft model.
 
     peft freezes the language model's own weights; what else trains is the caller's choice.
     """
     from peft import LoraConfig, get_peft_model
 
-    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets))
+    lora = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+                      target_modules=list(settings.lora_targets))
     with warnings.catch_warnings():
         # peft (0.21) probes the deprecated `is_gradient_checkpointing` of transformers 5 models with
         # getattr; the warning is about peft's call, not ours. Only that message is silenced.

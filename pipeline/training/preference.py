@@ -45,15 +45,14 @@ from pipeline.errors import DataError
 from pipeline.grouped_scoring import collate_groups, group_logprobs
 from pipeline.losses import LossOutput, dpo_loss, mlpo_loss, with_nll
 from pipeline.models.vlm import VLM
-from pipeline.params import Config
-from pipeline.training.common import merge_lora, warmup_cosine, wrap_lora
+from pipeline.training.common import LoraSettings, merge_lora, warmup_cosine, wrap_lora
 
 LogFn = Callable[[str, dict[str, float]], None]
 
 STEP_METRICS = ("loss", "explicit", "implicit", "nll", "reward_margin", "reward_accuracy", "ranking_accuracy")
 
 
-class PreferenceConfig(Config):
+class PreferenceConfig(LoraSettings):
     """The `train:` section (docs/training.md explains the values)."""
 
     loss: Literal["dpo", "mlpo"] = Field(description="dpo: chosen vs the top-ranked dispreferred; mlpo: HSCR eq. 5-7")
@@ -69,10 +68,6 @@ class PreferenceConfig(Config):
     warmup_fraction: float = Field(ge=0.0, lt=1.0, description="share of optimizer steps in linear warm-up")
     weight_decay: float = Field(ge=0.0, description="AdamW weight decay")
     max_grad_norm: float | None = Field(gt=0.0, description="gradient-norm clip; null = no clipping")
-    lora_r: int = Field(ge=1, description="LoRA rank")
-    lora_alpha: int = Field(ge=1, description="LoRA alpha (scale = alpha / r)")
-    lora_dropout: float = Field(ge=0.0, lt=1.0, description="LoRA dropout")
-    lora_targets: tuple[str, ...] = Field(strict=False, min_length=1, description="LM modules that get adapters")
     seed: int = Field(ge=0, description="seeds the adapters' init and the data order")
     max_rejected: int | None = Field(ge=1, description="J cap: the top-ranked J dispreferred of each entry; null keeps all")
     share_prompt: bool = Field(description="run the prompt once per entry, its KV cache shared by the 1+J answers")
@@ -250,7 +245,7 @@ def apply_lora(vlm: VLM, cfg: PreferenceConfig):
     """LoRA on the language model; everything else frozen. Returns the peft model (its adapter is the policy)."""
     for p in vlm.model.parameters():
         p.requires_grad_(False)
-    return wrap_lora(vlm, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    return wrap_lora(vlm, cfg)
 
 
 def lora_parameters(vlm: VLM) -> dict[str, Tensor]:

@@ -30,13 +30,12 @@ from pipeline.batching import IGNORE_INDEX, collate_sequences, decode_image
 from pipeline.errors import DataError
 from pipeline.metrics import normalize_answer
 from pipeline.models.vlm import VLM
-from pipeline.params import Config
-from pipeline.training.common import merge_lora, warmup_cosine, wrap_lora
+from pipeline.training.common import LoraSettings, merge_lora, warmup_cosine, wrap_lora
 
 LogFn = Callable[[str, dict[str, float]], None]
 
 
-class SFTConfig(Config):
+class SFTConfig(LoraSettings):
     """The `sft:` section: build (or import) the SFT model, then train it in two phases."""
 
     model: str = Field(min_length=1, description="demo | tiny | a LLaVA-family folder under models/base | a hub id")
@@ -63,10 +62,6 @@ class SFTConfig(Config):
     language_model: Literal["lora", "full", "frozen"] = Field(
         description="phase 2: LoRA adapters merged back | the whole LM | projector only"
     )
-    lora_r: int = Field(ge=1, description="LoRA rank")
-    lora_alpha: int = Field(ge=1, description="LoRA alpha (scale = alpha / r)")
-    lora_dropout: float = Field(ge=0.0, lt=1.0, description="LoRA dropout")
-    lora_targets: tuple[str, ...] = Field(strict=False, min_length=1, description="LM modules that get adapters")
     lm_train_rows: int | None = Field(ge=1, description="phase 2 sees this many drawn rows (the CPU budget); null = all")
 
     @field_validator("vision")
@@ -174,7 +169,7 @@ def _trainable_lm(vlm: VLM, cfg: SFTConfig):
         for p in params:
             p.requires_grad_(True)
         return list({id(p): p for p in params}.values()), lambda: None
-    peft_lm = wrap_lora(vlm, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    peft_lm = wrap_lora(vlm, cfg)
     params = [p for p in peft_lm.parameters() if p.requires_grad]
     return params, lambda: merge_lora(vlm, peft_lm)
 

@@ -78,6 +78,7 @@ class HFBackend:
     def __init__(self, loaded: LoadedModel, batch_size: int, prefix_cache: bool = True) -> None:
         self.loaded = loaded
         self.batch_size = batch_size
+        self.code = code_version([__name__])  # once: identity() is called for every batch asked
         self.prefix_cache = prefix_cache
 
     def identity(self) -> dict[str, Any]:
@@ -85,7 +86,7 @@ class HFBackend:
         # weights' content and this module's code are too, so a retrained or edited judge never
         # reuses answers it did not give.
         return {"backend": "hf", "model": self.loaded.name, "dtype": str(self.loaded.dtype).removeprefix("torch."),
-                "weights": self.loaded.weights, "code": code_version([__name__])}
+                "weights": self.loaded.weights, "code": self.code}
 
     def render(self, request: JudgeRequest) -> str:
         text = self.loaded.tokenizer.apply_chat_template(
