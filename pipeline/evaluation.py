@@ -3,21 +3,31 @@
 The blind control is the same model with every visual token dropped (attention-masked). The gap
 between a model's score and its blind score is how much it relies on the image: HSCR's modality
 misalignment shows up as a small gap.
+
+Each model's work (its predictions, its blind predictions, its log-prob gaps) runs batch by batch
+through `pipeline.resume`: every finished batch is kept under the stage's work folder, keyed by
+the model folder's bytes, the input's bytes, the config and the code version, so an interrupted
+run started again redoes only the unfinished batches.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 from pydantic import Field
 from tqdm.auto import tqdm
 
 from pipeline.batching import collate_prompts
+from pipeline.fingerprint import code_version, fingerprint
 from pipeline.generation import greedy_generate
 from pipeline.metrics import score_prediction, summarize
 from pipeline.models.vlm import VLM
 from pipeline.params import Config
+from pipeline.resume import BatchRun, BatchStore, run_batches
 from pipeline.visual_dropout import blind_mask
 
 HEADLINE = ("closed_accuracy", "open_recall")
@@ -31,16 +41,19 @@ class EvaluateConfig(Config):
     max_rows: int | None = Field(ge=1, description="evaluate only the first N test rows (quick checks); null = all")
 
 
+def predict_batch(vlm: VLM, rows: list[dict], max_new_tokens: int, blind: bool = False) -> list[str]:
+    """Greedy answers for one batch of rows (temperature 0, so the numbers are reproducible)."""
+    batch = collate_prompts(vlm, [r["image"] for r in rows], [r["question"] for r in rows])
+    mask = blind_mask(batch.attention_mask, batch.image_mask) if blind else None
+    return [vlm.decode(ids) for ids in greedy_generate(vlm, batch, max_new_tokens, attention_mask=mask)]
+
+
 def predict(vlm: VLM, rows: list[dict], batch_size: int, max_new_tokens: int, blind: bool = False,
             desc: str = "evaluate") -> list[str]:
-    """Greedy answers for `rows` (temperature 0, so the numbers are reproducible)."""
+    """Greedy answers for `rows`, `batch_size` at a time."""
     predictions: list[str] = []
     for i in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch"):
-        chunk = rows[i : i + batch_size]
-        batch = collate_prompts(vlm, [r["image"] for r in chunk], [r["question"] for r in chunk])
-        mask = blind_mask(batch.attention_mask, batch.image_mask) if blind else None
-        for ids in greedy_generate(vlm, batch, max_new_tokens, attention_mask=mask):
-            predictions.append(vlm.decode(ids))
+        predictions.extend(predict_batch(vlm, rows[i : i + batch_size], max_new_tokens, blind))
     return predictions
 
 
@@ -61,19 +74,13 @@ def prediction_rows(name: str, rows: list[dict], predictions: list[str]) -> list
     ]
 
 
-def evaluate_model(vlm: VLM, name: str, rows: list[dict], batch_size: int, max_new_tokens: int
-                   ) -> tuple[dict[str, dict], dict[str, list[dict]]]:
-    """Metrics and per-question predictions for `name` and `name_blind`, plus the image reliance."""
-    metrics: dict[str, dict] = {}
-    predictions: dict[str, list[dict]] = {}
-    for key, blind in ((name, False), (f"{name}_blind", True)):
-        answers = predict(vlm, rows, batch_size, max_new_tokens, blind=blind, desc=f"evaluate {key}")
-        predictions[key] = prediction_rows(key, rows, answers)
-        metrics[key] = summarize(predictions[key])
+def model_metrics(name: str, predictions: dict[str, list[dict]]) -> dict[str, dict]:
+    """Metrics of `name` and `name_blind` from their prediction rows, plus the image reliance."""
+    metrics = {key: summarize(predictions[key]) for key in (name, f"{name}_blind")}
     metrics[f"{name}_image_reliance"] = {
         k: _diff(metrics[name][k], metrics[f"{name}_blind"][k]) for k in HEADLINE
     }
-    return metrics, predictions
+    return metrics
 
 
 def _diff(a: float | None, b: float | None) -> float | None:
@@ -86,23 +93,27 @@ def logprob_gaps(vlm: VLM, rows: list[dict], batch_size: int) -> list[float]:
     `rows` are preference entries (`answer` = ground truth, `rejected[0]` = the dispreferred
     response most similar to it). A larger gap means the model separates them better.
     """
+    gaps: list[float] = []
+    for i in range(0, len(rows), batch_size):
+        gaps.extend(logprob_gap_batch(vlm, rows[i : i + batch_size]))
+    return gaps
+
+
+def logprob_gap_batch(vlm: VLM, rows: list[dict]) -> list[float]:
+    """`logprob_gaps` of one batch of preference entries."""
     import torch
 
     from pipeline.batching import answer_logprobs, collate_sequences
 
-    gaps: list[float] = []
     with torch.no_grad():
-        for i in range(0, len(rows), batch_size):
-            chunk = rows[i : i + batch_size]
-            images = [r["image"] for r in chunk] * 2
-            questions = [r["question"] for r in chunk] * 2
-            answers = [r["answer"] for r in chunk] + [r["rejected"][0]["text"] for r in chunk]
-            batch = collate_sequences(vlm, images, questions, answers)
-            out = vlm.forward(batch.attention_mask, batch.input_ids, batch.pixel_values)
-            logp = answer_logprobs(out.logits, batch.labels)
-            n = len(chunk)
-            gaps.extend((logp[:n] - logp[n:]).tolist())
-    return gaps
+        images = [r["image"] for r in rows] * 2
+        questions = [r["question"] for r in rows] * 2
+        answers = [r["answer"] for r in rows] + [r["rejected"][0]["text"] for r in rows]
+        batch = collate_sequences(vlm, images, questions, answers)
+        out = vlm.forward(batch.attention_mask, batch.input_ids, batch.pixel_values)
+        logp = answer_logprobs(out.logits, batch.labels)
+        n = len(rows)
+        return (logp[:n] - logp[n:]).tolist()
 
 
 def gap_histograms(gaps: dict[str, list[float]], modalities: list[str], bins: int = 20
@@ -140,39 +151,121 @@ def deltas(metrics: dict[str, dict], model: str, baseline: str) -> dict[str, flo
     return out
 
 
+# Everything whose code determines a prediction or a gap: a change to any of them gives new resume keys.
+EVALUATE_CODE = ("pipeline.evaluation", "pipeline.generation", "pipeline.batching", "pipeline.visual_dropout",
+                 "pipeline.metrics", "pipeline.models")
+GAP_SCHEMA = pa.schema([pa.field("id", pa.string(), nullable=False), pa.field("gap", pa.float64())])
+
+
+@dataclass
+class Evaluation:
+    """What `evaluate_models` returns: the metrics report, the prediction rows per model key
+    (`sft`, `sft_blind`, ...), the per-modality gap histograms, and per model and pass how many
+    batches there were, how many were reused from an interrupted run and how many were computed
+    (`{"sft": {"predictions": {"batches": 5, "reused": 3, "computed": 2}, ...}}`)."""
+
+    report: dict[str, Any]
+    predictions: dict[str, list[dict]]
+    histograms: dict[str, list[dict]]
+    work: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
+
+
+def work_keys(models: Sequence[tuple[str, str]], cfg: EvaluateConfig, inputs: Mapping[str, Any]
+              ) -> dict[str, dict[str, str]]:
+    """The resume key of every model's passes: `{name: {pass: key}}`.
+
+    `inputs` holds content digests: `{"input": <test split>, "preferences": <preference
+    entries>, "models": {name: <model folder>}}`. A prediction pass's key includes the model's
+    name, which its rows carry.
+    """
+    import torch
+    import transformers
+
+    shared = (cfg.to_dict(), code_version(EVALUATE_CODE), torch.__version__, transformers.__version__)
+    keys: dict[str, dict[str, str]] = {}
+    for name, _ in models:
+        model = inputs["models"][name]
+        keys[name] = {
+            "predictions": fingerprint("evaluate", "predictions", name, inputs["input"], model, *shared),
+            "blind": fingerprint("evaluate", "blind", name, inputs["input"], model, *shared),
+            "logprob_gap": fingerprint("evaluate", "logprob_gap", inputs["preferences"], model, *shared),
+        }
+    return keys
+
+
+class _LazyModel:
+    """Loads the model the first time a batch needs it: a model whose work is all on disk is
+    never loaded."""
+
+    def __init__(self, load: Callable[[str], VLM], folder: str) -> None:
+        self.load, self.folder, self.vlm = load, folder, None
+
+    def __call__(self) -> VLM:
+        if self.vlm is None:
+            self.vlm = self.load(self.folder)
+        return self.vlm
+
+
 def evaluate_models(
     load: Callable[[str], VLM],
     models: Sequence[tuple[str, str]],
     rows: list[dict],
     preferences: list[dict],
     cfg: EvaluateConfig,
+    work_dir: str | Path,
+    inputs: Mapping[str, Any],
     on_model: Callable[[str, dict[str, dict]], None] | None = None,
-) -> tuple[dict[str, Any], dict[str, list[dict]], dict[str, list[dict]]]:
+) -> Evaluation:
     """Evaluate every (name, folder) model and its blind control on the test rows.
 
     Returns the metrics report (with `<model>_minus_<first>` deltas and, when `preferences` has
     entries with a dispreferred response, the HSCR Fig. 4 log-prob gaps), the prediction rows per
-    model key, and the per-modality gap histograms.
+    model key, and the per-modality gap histograms. Finished batches are kept under `work_dir`
+    (keys: `work_keys(models, cfg, inputs)`) and reused by a restarted run; they stay there until
+    the caller has written its outputs and calls `pipeline.resume.clear_all(work_dir)`.
     """
+    from pipeline.schema import PREDICTION_SCHEMA
+
     if cfg.max_rows is not None:
         rows = rows[: cfg.max_rows]
     preferences = [r for r in preferences if r["rejected"]]
-    report: dict[str, Any] = {}
-    predictions: dict[str, list[dict]] = {}
+    keys = work_keys(models, cfg, inputs)
+    every_key = {key for passes in keys.values() for key in passes.values()}
+
+    def store(key: str, schema: pa.Schema) -> BatchStore:
+        return BatchStore(work_dir, key, schema, siblings=every_key)
+
+    result = Evaluation(report={}, predictions={}, histograms={})
     gaps: dict[str, list[float]] = {}
     modalities = [r["modality"] for r in preferences]
     for name, folder in models:
-        vlm = load(folder)
-        results, preds = evaluate_model(vlm, name, rows, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens)
-        report.update(results)
+        vlm = _LazyModel(load, folder)
+        work: dict[str, BatchRun] = {}
+        for pass_, label, blind in (("predictions", name, False), ("blind", f"{name}_blind", True)):
+            def answer(batch: list[dict], vlm: _LazyModel = vlm, label: str = label, blind: bool = blind
+                       ) -> list[dict]:
+                return prediction_rows(label, batch, predict_batch(vlm(), batch, cfg.max_new_tokens, blind))
+
+            work[pass_] = run_batches(rows, cfg.batch_size, answer, store(keys[name][pass_], PREDICTION_SCHEMA),
+                                      desc=f"evaluate {label}", clear=False)
+            result.predictions[label] = work[pass_].table.to_pylist()
+        metrics = model_metrics(name, result.predictions)
+        result.report.update(metrics)
         if preferences:
-            gaps[name] = logprob_gaps(vlm, preferences, cfg.batch_size)
-            report[f"{name}_logprob_gap"] = gap_summary(gaps[name], modalities)
-        predictions.update(preds)
+            def gap(batch: list[dict], vlm: _LazyModel = vlm) -> list[dict]:
+                return [{"id": r["id"], "gap": g} for r, g in zip(batch, logprob_gap_batch(vlm(), batch), strict=True)]
+
+            work["logprob_gap"] = run_batches(preferences, cfg.batch_size, gap, store(keys[name]["logprob_gap"],
+                                              GAP_SCHEMA), desc=f"logprob gap {name}", clear=False)
+            gaps[name] = work["logprob_gap"].table.column("gap").to_pylist()
+            result.report[f"{name}_logprob_gap"] = gap_summary(gaps[name], modalities)
+        result.work[name] = {p: {"batches": r.batches, "reused": r.reused, "computed": r.computed}
+                             for p, r in work.items()}
+        vlm.vlm = None  # free it before the next model loads
         if on_model:
-            on_model(name, results)
+            on_model(name, metrics)
     names = [name for name, _ in models]
     for name in names[1:]:
-        report[f"{name}_minus_{names[0]}"] = deltas(report, name, names[0])
-    histograms = gap_histograms(gaps, modalities) if gaps else {}
-    return report, predictions, histograms
+        result.report[f"{name}_minus_{names[0]}"] = deltas(result.report, name, names[0])
+    result.histograms = gap_histograms(gaps, modalities) if gaps else {}
+    return result

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,3 +34,26 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def write_folder(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Fill a folder output atomically: `write` fills `<path>.tmp`, which then replaces `path`.
+
+    A stage killed while writing leaves at most the `.tmp` sibling, never a half-written `path`
+    that a later stage would accept.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    # Renames are atomic, deleting a folder is not: move the old output aside before removing it.
+    old = path.with_name(path.name + ".old")
+    if old.exists():
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    if old.exists():
+        shutil.rmtree(old) if old.is_dir() else old.unlink()

@@ -5,12 +5,17 @@ a Parquet part under `work_dir/<key>/` the moment it is done. `key` is a
 `pipeline.fingerprint.fingerprint` of everything that determines the output: the inputs' bytes,
 the config and the code version. A restarted run with the same key skips the finished parts; any
 change gives a new key, and parts kept under other keys are removed, never reused.
+
+Work made of several pieces (`evaluate`: each model's predictions, blind predictions and
+log-prob gaps) keeps one key per piece under the same root: each store names the other keys of
+the run (`siblings`) so that opening one does not delete the others, and the parts stay
+(`run_batches(clear=False)`) until the whole stage has written its outputs and calls `clear_all`.
 """
 
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,22 +40,25 @@ class BatchRun:
 class BatchStore:
     """The finished parts of one piece of work, `root/<key>/part-00000.parquet`, ..."""
 
-    def __init__(self, root: str | Path, key: str, schema: pa.Schema) -> None:
+    def __init__(self, root: str | Path, key: str, schema: pa.Schema, siblings: Collection[str] = ()) -> None:
         self.root = Path(root)
         self.key = key
         self.schema = schema
+        self.siblings = frozenset(siblings)  # other keys of the same run: kept by `open`
         self.folder = self.root / key
 
     def part(self, index: int) -> Path:
         return self.folder / f"part-{index:05d}.parquet"
 
     def open(self) -> None:
-        """Create this key's folder and delete the parts of every other key (they can never match)."""
-        if self.root.exists():
-            for stale in self.root.iterdir():
-                if stale.name != self.key:
-                    shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
+        """Create this key's folder and delete the parts of every key but it and its siblings
+        (they can never match)."""
+        prune(self.root, {self.key, *self.siblings})
         self.folder.mkdir(parents=True, exist_ok=True)
+
+    def finished(self, n_batches: int) -> int:
+        """How many of the first `n_batches` parts are on disk."""
+        return sum(1 for i in range(n_batches) if self.done(i))
 
     def done(self, index: int) -> bool:
         return self.part(index).is_file()
@@ -66,20 +74,36 @@ class BatchStore:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+def prune(root: str | Path, keep: Collection[str]) -> None:
+    """Delete everything under `root` but the entries named in `keep`."""
+    root = Path(root)
+    if root.exists():
+        for stale in root.iterdir():
+            if stale.name not in keep:
+                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+
+def clear_all(root: str | Path) -> None:
+    """Delete every part under `root`: call it once everything they were kept for is written."""
+    shutil.rmtree(root, ignore_errors=True)
+
+
 def run_batches(
     items: Sequence[Any],
     batch_size: int,
     compute: Callable[[list[Any]], list[dict]],
     store: BatchStore,
     desc: str,
+    clear: bool = True,
 ) -> BatchRun:
     """Apply `compute` to consecutive batches of `items`, resuming from `store`.
 
-    The parts are deleted once the whole table is assembled.
+    The parts are deleted once the whole table is assembled; with `clear=False` they stay (for a
+    caller that clears them once its own outputs are written).
     """
     n_batches = (len(items) + batch_size - 1) // batch_size
     store.open()
-    reused = sum(1 for i in range(n_batches) if store.done(i))
+    reused = store.finished(n_batches)
     if reused:
         tqdm.write(f"{desc}: resuming, {reused}/{n_batches} batches already done ({store.folder})")
     computed = 0
@@ -91,5 +115,6 @@ def run_batches(
             computed += 1
             bar.update(1)
     table = store.read(n_batches) if n_batches else store.schema.empty_table()
-    store.clear()
+    if clear:
+        store.clear()
     return BatchRun(table=table, batches=n_batches, reused=reused, computed=computed)

@@ -273,8 +273,13 @@ def test_stage_writes_model_adapter_metrics_and_live(tmp_path):
         "--params", str(tmp_path / "params.yaml"), "--input", str(tmp_path / "scored.parquet"),
         "--model", str(tmp_path / "sft"), "--output", str(tmp_path / "aligned"),
         "--metrics", str(tmp_path / "train.json"), "--live", str(tmp_path / "live"),
+        "--work-dir", str(tmp_path / "work"), "--timings", str(tmp_path / "timings.json"),
     ])
     assert result.exit_code == 0, result.output + repr(result.exception)
+    assert list((tmp_path / "work").iterdir()) == []  # checkpoints and reference removed once saved
+    assert not (tmp_path / "aligned.tmp").exists()
+    timings = yaml.safe_load((tmp_path / "timings.json").read_text())
+    assert timings["train_seconds"] > 0 and timings["resumed_from_step"] == 0
     adapter_config = yaml.safe_load((tmp_path / "aligned" / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == str(tmp_path / "sft")  # its real base
     # written in a fixed order (peft's set order changes per process, and with it the DVC hash)
@@ -283,6 +288,7 @@ def test_stage_writes_model_adapter_metrics_and_live(tmp_path):
     load_vlm(tmp_path / "aligned", device="cpu")
     summary = yaml.safe_load((tmp_path / "train.json").read_text())
     assert summary["optimizer_steps"] == 2 and summary["entries"] == 6
+    assert not any("seconds" in k for k in summary)  # wall-clock values only in the uncached timings
     assert "final_train_reward_margin" in summary
     logged = (tmp_path / "live" / "plots" / "metrics" / "train")
     assert {p.stem for p in logged.iterdir()} >= {"loss", "explicit", "implicit", "reward_margin",

@@ -21,27 +21,56 @@ DICOM handling, in the order DICOM's display pipeline (PS3.4 N.2) applies it:
 5. RGB / YBR images are converted to RGB by pydicom; PALETTE COLOR images go through their palette;
    colour samples deeper than 8 bits are scaled by their nominal bit depth. No LUTs apply to colour.
 
-Compressed transfer syntaxes decode only when pydicom has a plugin for them (RLE and, through
-Pillow, baseline JPEG and JPEG 2000 work; JPEG-LS and 12-bit JPEG need `pylibjpeg`); any failure is
-an `ImageError` naming the file.
+Compressed transfer syntaxes decode only when pydicom has a plugin for them: RLE and, through
+Pillow, baseline JPEG and JPEG 2000 work out of the box; lossless JPEG (Process 14), 12-bit JPEG,
+JPEG-LS and HTJ2K need the project's ``dicom`` extra (pylibjpeg with its libjpeg and openjpeg
+plugins, and pyjpegls). Without a decoder the `ImageError` names the file, the transfer syntax (name
+and UID) and ``pip install "medalign[dicom]"``; any other failure is an `ImageError` naming the file
+and keeping the decoder's own message.
+
+Files without file meta (no preamble, no group 0002: "raw" datasets as older scanners and some
+archives write them) are read with ``force=True``; pydicom infers implicit/explicit VR and byte
+order from the first element, and that inferred encoding becomes the transfer syntax the pixel data
+is decoded with (pydicom itself refuses to decode pixel data without a Transfer Syntax UID).
 """
 
 from __future__ import annotations
 
 import io
+import struct
 from pathlib import Path
 
 import numpy as np
 import pydicom
 from PIL import Image, ImageOps, UnidentifiedImageError
-from pydicom.dataset import Dataset
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
+from pydicom import uid
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder, pixel_array
 
 from pipeline.errors import DataError
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
+# What a user without a decoder for a compressed transfer syntax should run (pyproject's extra).
+DICOM_EXTRA_INSTALL = 'pip install "medalign[dicom]"'
 _DICOM_MAGIC_OFFSET = 128
 _DICOM_MAGIC = b"DICM"
+# pydicom's labels of the decoder plugins the `dicom` extra installs, and the syntaxes they read.
+_EXTRA_PLUGINS = frozenset({"pylibjpeg", "pyjpegls"})
+_EXTRA_SYNTAXES = frozenset(
+    {
+        uid.JPEGBaseline8Bit,
+        uid.JPEGExtended12Bit,
+        uid.JPEGLossless,
+        uid.JPEGLosslessSV1,
+        uid.JPEGLSLossless,
+        uid.JPEGLSNearLossless,
+        uid.JPEG2000Lossless,
+        uid.JPEG2000,
+        uid.HTJ2KLossless,
+        uid.HTJ2KLosslessRPCL,
+        uid.HTJ2K,
+    }
+)
 _COLOUR_PHOTOMETRICS = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420")
 
 
@@ -54,6 +83,28 @@ def is_dicom(data: bytes, name: str | None = None) -> bool:
     if name is not None and Path(name).suffix.lower() in DICOM_SUFFIXES:
         return True
     return data[_DICOM_MAGIC_OFFSET : _DICOM_MAGIC_OFFSET + 4] == _DICOM_MAGIC
+
+
+def _looks_like_raw_dicom(data: bytes) -> bool:
+    """True when `data` starts like a DICOM dataset written without file meta (and so without "DICM").
+
+    Such a dataset starts with its first element, nearly always of group 0008 (Specific Character
+    Set, Image Type, ...): tag (0008,eeee) in either byte order, then an explicit VR or, in implicit
+    VR little endian, a 4-byte length that fits the data. Only consulted for data Pillow cannot
+    identify, so an image format that happens to start alike is never misread.
+    """
+    if len(data) < 8:
+        return False
+    vr = data[4:6]
+    explicit = vr.isalpha() and vr.isupper()
+    for order in ("<", ">"):
+        if struct.unpack(f"{order}H", data[:2])[0] != 0x0008:
+            continue
+        if explicit:
+            return True
+        if order == "<" and struct.unpack("<I", data[4:8])[0] <= len(data) - 8:
+            return True
+    return False
 
 
 def load_image(source: str | Path | bytes, name: str | None = None) -> Image.Image:
@@ -76,7 +127,12 @@ def load_image(source: str | Path | bytes, name: str | None = None) -> Image.Ima
         raise ImageError(f"{label}: image is empty (0 bytes)")
     if is_dicom(data, label):
         return _load_dicom(data, label)
-    return _load_pil(data, label)
+    try:
+        return _load_pil(data, label)
+    except ImageError as e:
+        if isinstance(e.__cause__, UnidentifiedImageError) and _looks_like_raw_dicom(data):
+            return _load_dicom(data, label)
+        raise
 
 
 def decode_image(data: bytes, name: str | None = None) -> Image.Image:
@@ -116,7 +172,14 @@ def _pil_to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def _load_dicom(data: bytes, label: str) -> Image.Image:
+def read_dicom(data: bytes, label: str) -> Dataset:
+    """Parse DICOM bytes into a dataset whose pixel data can be decoded (the first half of loading).
+
+    A dataset without file meta gets the Transfer Syntax UID of the encoding it was actually read
+    with. Raises `ImageError` (naming `label`) when the bytes are not DICOM, hold no pixel data, or
+    hold pixel data in a compressed transfer syntax no installed decoder reads (then the message
+    says which syntax and how to install the `dicom` extra).
+    """
     try:
         # force=True: DICOM files written without the 128-byte preamble are still valid to read.
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
@@ -124,12 +187,98 @@ def _load_dicom(data: bytes, label: str) -> Image.Image:
         raise ImageError(f"{label}: cannot parse DICOM ({type(e).__name__}: {e})") from e
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise ImageError(f"{label}: DICOM file has no pixel data (not an image object)")
+    tsyntax = _set_transfer_syntax(ds, label)
+    _check_decoder(tsyntax, label)
+    return ds
+
+
+def _load_dicom(data: bytes, label: str) -> Image.Image:
+    ds = read_dicom(data, label)
     try:
         return _dicom_to_rgb(ds)
     except ImageError as e:
         raise ImageError(f"{label}: {e}") from e
     except Exception as e:  # decoders raise RuntimeError/NotImplementedError/ValueError/...
-        raise ImageError(f"{label}: cannot decode DICOM pixel data ({type(e).__name__}: {e})") from e
+        tsyntax = ds.file_meta.TransferSyntaxUID
+        raise ImageError(
+            f"{label}: cannot decode DICOM pixel data ({type(e).__name__}: {e}){_extra_hint(tsyntax)}"
+        ) from e
+
+
+def _set_transfer_syntax(ds: Dataset, label: str) -> uid.UID:
+    """The dataset's transfer syntax; when its file meta has none, the encoding it was read with.
+
+    pydicom infers implicit/explicit VR and the byte order of a dataset without file meta from its
+    first element (and reads it correctly), but then refuses to decode its pixel data for want of a
+    Transfer Syntax UID: record the encoding actually used, never an assumed default.
+    """
+    meta = getattr(ds, "file_meta", None)
+    if meta is None:
+        meta = ds.file_meta = FileMetaDataset()
+    if meta.get("TransferSyntaxUID") is not None:
+        return uid.UID(meta.TransferSyntaxUID)
+    if "PixelData" in ds and ds["PixelData"].is_undefined_length:
+        raise ImageError(
+            f"{label}: DICOM file has no file meta, so no Transfer Syntax UID, and its pixel data is "
+            "compressed (encapsulated): the compression cannot be identified; rewrite the file with "
+            "its file meta (e.g. dcmodify/gdcmconv, or pydicom's save_as(enforce_file_format=True))"
+        )
+    implicit_vr, little_endian = ds.original_encoding
+    if implicit_vr:
+        tsyntax = uid.ImplicitVRLittleEndian
+    elif little_endian or little_endian is None:
+        tsyntax = uid.ExplicitVRLittleEndian
+    else:
+        tsyntax = uid.ExplicitVRBigEndian
+    meta.TransferSyntaxUID = tsyntax
+    return tsyntax
+
+
+def _check_decoder(tsyntax: uid.UID, label: str) -> None:
+    """Raise `ImageError` when no installed pydicom plugin can decode `tsyntax`'s pixel data."""
+    if not tsyntax.is_transfer_syntax or not tsyntax.is_compressed:
+        return  # an unknown UID fails in pydicom's decoding, with its own message
+    described = _describe(tsyntax)
+    try:
+        decoder = get_decoder(tsyntax)
+    except NotImplementedError as e:
+        raise ImageError(
+            f"{label}: DICOM pixel data in transfer syntax {described} cannot be decoded: "
+            "pydicom has no decoder for it (convert the file to an uncompressed or JPEG syntax)"
+        ) from e
+    if decoder.is_available:
+        return
+    if tsyntax in _EXTRA_SYNTAXES:
+        raise ImageError(
+            f"{label}: DICOM pixel data is compressed as {described} and no installed decoder reads "
+            f"it; install the project's `dicom` extra: {DICOM_EXTRA_INSTALL}"
+        )
+    missing = "; ".join(decoder.missing_dependencies) or "no plugin"
+    raise ImageError(
+        f"{label}: DICOM pixel data is compressed as {described} and no installed decoder reads it "
+        f"(pydicom's plugins: {missing})"
+    )
+
+
+def _describe(tsyntax: uid.UID) -> str:
+    """'JPEG-LS Lossless Image Compression (1.2.840.10008.1.2.4.80)'; the bare UID when unnamed."""
+    return f"{tsyntax.name} ({tsyntax})" if tsyntax.name != str(tsyntax) else str(tsyntax)
+
+
+def _extra_hint(tsyntax: uid.UID) -> str:
+    """A hint to install the `dicom` extra when its decoders would handle `tsyntax` and are missing.
+
+    E.g. 12-bit JPEG: Pillow claims the syntax but fails on the data, which pylibjpeg would read.
+    """
+    if tsyntax not in _EXTRA_SYNTAXES:
+        return ""
+    try:
+        available = set(get_decoder(tsyntax).available_plugins)
+    except NotImplementedError:
+        return ""
+    if available & _EXTRA_PLUGINS:
+        return ""
+    return f"; {_describe(tsyntax)} may need the project's `dicom` extra: {DICOM_EXTRA_INSTALL}"
 
 
 def _dicom_to_rgb(ds: Dataset) -> Image.Image:

@@ -37,6 +37,13 @@ def metrics_option() -> Path:
     return typer.Option(..., "--metrics", help="stage metrics (JSON, read by `dvc metrics`)", dir_okay=False)
 
 
+def timings_option() -> Path:
+    # Wall-clock seconds and throughput differ on every run and machine: kept out of the cached
+    # metrics so that a fresh clone's `dvc repro` reproduces every cached output byte for byte.
+    return typer.Option(..., "--timings", help="wall-clock timings of this run (JSON; an uncached DVC output)",
+                        dir_okay=False)
+
+
 def run(app: typer.Typer) -> None:
     """Run a stage's Typer app; expected failures become one line on stderr and an exit code."""
     try:

@@ -1,14 +1,29 @@
 """`evaluate` stage: every model and its blind control on the test split, plus the HSCR Fig. 4
-log-prob gaps on the preference entries."""
+log-prob gaps on the preference entries.
+
+Each model's predictions, blind predictions and log-prob gaps are kept under `--work-dir` batch by
+batch as they finish, keyed by the content of the model folder and the inputs, the config and the
+code version; an interrupted run started again redoes only the unfinished batches
+(`pipeline.resume`), and the batches reused and computed go to the `--timings` report.
+"""
 
 from __future__ import annotations
 
 import csv
+import time
 from pathlib import Path
 
 import typer
 
-from pipeline.stages._cli import input_option, metrics_option, output_option, params_option, run, stage_app
+from pipeline.stages._cli import (
+    input_option,
+    metrics_option,
+    output_option,
+    params_option,
+    run,
+    stage_app,
+    timings_option,
+)
 
 app = stage_app(__doc__)
 
@@ -24,11 +39,15 @@ def main(
     output: Path = output_option("folder of per-question predictions, one Parquet file per model"),
     plots: Path = output_option("folder of the log-prob gap histograms, one CSV per modality", "--plots"),
     metrics: Path = metrics_option(),
+    work_dir: Path = output_option("scratch folder of finished batches (resume); not a DVC output", "--work-dir"),
+    timings: Path = timings_option(),
 ) -> None:
     from pipeline.evaluation import EvaluateConfig, evaluate_models
+    from pipeline.fingerprint import file_digest, folder_digest
     from pipeline.models.profiles import check_model_folder, load_vlm
     from pipeline.params import load_config
     from pipeline.reporting import write_json
+    from pipeline.resume import clear_all
     from pipeline.schema import (
         PREDICTION_SCHEMA,
         SCORED_SCHEMA,
@@ -38,6 +57,7 @@ def main(
         write_rows,
     )
 
+    start = time.perf_counter()
     config = load_config(EvaluateConfig, params, "evaluate")
     models = []
     for spec in model:
@@ -56,16 +76,33 @@ def main(
             f"open {_pct(head['open_recall'])} (blind {_pct(blind['open_recall'])})"
         )
 
-    report, predictions, histograms = evaluate_models(load_vlm, models, rows, pref_rows, config, on_model=progress)
-    for key, pred_rows in predictions.items():
+    inputs = {"input": file_digest(input), "preferences": file_digest(preferences),
+              "models": {name: folder_digest(folder) for name, folder in models}}
+    done = evaluate_models(load_vlm, models, rows, pref_rows, config, work_dir, inputs, on_model=progress)
+    for key, pred_rows in done.predictions.items():
         write_rows(pred_rows, output / f"{key}.parquet", PREDICTION_SCHEMA)
     plots.mkdir(parents=True, exist_ok=True)
-    for modality, table in histograms.items():
-        with (plots / f"{modality}.csv").open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(table[0]))
-            writer.writeheader()
-            writer.writerows(table)
-    write_json(metrics, report)
+    for modality, table in done.histograms.items():
+        _write_csv(plots / f"{modality}.csv", table)
+    write_json(metrics, done.report)
+    passes = [p for per_model in done.work.values() for p in per_model.values()]
+    total = {k: sum(p[k] for p in passes) for k in ("batches", "reused", "computed")}
+    write_json(timings, {"seconds": round(time.perf_counter() - start, 3), **total,
+                         "resumed_from": str(work_dir) if total["reused"] else None, "models": done.work})
+    # Only now, with every output written, are the finished batches no longer needed.
+    clear_all(work_dir)
+    if total["reused"]:
+        typer.echo(f"evaluate: reused {total['reused']}/{total['batches']} batches from {work_dir}")
+
+
+def _write_csv(path: Path, table: list[dict]) -> None:
+    """Write rows as CSV atomically (a temporary name, then a rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(table[0]))
+        writer.writeheader()
+        writer.writerows(table)
+    tmp.replace(path)
 
 
 def _pct(x: float | None) -> str:

@@ -7,12 +7,19 @@ Single process (CPU or one GPU): `python -m pipeline.stages.train ...`. Several 
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import typer
 
-from pipeline.stages._cli import input_option, metrics_option, output_option, params_option, run, stage_app
+from pipeline.stages._cli import (
+    input_option,
+    metrics_option,
+    output_option,
+    params_option,
+    run,
+    stage_app,
+    timings_option,
+)
 
 app = stage_app(__doc__)
 
@@ -25,25 +32,31 @@ def main(
     output: Path = output_option("merged model folder; the adapter goes in OUTPUT/adapter"),
     metrics: Path = metrics_option(),
     live: Path = output_option("DVCLive folder of the training curves", "--live"),
+    work_dir: Path = output_option("scratch folder of checkpoints and the reference table (resume); not a DVC "
+                                   "output", "--work-dir"),
+    timings: Path = timings_option(),
 ) -> None:
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
     from dvclive import Live
 
+    from pipeline.fingerprint import file_digest, folder_digest
     from pipeline.live import PhaseLogger
-    from pipeline.models.profiles import load_vlm
+    from pipeline.models.profiles import check_model_folder, load_vlm
     from pipeline.params import load_config
-    from pipeline.reporting import write_json
+    from pipeline.reporting import write_folder, write_json
     from pipeline.schema import SCORED_SCHEMA, read_rows, require_rows
-    from pipeline.training.preference import PreferenceConfig, PreferenceTrainer
+    from pipeline.training.preference import PreferenceConfig, PreferenceTrainer, resume_key
 
     cfg = load_config(PreferenceConfig, params, "train")
     rows = require_rows(read_rows(input, SCORED_SCHEMA), input)
     # Under `accelerate launch` each process loads the model onto its own device. The process
     # state is a singleton, so read the launcher's CPU flag here as the Accelerator would.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    check_model_folder(model)
+    key = resume_key(cfg, file_digest(input), folder_digest(model), state.num_processes)
     vlm = load_vlm(model, device=state.device)
-    trainer = PreferenceTrainer(vlm, rows, cfg)
+    trainer = PreferenceTrainer(vlm, rows, cfg, work_dir=work_dir, key=key)
 
     logger = Live(str(live), save_dvc_exp=False, dvcyaml=None) if state.is_main_process else None
     trainer.log = PhaseLogger(logger) if logger is not None else None
@@ -57,16 +70,20 @@ def main(
         if logger is not None:
             logger.end()
 
-    if state.is_main_process and output.exists():
-        shutil.rmtree(output)
-    trainer.save(output)
+    if state.is_main_process:
+        write_folder(output, trainer.save)
+    else:
+        trainer.save(None)  # the other processes only join its barriers
     if state.is_main_process:
         summary.update({"sft": str(model), "input": str(input)})
         write_json(metrics, summary)
+        write_json(timings, {**trainer.timings, **trainer.reuse, "checkpoints_saved": trainer.checkpoints.saved,
+                             "steps_run": summary["optimizer_steps"] - trainer.reuse["resumed_from_step"]})
         typer.echo(
             f"train: {cfg.loss} on {summary['entries']} entries, {summary['optimizer_steps']} steps, "
             f"final train reward margin {summary.get('final_train_reward_margin')}; saved {output}"
         )
+    trainer.checkpoints.clear()  # only once the output and the reports are written
 
 
 if __name__ == "__main__":

@@ -34,8 +34,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import pyarrow as pa
 import torch
 from pydantic import Field, model_validator
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -45,9 +47,13 @@ from pipeline.errors import DataError
 from pipeline.grouped_scoring import collate_groups, group_logprobs
 from pipeline.losses import LossOutput, dpo_loss, mlpo_loss, with_nll
 from pipeline.models.vlm import VLM
+from pipeline.resume import BatchStore, run_batches
+from pipeline.training.checkpoints import Checkpoints, LoopState, TrainedWeights
 from pipeline.training.common import LoraSettings, merge_lora, warmup_cosine, wrap_lora
 
 LogFn = Callable[[str, dict[str, float]], None]
+
+REFERENCE_SCHEMA = pa.schema([("entry", pa.int64()), ("logps", pa.list_(pa.float32()))])
 
 STEP_METRICS = ("loss", "explicit", "implicit", "nll", "reward_margin", "reward_accuracy", "ranking_accuracy")
 
@@ -75,6 +81,9 @@ class PreferenceConfig(LoraSettings):
         description="auto: bf16 on a GPU that supports it, else fp32"
     )
     evaluate_after: bool = Field(description="one forward-only pass over the data for the final reward metrics")
+    checkpoint_every: int | None = Field(
+        ge=1, description="save a resumable checkpoint every N optimizer steps (under --work-dir); null = never"
+    )
 
     @model_validator(mode="after")
     def _trainable(self) -> PreferenceConfig:
@@ -261,9 +270,15 @@ class PreferenceTrainer:
 
     Use: `trainer = PreferenceTrainer(vlm, rows, cfg)`, `trainer.train()`, `trainer.save(folder)`.
     `train` computes the reference table first if `compute_reference` was not called.
+
+    With `work_dir` and `key` (a content fingerprint of the inputs, the config and the code:
+    `resume_key`), the reference table is cached under `work_dir/key/` and computed in resumable
+    batches, and checkpoints are saved every `cfg.checkpoint_every` steps
+    (pipeline/training/checkpoints.py): a restarted trainer continues where the last one stopped.
     """
 
-    def __init__(self, vlm: VLM, rows: list[dict], cfg: PreferenceConfig, log: LogFn | None = None):
+    def __init__(self, vlm: VLM, rows: list[dict], cfg: PreferenceConfig, log: LogFn | None = None,
+                 work_dir: str | Path | None = None, key: str | None = None):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
@@ -288,6 +303,15 @@ class PreferenceTrainer:
         self.reference: Tensor | None = None
         self.history: list[dict[str, float]] = []
         self.timings: dict[str, float] = {}
+        # What this run reused from an interrupted one (the run report, not the cached metrics).
+        self.reuse: dict[str, Any] = {"reference_batches_reused": 0, "resumed_from_step": 0}
+        if (work_dir is None) != (key is None):
+            raise ValueError("PreferenceTrainer: give both work_dir and key, or neither")
+        self.loop = LoopState()
+        self.checkpoints = Checkpoints(
+            self.accelerator, work_dir, key or "", cfg.checkpoint_every,
+            TrainedWeights(lora_parameters(vlm).items()), self.loop, "train",
+        )
 
     # -- scoring over the whole data set, in order, without gradient
     def _ordered_loader(self) -> DataLoader:
@@ -312,11 +336,43 @@ class PreferenceTrainer:
         return table
 
     def compute_reference(self) -> Tensor:
-        """Score every entry under π_sft (adapter disabled) once; training reads this table."""
+        """Score every entry under π_sft (adapter disabled) once; training reads this table.
+
+        With a work folder the table is computed in resumable batches by the main process and
+        kept as `reference.safetensors` until the run's output is saved (a restart reads it).
+        """
         start = time.perf_counter()
-        self.reference = self.score(adapter=False, desc="train: reference log-probs")
+        folder = self.checkpoints.folder
+        if folder is None:
+            self.reference = self.score(adapter=False, desc="train: reference log-probs")
+        else:
+            file = folder / "reference.safetensors"
+            if self.accelerator.is_main_process and not file.is_file():
+                self._reference_in_batches(file)
+            self.accelerator.wait_for_everyone()
+            self.reference = load_file(str(file))["logps"].to(self.accelerator.device)
         self.timings["reference_seconds"] = time.perf_counter() - start
         return self.reference
+
+    def _reference_in_batches(self, file: Path) -> None:
+        store = BatchStore(file.parent / "reference-parts", "parts", REFERENCE_SCHEMA)
+        device = self.accelerator.device
+        self.vlm.model.eval()
+
+        @torch.no_grad()
+        def compute(indices: list[int]) -> list[dict]:
+            batch = {k: v.to(device) for k, v in self.collator(indices).items()}
+            with self.peft_lm.disable_adapter(), self.accelerator.autocast():
+                table = self.scorer(batch).float().cpu()
+            return [{"entry": i, "logps": row} for i, row in zip(indices, table.tolist(), strict=True)]
+
+        done = run_batches(list(range(len(self.entries))), self.cfg.batch_size, compute, store,
+                           "train: reference log-probs")
+        self.reuse["reference_batches_reused"] = done.reused
+        logps = torch.tensor(done.table.column("logps").to_pylist(), dtype=torch.float32)
+        tmp = file.with_name(file.name + ".tmp")
+        save_file({"logps": logps}, str(tmp))
+        tmp.replace(file)
 
     def _all_slots_and_weights(self) -> tuple[Tensor, Tensor]:
         device = self.accelerator.device
@@ -346,6 +402,8 @@ class PreferenceTrainer:
         reference = self.reference
         params = list(lora_parameters(self.vlm).values())
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # The shuffling generator's state at the start of each epoch is checkpointed: a resumed
+        # run restores it, so the interrupted epoch's order (and every later one) is the same.
         generator = torch.Generator().manual_seed(cfg.seed)
         loader = DataLoader(list(range(len(self.entries))), batch_size=cfg.batch_size, shuffle=True,
                             collate_fn=self.collator, generator=generator)
@@ -357,15 +415,31 @@ class PreferenceTrainer:
         scheduler = warmup_cosine(optimizer, warmup, total_steps)
         model, optimizer, scheduler = accelerator.prepare(self.scorer, optimizer, scheduler)
 
+        start_epoch, skip = 0, 0
+        if self.checkpoints.restore():
+            position = self.loop.values
+            start_epoch, skip = position["epoch"], position["batches_done"]
+            generator.set_state(position["generator_state"])
+            self.history = list(position["history"])
+            self.reuse["resumed_from_step"] = len(self.history)
+            if self.log and accelerator.is_main_process:
+                for values in self.history:  # the curves of the finished steps, as first logged
+                    self.log("train", values)
+
         self.vlm.model.train()
         self.vlm.vision_tower.eval()
         pending: list[Tensor] = []
         entries_seen = 0
-        bar = tqdm(total=steps_per_epoch * cfg.epochs, desc=f"train: {cfg.loss}",
+        total = steps_per_epoch * cfg.epochs
+        bar = tqdm(total=total, initial=len(self.history), desc=f"train: {cfg.loss}",
                    unit="step", disable=not accelerator.is_main_process)
         start = time.perf_counter()
-        for epoch in range(cfg.epochs):
-            for batch in loader:
+        for epoch in range(start_epoch, cfg.epochs):
+            resumed_epoch = epoch == start_epoch and skip > 0
+            if not resumed_epoch:
+                self.loop.values["generator_state"] = generator.get_state()
+            batches_done = skip if resumed_epoch else 0
+            for batch in accelerator.skip_first_batches(loader, skip) if resumed_epoch else loader:
                 with accelerator.accumulate(model):
                     policy = model(batch)
                     out = preference_loss(cfg, policy, reference[batch["entry"]], batch["slots"], batch["weights"],
@@ -378,6 +452,7 @@ class PreferenceTrainer:
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                 entries_seen += int(batch["entry"].numel())
+                batches_done += 1
                 pending.append(_metric_vector(out))
                 if accelerator.sync_gradients:
                     values = self._step_values(pending, lr, epoch)
@@ -387,6 +462,9 @@ class PreferenceTrainer:
                         self.log("train", values)
                     bar.update(1)
                     bar.set_postfix(loss=f"{values['loss']:.4f}", margin=f"{values['reward_margin']:.3f}")
+                    step = len(self.history)
+                    if self.checkpoints.due(step) and step < total:
+                        self._checkpoint(step, epoch, batches_done, len(loader), generator)
         bar.close()
         train_seconds = time.perf_counter() - start
         self.timings["train_seconds"] = train_seconds
@@ -407,14 +485,21 @@ class PreferenceTrainer:
             "mixed_precision": accelerator.mixed_precision,
             "first_step_loss": self.history[0]["loss"] if self.history else None,
             "final_step_loss": self.history[-1]["loss"] if self.history else None,
-            "reference_seconds": self.timings["reference_seconds"],
-            "train_seconds": train_seconds,
-            "train_entries_per_second": entries_seen * accelerator.num_processes / train_seconds,
         }
+        self.timings["train_entries_per_second"] = entries_seen * accelerator.num_processes / train_seconds
         if cfg.evaluate_after:
             final = self.evaluate()
             summary.update({f"final_train_{k}": v for k, v in final.items()})
         return summary
+
+    def _checkpoint(self, step: int, epoch: int, batches_done: int, batches_per_epoch: int,
+                    generator: torch.Generator) -> None:
+        if batches_done >= batches_per_epoch:  # the epoch is over: resume at the next one
+            epoch, batches_done = epoch + 1, 0
+            self.loop.values["generator_state"] = generator.get_state()
+        self.loop.values.update(epoch=epoch, batches_done=batches_done, history=list(self.history),
+                                where=f"step {step}, epoch {epoch}, {batches_done} batches into it")
+        self.checkpoints.save(step)
 
     def _step_values(self, pending: list[Tensor], lr: float, epoch: int) -> dict[str, float]:
         """Mean over the micro-batches of one optimizer step, and over processes."""
@@ -429,14 +514,16 @@ class PreferenceTrainer:
         values["epoch"] = epoch
         return values
 
-    def save(self, folder: str | Path) -> None:
+    def save(self, folder: str | Path | None) -> None:
         """Adapter into `folder/adapter`, then the merged model as a full VLM folder into `folder`.
 
-        Merging folds the adapter into the weights, so the trainer is finished afterwards.
+        Every process calls it (it holds barriers); only the main process writes, and the others
+        may pass None. Merging folds the adapter into the weights, so the trainer is finished
+        afterwards.
         """
-        folder = Path(folder)
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
+            folder = Path(folder)
             self.peft_lm.save_pretrained(folder / "adapter")
             _sort_target_modules(folder / "adapter" / "adapter_config.json")
             merge_lora(self.vlm, self.peft_lm)
@@ -458,6 +545,16 @@ def _metric_vector(out: LossOutput) -> Tensor:
     nan = torch.tensor(float("nan"), device=out.loss.device)
     values = [getattr(out, name) for name in STEP_METRICS]
     return torch.stack([nan if v is None else v.detach().float() for v in values])
+
+
+def resume_key(cfg: PreferenceConfig, input_digest: str, model_digest: str, processes: int) -> str:
+    """The content key of a training run's checkpoints: everything that determines its steps."""
+    from pipeline.fingerprint import code_version, fingerprint
+
+    code = code_version(["pipeline.training", "pipeline.grouped_scoring", "pipeline.losses", "pipeline.batching",
+                         "pipeline.models"])
+    steps = {k: v for k, v in cfg.to_dict().items() if k != "checkpoint_every"}  # how often is not what
+    return fingerprint("train", input_digest, model_digest, steps, code, processes)
 
 
 def train_preference(vlm: VLM, rows: list[dict], cfg: PreferenceConfig, out: str | Path | None = None,

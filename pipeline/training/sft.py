@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -30,9 +31,57 @@ from pipeline.batching import IGNORE_INDEX, collate_sequences, decode_image
 from pipeline.errors import DataError
 from pipeline.metrics import normalize_answer
 from pipeline.models.vlm import VLM
+from pipeline.training.checkpoints import Checkpoints, Delegate, LoopState, TrainedWeights
 from pipeline.training.common import LoraSettings, merge_lora, warmup_cosine, wrap_lora
 
 LogFn = Callable[[str, dict[str, float]], None]
+
+
+class SFTRun:
+    """What both phases share for resuming: the checkpoints, the loop state, the logger.
+
+    Every value the phases log goes through `log`, which keeps it in the loop state: a resumed
+    run replays the finished steps' values into the logger, so its curves equal an uninterrupted
+    run's. Without `work_dir` nothing is saved (library use).
+    """
+
+    def __init__(self, cfg: SFTConfig, log: LogFn | None, work_dir: str | Path | None, key: str | None) -> None:
+        from accelerate import Accelerator
+
+        if (work_dir is None) != (key is None):
+            raise ValueError("train_sft: give both work_dir and key, or neither")
+        self.cfg = cfg
+        self.sink = log
+        self.state = LoopState()
+        self.optimizer, self.scheduler = Delegate(), Delegate()
+        # Used for its checkpointing only (save_state / load_state); the loops move tensors themselves.
+        self.accelerator = Accelerator()
+        self.accelerator.register_for_checkpointing(self.optimizer, self.scheduler)
+        self.checkpoints = Checkpoints(self.accelerator, work_dir, key or "", cfg.checkpoint_every,
+                                       TrainedWeights([]), self.state, "sft")
+        self.state.values = {"logged": [], "summary": {}}
+        self.resumed_from: str | None = None
+        self.steps_run = 0  # optimizer steps this process ran (a resumed run skips the finished ones)
+
+    def log(self, phase: str, values: dict[str, float]) -> None:
+        if self.checkpoints.folder is not None:
+            self.state.values["logged"].append((phase, dict(values)))
+        if self.sink:
+            self.sink(phase, values)
+
+    def restore(self, tag: str) -> bool:
+        """Load the newest checkpoint if it is of phase `tag`, and replay what it had logged."""
+        if not self.checkpoints.restore(tag):
+            return False
+        self.resumed_from = self.state.values.get("where")
+        if self.sink:
+            for phase, values in self.state.values["logged"]:
+                self.sink(phase, values)
+        return True
+
+    def save(self, at_step: int, tag: str, **position: Any) -> None:
+        self.state.values.update(position)
+        self.checkpoints.save(at_step, tag)
 
 
 class SFTConfig(LoraSettings):
@@ -63,6 +112,9 @@ class SFTConfig(LoraSettings):
         description="phase 2: LoRA adapters merged back | the whole LM | projector only"
     )
     lm_train_rows: int | None = Field(ge=1, description="phase 2 sees this many drawn rows (the CPU budget); null = all")
+    checkpoint_every: int | None = Field(
+        ge=1, description="save a resumable checkpoint every N steps of either phase (under --work-dir); null = never"
+    )
 
     @field_validator("vision")
     @classmethod
@@ -99,7 +151,7 @@ def _patch_features(vlm: VLM, pixel_values: torch.Tensor) -> torch.Tensor:
     return hidden[:, 1:] if config.vision_feature_select_strategy == "default" else hidden
 
 
-def pretrain_vision(vlm: VLM, rows: list[dict], cfg: SFTConfig, log: LogFn | None = None) -> dict[str, float]:
+def pretrain_vision(vlm: VLM, rows: list[dict], cfg: SFTConfig, run: SFTRun) -> dict[str, float]:
     """Phase 1. Returns the classifier's final-epoch training accuracy."""
     if cfg.vision_epochs <= 0:
         return {}
@@ -129,14 +181,23 @@ def pretrain_vision(vlm: VLM, rows: list[dict], cfg: SFTConfig, log: LogFn | Non
         [vlm.pixel_values([decode_image(r["image"]) for r in rows[i : i + 256]]) for i in range(0, len(rows), 256)]
     )
     targets = torch.tensor([answer_index[normalize_answer(r["answer"])] for r in rows], device=device)
+    run.optimizer.target, run.scheduler.target = optimizer, scheduler
+    run.checkpoints.weights = TrainedWeights(
+        [(f"tower.{n}", p) for n, p in tower.named_parameters()] + [(f"probe.{n}", p) for n, p in probe.named_parameters()]
+    )
+    step, start_epoch, start_i, correct, accuracy = 0, 0, 0, 0, 0.0
+    if run.restore("phase1"):
+        at = run.state.values
+        step, start_epoch, start_i, correct, accuracy = at["step"], at["epoch"], at["i"], at["correct"], at["accuracy"]
+        order = list(at["order"])
+        rng.setstate(at["rng"])
     tower.train()
-    step = 0
-    accuracy = 0.0
-    bar = tqdm(total=total, desc="sft: vision pre-training", unit="step")
-    for epoch in range(cfg.vision_epochs):
-        rng.shuffle(order)
-        correct = 0
-        for i in range(0, len(order), cfg.vision_batch_size):
+    bar = tqdm(total=total, initial=step, desc="sft: vision pre-training", unit="step")
+    for epoch in range(start_epoch, cfg.vision_epochs):
+        if not (epoch == start_epoch and start_i > 0):
+            rng.shuffle(order)
+            correct = 0
+        for i in range(start_i if epoch == start_epoch else 0, len(order), cfg.vision_batch_size):
             idx = torch.tensor(order[i : i + cfg.vision_batch_size], device=device)
             logits = probe(_patch_features(vlm, pixels[idx]).float(), question_vecs[idx])
             loss = nn.functional.cross_entropy(logits, targets[idx])
@@ -147,14 +208,21 @@ def pretrain_vision(vlm: VLM, rows: list[dict], cfg: SFTConfig, log: LogFn | Non
             optimizer.step()
             scheduler.step()
             correct += int((logits.argmax(-1) == targets[idx]).sum())
-            if log:
-                log("vision", {"loss": loss.item()})
+            run.log("vision", {"loss": loss.item()})
             step += 1
+            run.steps_run += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch)
+            next_i = i + cfg.vision_batch_size
+            if run.checkpoints.due(step) and next_i < len(order):  # epoch ends are saved below
+                run.save(step, "phase1", step=step, epoch=epoch, i=next_i, correct=correct, accuracy=accuracy,
+                         order=list(order), rng=rng.getstate(), where=f"phase 1, step {step} of {total}")
         accuracy = correct / len(order)
-        if log:
-            log("vision_epoch", {"train_accuracy": accuracy})
+        run.log("vision_epoch", {"train_accuracy": accuracy})
+        if run.checkpoints.folder is not None and (run.checkpoints.due(step) or epoch == cfg.vision_epochs - 1):
+            # The end of phase 1 is always saved: a kill in phase 2 never redoes phase 1.
+            run.save(step, "phase1", step=step, epoch=epoch + 1, i=0, correct=0, accuracy=accuracy,
+                     order=list(order), rng=rng.getstate(), where=f"phase 1, step {step} of {total}")
     bar.close()
     tower.eval()
     return {"vision_probe_train_accuracy": accuracy}
@@ -174,8 +242,11 @@ def _trainable_lm(vlm: VLM, cfg: SFTConfig):
     return params, lambda: merge_lora(vlm, peft_lm)
 
 
-def train_llava(vlm: VLM, rows: list[dict], cfg: SFTConfig, log: LogFn | None = None) -> dict[str, float]:
-    """Phase 2: projector (+ LM adapters) on answer tokens; the vision tower stays frozen."""
+def train_llava(vlm: VLM, rows: list[dict], cfg: SFTConfig, run: SFTRun, tower_trained: bool) -> dict[str, float]:
+    """Phase 2: projector (+ LM adapters, + the tower at `tower_lr`) on answer tokens.
+
+    `tower_trained`: phase 1 changed the tower, so phase 2's checkpoints keep it too.
+    """
     if cfg.epochs <= 0:
         return {}
     for p in vlm.model.parameters():
@@ -184,6 +255,7 @@ def train_llava(vlm: VLM, rows: list[dict], cfg: SFTConfig, log: LogFn | None = 
     for p in projector.parameters():
         p.requires_grad_(True)
     lm_params, finalize = _trainable_lm(vlm, cfg)
+    lm_ids = {id(p) for p in lm_params}
     groups = [{"params": list(projector.parameters()), "lr": cfg.lr}]
     tower = vlm.vision_tower
     if cfg.tower_lr > 0:
@@ -199,12 +271,25 @@ def train_llava(vlm: VLM, rows: list[dict], cfg: SFTConfig, log: LogFn | None = 
     total = steps_per_epoch * cfg.epochs
     warmup = max(1, int(cfg.warmup_fraction * total))
     scheduler = warmup_cosine(optimizer, warmup, total, warmup_from_first_step=True)
-    vlm.model.train()
-    bar = tqdm(total=total, desc="sft: LLaVA fine-tuning", unit="step")
+    run.optimizer.target, run.scheduler.target = optimizer, scheduler
+    # What phase 1 or 2 changes: the tower (phase 1, or tower_lr), the projector, the LM's trained part.
+    run.checkpoints.weights = TrainedWeights(
+        [(n, p) for n, p in vlm.model.named_parameters()
+         if p.requires_grad or id(p) in lm_ids or (tower_trained and n in _tower_names(vlm))]
+    )
+    step, start_epoch, start_i = 0, 0, 0
     losses: list[float] = []
-    for _epoch in range(cfg.epochs):
-        rng.shuffle(order)
-        for i in range(0, len(order), cfg.batch_size):
+    if run.restore("phase2"):
+        at = run.state.values
+        step, start_epoch, start_i, losses = at["step"], at["epoch"], at["i"], list(at["losses"])
+        order = list(at["order"])
+        rng.setstate(at["rng"])
+    vlm.model.train()
+    bar = tqdm(total=total, initial=step, desc="sft: LLaVA fine-tuning", unit="step")
+    for epoch in range(start_epoch, cfg.epochs):
+        if not (epoch == start_epoch and start_i > 0):
+            rng.shuffle(order)
+        for i in range(start_i if epoch == start_epoch else 0, len(order), cfg.batch_size):
             chunk = [rows[j] for j in order[i : i + cfg.batch_size]]
             batch = collate_sequences(vlm, [r["image"] for r in chunk], [r["question"] for r in chunk],
                                       [r["answer"] for r in chunk])
@@ -222,10 +307,15 @@ def train_llava(vlm: VLM, rows: list[dict], cfg: SFTConfig, log: LogFn | None = 
             optimizer.step()
             scheduler.step()
             losses.append(loss.item())
-            if log:
-                log("lm", {"loss": losses[-1], "lr": scheduler.get_last_lr()[0]})
+            run.log("lm", {"loss": losses[-1], "lr": scheduler.get_last_lr()[0]})
+            step += 1
+            run.steps_run += 1
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if run.checkpoints.due(step) and step < total:
+                next_epoch, next_i = (epoch, i + cfg.batch_size) if i + cfg.batch_size < len(order) else (epoch + 1, 0)
+                run.save(step, "phase2", step=step, epoch=next_epoch, i=next_i, losses=list(losses),
+                         order=list(order), rng=rng.getstate(), where=f"phase 2, step {step} of {total}")
     bar.close()
     finalize()
     for p in vlm.model.parameters():
@@ -235,19 +325,42 @@ def train_llava(vlm: VLM, rows: list[dict], cfg: SFTConfig, log: LogFn | None = 
     return {"sft_first_loss": losses[0], "sft_final_loss": sum(tail) / len(tail)}
 
 
-def train_sft(vlm: VLM, rows: list[dict], cfg: SFTConfig, fresh: bool, log: LogFn | None = None
-              ) -> dict[str, float]:
-    """Both phases; returns summary numbers for the stage report.
+def _tower_names(vlm: VLM) -> set[str]:
+    tower = {id(p) for p in vlm.vision_tower.parameters()}
+    return {n for n, p in vlm.model.named_parameters() if id(p) in tower}
+
+
+def train_sft(vlm: VLM, rows: list[dict], cfg: SFTConfig, fresh: bool, log: LogFn | None = None,
+              work_dir: str | Path | None = None, key: str | None = None) -> tuple[dict[str, float], SFTRun]:
+    """Both phases; returns summary numbers for the stage report, and the run (what it resumed,
+    its checkpoints: clear them once the model is saved).
 
     Phase 1 runs only on a `fresh` model (a profile built here): a given checkpoint's vision tower
-    is pretrained, so phase 1 never runs on it.
+    is pretrained, so phase 1 never runs on it. With `work_dir` and `key` (a content fingerprint:
+    `resume_key`), both phases checkpoint every `cfg.checkpoint_every` steps and a restarted run
+    continues from the newest checkpoint to the same weights.
     """
     if not rows:
         raise DataError("sft: the train split has no rows")
     torch.manual_seed(cfg.seed)
-    summary = pretrain_vision(vlm, rows, cfg, log) if fresh else {}
+    run = SFTRun(cfg, log, work_dir, key)
+    in_phase2 = run.checkpoints.latest_tag() == "phase2"
+    summary: dict[str, float] = {}
+    if fresh and not in_phase2:
+        summary = pretrain_vision(vlm, rows, cfg, run)
+        run.state.values["summary"] = dict(summary)
     lm_rows = rows
     if cfg.lm_train_rows is not None:
         lm_rows = random.Random(cfg.seed).sample(rows, min(cfg.lm_train_rows, len(rows)))
-    summary.update(train_llava(vlm, lm_rows, cfg, log))
-    return summary
+    phase2 = train_llava(vlm, lm_rows, cfg, run, tower_trained=fresh and cfg.vision_epochs > 0)
+    summary = {**run.state.values["summary"], **phase2}
+    return summary, run
+
+
+def resume_key(cfg: SFTConfig, input_digest: str, model_digest: str | None) -> str:
+    """The content key of an SFT run's checkpoints: the rows, the config, the start model, the code."""
+    from pipeline.fingerprint import code_version, fingerprint
+
+    code = code_version(["pipeline.training", "pipeline.batching", "pipeline.models", "pipeline.metrics"])
+    steps = {k: v for k, v in cfg.to_dict().items() if k != "checkpoint_every"}  # how often is not what
+    return fingerprint("sft", input_digest, model_digest, steps, code)
