@@ -11,7 +11,15 @@ from pathlib import Path
 
 import typer
 
-from pipeline.stages._cli import input_option, metrics_option, output_option, params_option, run, stage_app
+from pipeline.stages._cli import (
+    input_option,
+    metrics_option,
+    output_option,
+    params_option,
+    run,
+    stage_app,
+    timings_option,
+)
 
 app = stage_app(__doc__)
 
@@ -24,7 +32,10 @@ def main(
     output: Path = output_option("candidates per entry (Parquet)"),
     metrics: Path = metrics_option(),
     work_dir: Path = output_option("scratch folder of finished batches (resume); not a DVC output", "--work-dir"),
+    timings: Path = timings_option(),
 ) -> None:
+    import time
+
     from pipeline.fingerprint import file_digest, folder_digest
     from pipeline.models.profiles import load_vlm
     from pipeline.params import load_config
@@ -35,11 +46,14 @@ def main(
     config = load_config(SampleConfig, params, "sample")
     rows = require_rows(read_rows(input, POOL_SCHEMA), input)
     vlm = load_vlm(model)
+    start = time.perf_counter()
     done = sample_pool(vlm, rows, config, work_dir, {"pool": file_digest(input), "model": folder_digest(model)})
     write_table(done.table, output, CANDIDATES_SCHEMA)
     summary = summarize_candidates(done.table.to_pylist())
     summary.update({"mode": config.mode, "mask_ratio": config.mask_ratio, "k": config.k})
     write_json(metrics, summary)
+    write_json(timings, {"seconds": time.perf_counter() - start, "batches": done.batches, "reused": done.reused,
+                         "computed": done.computed})
     typer.echo(f"sample: {summary['candidates']} candidates for {summary['entries']} entries -> {output}")
 
 
