@@ -144,7 +144,8 @@ def test_default_panel_parses_and_fits_the_prompt_file():
 
 OPENAI_JUDGE = {"name": "med42", "role": "radiologist", "backend": "openai", "model": "m42",
                 "base_url": "http://localhost:8000/v1", "api_key_env": "VLLM_API_KEY", "timeout_s": 60.0,
-                "max_concurrency": 8, "max_new_tokens": 48, "temperature": 0.0, "extra_body": {}}
+                "max_concurrency": 8, "max_new_tokens": 48, "temperature": 0.0, "extra_body": {},
+                "preflight": True, "structured_output": "none", "sampling_fields": {}}
 
 
 @pytest.mark.parametrize(
@@ -157,6 +158,19 @@ OPENAI_JUDGE = {"name": "med42", "role": "radiologist", "backend": "openai", "mo
         ({"judges": [{**OPENAI_JUDGE, "base_url": None}]}, "`score.judges\\[0\\].base_url` must be a valid string"),
         ({"judges": [{**OPENAI_JUDGE, "api_key_env": "sk-abc123-this-is-a-key"}]}, "NAME of an environment variable"),
         ({"judges": [{**OPENAI_JUDGE, "prefill": True}]}, "unknown key `score.judges\\[0\\].prefill`"),
+        ({"judges": [{**OPENAI_JUDGE, "base_url": "localhost:8000/v1"}]}, "must start with http:// or https://"),
+        ({"judges": [{**OPENAI_JUDGE, "base_url": "http://h:8000/v1/chat/completions"}]}, "is the API root"),
+        ({"judges": [{**OPENAI_JUDGE, "sampling_fields": {"top_p": None}}]}, "can rename or drop only"),
+        ({"judges": [{**OPENAI_JUDGE, "sampling_fields": {"temperature": "max_tokens"}}]}, "already has"),
+        ({"judges": [{**OPENAI_JUDGE, "sampling_fields": {"max_tokens": "max tokens"}}]}, "request field name"),
+        ({"judges": [{**OPENAI_JUDGE, "structured_output": "json"}]}, "structured_output` must be"),
+        ({"judges": [{**OPENAI_JUDGE, "structured_output": "guided_json", "extra_body": {"guided_json": {}}}]},
+         "remove it from extra_body"),
+        ({"judges": [{**OPENAI_JUDGE, "sampling_fields": {"max_tokens": "n_predict"},
+                      "extra_body": {"n_predict": 3}}]}, "which extra_body also sets"),
+        ({"max_unscored": 1.5}, "`score.max_unscored` must be less than or equal to 1"),
+        ({"request_retry": {**DEFAULT_SECTION["request_retry"], "max_consecutive_failures": 0}},
+         "max_consecutive_failures` must be greater than or equal to 1"),
         ({"judges": [{**DEFAULT_SECTION["judges"][0], "base_url": "http://x"}]}, "unknown key `score.judges\\[0\\].base_url`"),
         ({"judges": [{**DEFAULT_SECTION["judges"][0], "backend": "vllm"}]}, "backend` must be one of 'hf', 'openai'"),
         ({"judges": [{**DEFAULT_SECTION["judges"][0], "temperature": -1}]}, "temperature` must be greater than or equal to 0"),
@@ -413,7 +427,7 @@ def test_interrupted_run_resumes_from_the_cache_and_asks_nothing_twice(tmp_path,
     again = [r for r in counting.asked if json.dumps(r.as_dicts()) in first_keys]
     assert again == [] and len(counting.asked) == 24 - 17
     metrics = score_metrics(result.outcomes, result.weights, config, entries=len(rows),
-                            unique=result.unique, cache_stats={j.name: j.stats for j in judges}, request_retries={}, seconds=1.0)
+                            unique=result.unique, cache_stats={j.name: j.stats for j in judges}, request_retries={})
     assert metrics["cache"]["hits"] == 17 and metrics["cache"]["asked"] == 7
     assert [o.score for o in result.outcomes] == [float(table[t]) for row in texts for t in row]
     assert metrics["agreement_rate"] == 1.0 and metrics["rounds_histogram"]["1"] == 12
@@ -491,7 +505,7 @@ def test_identical_responses_are_judged_once(tmp_path, prompts):
     assert result.unique == 2 and len(backend.asked) == 4
     assert [o.score for o in result.outcomes] == [4.0, 8.0, 4.0]
     metrics = score_metrics(result.outcomes, result.weights, config, entries=2, unique=result.unique,
-                            cache_stats={j.name: j.stats for j in judges}, request_retries={}, seconds=1.0)
+                            cache_stats={j.name: j.stats for j in judges}, request_retries={})
     assert metrics["responses"] == 3 and metrics["rounds_histogram"]["1"] == 3
     assert metrics["judges"]["A"]["turns"] == 2
 
@@ -574,9 +588,9 @@ def test_stage_with_a_local_hf_panel_records_what_the_judges_said(tmp_path):
         **DEFAULT_SECTION,
         "judges": [{"name": "radiologist", "role": "radiologist", **judge},
                    {"name": "clinician", "role": "clinician", **judge}],
-        "rounds": 2, "retries": 1, "prompts": str(DEFAULT_PROMPTS),
+        "rounds": 2, "retries": 1, "prompts": str(DEFAULT_PROMPTS), "max_unscored": 1.0,  # it answers garbage
     })
-    back, metrics = score_panel(config, read_rows(tmp_path / "ranked.parquet", RANKED_SCHEMA),
+    back, metrics, _timings = score_panel(config, read_rows(tmp_path / "ranked.parquet", RANKED_SCHEMA),
                                 tmp_path / "cache.sqlite", progress=False)
     judgements = [j for r in back for j in r["judgements"]]
     assert len(judgements) == 3 and metrics["responses"] == 3

@@ -130,21 +130,28 @@ def build_judges(
     prompt_version: Any,
     request_retry: RequestRetry,
 ) -> list[CachedJudge]:
-    """Instantiate the panel. Judges that share a local model share one loaded copy of it."""
+    """Instantiate the panel. Remote judges come first, each checked by its preflight
+    (`GET {base_url}/models`) where enabled, so a dead endpoint, a refused key or an unknown model
+    fails in seconds, before any local model is loaded. Judges that share a local model share one
+    loaded copy of it."""
+    backends: dict[str, Backend] = {}
+    for cfg in configs:
+        if cfg.backend == "openai":
+            from pipeline.judges.backends.openai import OpenAIBackend
+
+            remote = OpenAIBackend.from_config(cfg, request_retry)
+            if cfg.preflight:
+                remote.preflight()
+            backends[cfg.name] = remote
     loaded: dict[str, Any] = {}
-    judges = []
     for cfg in configs:
         if cfg.backend == "hf":
             from pipeline.judges.backends.hf import HFBackend, load_model
 
             if cfg.model not in loaded:
                 loaded[cfg.model] = load_model(cfg.model)
-            backend = HFBackend(loaded[cfg.model], batch_size=cfg.batch_size)
-        elif cfg.backend == "openai":
-            from pipeline.judges.backends.openai import OpenAIBackend
-
-            backend = OpenAIBackend.from_config(cfg, request_retry)
-        else:  # parse_score_config rejects anything else
+            backends[cfg.name] = HFBackend(loaded[cfg.model], batch_size=cfg.batch_size)
+        elif cfg.backend != "openai":  # parse_score_config rejects anything else
             raise JudgeError(f"judge {cfg.name}: unknown backend {cfg.backend!r}")
-        judges.append(CachedJudge(config=cfg, backend=backend, cache=cache, prompt_version=prompt_version))
-    return judges
+    return [CachedJudge(config=cfg, backend=backends[cfg.name], cache=cache, prompt_version=prompt_version)
+            for cfg in configs]

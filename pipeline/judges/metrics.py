@@ -1,4 +1,9 @@
-"""The `score` stage report (`reports/score.json`): agreement, rounds, scores per judge, missing, cache."""
+"""The `score` stage report (`reports/score.json`): agreement, rounds, scores per judge, missing, cache.
+
+Only what the inputs, params and cache determine is here; wall-clock times go to the stage's
+`--timings` file (`score_timings`), so a rerun reproduces the report. A failed or interrupted run
+writes a report too (`failed_metrics`, or the full report with `status: failed`).
+"""
 
 from __future__ import annotations
 
@@ -29,7 +34,6 @@ def score_metrics(
     unique: int,
     cache_stats: Mapping[str, JudgeStats],
     request_retries: Mapping[str, int],
-    seconds: float,
 ) -> dict[str, Any]:
     """Everything `dvc metrics show` should tell about a scoring run.
 
@@ -53,9 +57,9 @@ def score_metrics(
         }
     scored = [o.score for o in outcomes if o.score is not None]
     low, high = config.weights.clip
-    hits = sum(s.hits for s in cache_stats.values())
-    asked = sum(s.asked for s in cache_stats.values())
     return {
+        "status": "ok",  # or "failed" (too many unscored responses: see `error`)
+        "error": None,
         "entries": entries,
         "responses": n,
         "unique_responses": unique,  # distinct (question, reference, response): each judged once
@@ -73,13 +77,50 @@ def score_metrics(
             "clipped_low": sum(1 for w in weights if w <= low),
             "clipped_high": sum(1 for w in weights if w >= high),
         },
-        "cache": {
-            "hits": hits,
-            "asked": asked,
-            "hit_rate": (hits / (hits + asked)) if hits + asked else None,
-            "deduplicated": sum(s.deduplicated for s in cache_stats.values()),
-        },
+        "cache": cache_summary(cache_stats),
         "request_retries": dict(sorted(request_retries.items())),
-        "seconds": seconds,
-        "seconds_per_asked_answer": (seconds / asked) if asked else None,
+    }
+
+
+def cache_summary(cache_stats: Mapping[str, JudgeStats]) -> dict[str, Any]:
+    hits = sum(s.hits for s in cache_stats.values())
+    asked = sum(s.asked for s in cache_stats.values())
+    return {
+        "hits": hits,
+        "asked": asked,
+        "hit_rate": (hits / (hits + asked)) if hits + asked else None,
+        "deduplicated": sum(s.deduplicated for s in cache_stats.values()),
+    }
+
+
+def failed_metrics(
+    status: str,
+    error: str,
+    entries: int,
+    responses: int,
+    unique: int,
+    cache_stats: Mapping[str, JudgeStats],
+    request_retries: Mapping[str, int],
+) -> dict[str, Any]:
+    """The report of a run that stopped before every response had a verdict (`status`: failed or
+    interrupted): what is known, i.e. the sizes, the answers obtained and the retries."""
+    return {
+        "status": status,
+        "error": error,
+        "entries": entries,
+        "responses": responses,
+        "unique_responses": unique,
+        "cache": cache_summary(cache_stats),
+        "request_retries": dict(sorted(request_retries.items())),
+    }
+
+
+def score_timings(status: str, setup_seconds: float, seconds: float | None, asked: int) -> dict[str, Any]:
+    """The `--timings` file: wall-clock values, which differ on every run (an uncached DVC output)."""
+    return {
+        "status": status,
+        "setup_seconds": round(setup_seconds, 3),  # loading local judges, remote preflights
+        "seconds": None if seconds is None else round(seconds, 3),  # judging
+        "asked": asked,
+        "seconds_per_asked_answer": (seconds / asked) if seconds is not None and asked else None,
     }

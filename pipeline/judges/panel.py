@@ -31,9 +31,18 @@ class Generation:
     max_new_tokens: int
     temperature: float  # 0 = greedy (hf) / temperature 0 (openai): reproducible verdicts
     extra_body: dict[str, Any] = field(default_factory=dict)  # openai only: passed to the server as is
+    structured_output: str = "none"  # openai only: how the answer's JSON schema is requested
+    sampling_fields: dict[str, str | None] = field(default_factory=dict)  # openai only: renamed / dropped fields
 
     def as_dict(self) -> dict[str, Any]:
-        return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "extra_body": self.extra_body}
+        out: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
+                               "extra_body": self.extra_body}
+        # Only when set, so that the cache keys of judges configured before these options existed stay valid.
+        if self.structured_output != "none":
+            out["structured_output"] = self.structured_output
+        if self.sampling_fields:
+            out["sampling_fields"] = dict(sorted(self.sampling_fields.items()))
+        return out
 
 
 NonEmpty = Annotated[str, Field(min_length=1, pattern=r"\S")]
@@ -63,6 +72,13 @@ class HFJudgeConfig(_JudgeBase):
 
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+# The sampling fields of a chat-completions request that `sampling_fields` may rename or drop.
+SAMPLING_FIELDS = ("max_tokens", "temperature")
+# Request fields the backend sets itself: a sampling field must not be renamed to one of them.
+_RESERVED_FIELDS = ("model", "messages", "response_format", "guided_json", "stream", "n", "max_tokens",
+                    "temperature")
 
 
 class OpenAIJudgeConfig(_JudgeBase):
@@ -74,10 +90,66 @@ class OpenAIJudgeConfig(_JudgeBase):
     timeout_s: float = Field(gt=0.0, description="per-request timeout in seconds")
     max_concurrency: int = Field(ge=1, description="requests in flight at once")
     extra_body: dict[str, Any] = Field(description="passed to the server as is (e.g. vLLM sampling options); {} for none")
+    preflight: bool = Field(
+        description="before any judging, GET {base_url}/models once: fail in seconds if the server is unreachable, "
+        "refuses the key or does not serve `model`; false for a server without a /models endpoint"
+    )
+    structured_output: Literal["none", "response_format", "guided_json"] = Field(
+        description="how the answer's JSON schema is requested: none; response_format (the OpenAI API's "
+        "json_schema; vLLM, llama.cpp, hosted APIs); guided_json (older vLLM, in the request body)"
+    )
+    sampling_fields: dict[str, NonEmpty | None] = Field(
+        description="rename (new name) or drop (null) the request's max_tokens / temperature, e.g. "
+        "{max_tokens: max_completion_tokens, temperature: null} for reasoning models; {} sends both as is"
+    )
 
     @property
     def generation(self) -> Generation:
-        return Generation(self.max_new_tokens, self.temperature, dict(self.extra_body))
+        return Generation(self.max_new_tokens, self.temperature, dict(self.extra_body), self.structured_output,
+                          dict(self.sampling_fields))
+
+    @field_validator("base_url")
+    @classmethod
+    def _is_a_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            # Without a scheme the client cannot even connect, and would retry for minutes.
+            raise ValueError(
+                f"must start with http:// or https:// followed by a host (e.g. http://localhost:8000/v1), got {value!r}"
+            )
+        if re.search(r"/(chat/completions|completions|models)/?$", value):
+            raise ValueError(
+                f"is the API root (e.g. http://localhost:8000/v1), not an endpoint under it, got {value!r}"
+            )
+        return value
+
+    @field_validator("sampling_fields")
+    @classmethod
+    def _known_fields(cls, value: dict[str, str | None]) -> dict[str, str | None]:
+        unknown = sorted(set(value) - set(SAMPLING_FIELDS))
+        if unknown:
+            raise ValueError(f"can rename or drop only {list(SAMPLING_FIELDS)}, not {unknown}")
+        for old, new in value.items():
+            if new is None:
+                continue
+            if not _FIELD_NAME.match(new):
+                raise ValueError(f"{old}: the new name must be a request field name (letters, digits, _), got {new!r}")
+            if new in _RESERVED_FIELDS and new != old:
+                raise ValueError(f"{old}: cannot be renamed to {new!r}, a field the request already has")
+        return value
+
+    @model_validator(mode="after")
+    def _no_clashes(self) -> OpenAIJudgeConfig:
+        schema_key = {"response_format": "response_format", "guided_json": "guided_json"}.get(self.structured_output)
+        if schema_key and schema_key in self.extra_body:
+            raise ValueError(
+                f"judge {self.name}: structured_output: {self.structured_output} sets `{schema_key}`; "
+                f"remove it from extra_body"
+            )
+        sent = [new for new in self.sampling_fields.values() if new is not None]
+        clash = sorted(set(sent) & set(self.extra_body))
+        if clash:
+            raise ValueError(f"judge {self.name}: sampling_fields renames to {clash}, which extra_body also sets")
+        return self
 
     @field_validator("api_key_env")
     @classmethod
@@ -116,6 +188,11 @@ class RequestRetry(Config):
     max_retries: int = Field(ge=0, description="retries of one request before the judge fails")
     backoff_s: float = Field(ge=0.0, description="first wait in seconds; doubles each retry")
     max_backoff_s: float = Field(ge=0.0, description="cap on one wait, also on a server's Retry-After")
+    max_consecutive_failures: int = Field(
+        ge=1,
+        description="requests in a row that fail for good (after every retry, or a 400) before the judge's turn "
+        "is stopped; the first 401/403/404 and a connection error outlasting the retries stop it at once",
+    )
 
 
 class ScoreConfig(Config):
@@ -124,6 +201,11 @@ class ScoreConfig(Config):
     judges: tuple[JudgeConfig, ...] = Field(strict=False, description="the panel: a list of judges")
     rounds: int = Field(ge=1, description="consensus rounds (MMedPO: 5)")
     retries: int = Field(ge=0, description="re-asks after a malformed answer, then the turn is recorded as missing")
+    max_unscored: float = Field(
+        ge=0.0, le=1.0,
+        description="largest share of dispreferred responses that may end without any valid score (weight mu); "
+        "more fails the stage (exit 1) after writing its report; 1 never fails",
+    )
     request_retry: RequestRetry = Field(description="HTTP retries of the openai backend")
     weights: WeightConfig = Field(description="how consensus scores become weights")
     prompts: NonEmpty = Field(description="the versioned prompts file (a dep of the score stage)")

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import PipelineError
 from pipeline.judges.cache import ResponseCache
 from pipeline.judges.consensus import Outcome, PanelJudge, run_consensus
-from pipeline.judges.judge import build_judges
-from pipeline.judges.metrics import score_metrics
+from pipeline.judges.judge import CachedJudge, build_judges
+from pipeline.judges.metrics import failed_metrics, score_metrics, score_timings
 from pipeline.judges.panel import PanelConfigError, ScoreConfig
 from pipeline.judges.prompts import Case, PromptSet, load_prompts
 from pipeline.judges.weights import clinical_weights
@@ -79,46 +80,102 @@ def score_rows(
     return ScoringResult(rows=scored, outcomes=outcomes, weights=weights, unique=len(unique))
 
 
+class TooManyUnscored(PipelineError):
+    """More dispreferred responses ended without any valid score than `score.max_unscored` allows."""
+
+
+def check_unscored(result: ScoringResult, config: ScoreConfig) -> str | None:
+    """The failure message if the share of unscored responses exceeds `config.max_unscored`, else None."""
+    n = len(result.outcomes)
+    unscored = sum(1 for o in result.outcomes if o.score is None)
+    if not n or unscored / n <= config.max_unscored:
+        return None
+    example = next(((t.judge, t.answers[0], t.errors[0]) for o in result.outcomes for t in o.turns if t.errors),
+                   None)
+    shown = ""
+    if example:
+        answer = " ".join(example[1].split())
+        answer = answer if len(answer) <= 120 else answer[:120] + "…"
+        shown = f"; e.g. judge {example[0]} answered {answer!r} ({example[2]})"
+    return (
+        f"{unscored} of {n} dispreferred responses ({unscored / n:.1%}) got no valid score from any judge, more "
+        f"than score.max_unscored ({config.max_unscored:.1%}){shown}. The judges do not answer in the JSON "
+        f"format: constrain them (openai: `structured_output`; hf: `prefill`), use a stronger model, or raise "
+        f"score.max_unscored"
+    )
+
+
 def score_panel(
     config: ScoreConfig,
     rows: Sequence[dict],
     cache_path: str | Path,
     progress: bool = True,
-) -> tuple[list[dict], dict[str, Any]]:
+    on_failure: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
+) -> tuple[list[dict], dict[str, Any], dict[str, Any]]:
     """The whole stage without its file I/O: judge every dispreferred response of `rows`
-    (RANKED_SCHEMA) through the response cache at `cache_path`; return SCORED_SCHEMA rows and
-    the stage metrics.
+    (RANKED_SCHEMA) through the response cache at `cache_path`; return SCORED_SCHEMA rows, the
+    stage metrics and the timings (wall-clock values, kept out of the metrics).
 
     Every answer is in the cache the moment it arrives, so an interrupted run loses no judge
-    answer and a restart asks only what is missing.
+    answer and a restart asks only what is missing. If the run fails once the panel is being built
+    (a judge error, a preflight, Ctrl-C, too many unscored responses: `score.max_unscored`),
+    `on_failure(metrics, timings)` gets the report of what is known before the error propagates.
     """
     from tqdm import tqdm
 
     prompts = load_prompts(config.prompts)
     check_panel(config, prompts)
-    with ResponseCache(cache_path) as cache:
-        judges = build_judges(config.judges, cache, prompts.version, config.request_retry)
-        start = time.perf_counter()  # judging only, not model loading
-        bar = tqdm(total=0, unit="answer", desc="score", disable=not progress, dynamic_ncols=True)
+    cases, _ = cases_from_rows(rows)
+    sizes = {"entries": len(rows), "responses": len(cases), "unique": len(set(cases))}
+    start = time.perf_counter()
+    judging: float | None = None  # when judging started (after loading and preflights)
+    judges: list[CachedJudge] = []
 
-        def on_ask(rnd: int, name: str, attempt: int, n: int) -> None:
-            retry = f" retry {attempt}" if attempt else ""
-            bar.set_description(f"score round {rnd} {name}{retry}")
-            bar.total += n
-            bar.refresh()
-
+    def retries() -> Counter[str]:
+        total: Counter[str] = Counter()
         for judge in judges:
-            judge.on_answer = bar.update
-        try:
-            result = score_rows(rows, judges, prompts, config, on_ask=on_ask)
-        finally:
-            bar.close()
-    seconds = time.perf_counter() - start
-    retries: Counter[str] = Counter()
-    for judge in judges:
-        retries.update(getattr(judge.backend, "retries", {}))  # only the openai backend retries requests
+            total.update(getattr(judge.backend, "retries", {}))  # only the openai backend retries requests
+        return total
+
+    def timings(status: str) -> dict[str, Any]:
+        now = time.perf_counter()
+        setup = (judging if judging is not None else now) - start
+        return score_timings(status, setup, None if judging is None else now - judging,
+                             sum(j.stats.asked for j in judges))
+
+    try:
+        with ResponseCache(cache_path) as cache:
+            judges = build_judges(config.judges, cache, prompts.version, config.request_retry)
+            judging = time.perf_counter()  # judging only, not model loading or preflights
+            bar = tqdm(total=0, unit="answer", desc="score", disable=not progress, dynamic_ncols=True)
+
+            def on_ask(rnd: int, name: str, attempt: int, n: int) -> None:
+                retry = f" retry {attempt}" if attempt else ""
+                bar.set_description(f"score round {rnd} {name}{retry}")
+                bar.total += n
+                bar.refresh()
+
+            for judge in judges:
+                judge.on_answer = bar.update
+            try:
+                result = score_rows(rows, judges, prompts, config, on_ask=on_ask)
+            finally:
+                bar.close()
+    except (PipelineError, KeyboardInterrupt) as err:
+        status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+        if on_failure is not None:
+            on_failure(failed_metrics(status, str(err) or "interrupted", sizes["entries"], sizes["responses"],
+                                      sizes["unique"], {j.name: j.stats for j in judges}, retries()),
+                       timings(status))
+        raise
     metrics = score_metrics(
         result.outcomes, result.weights, config, entries=len(rows), unique=result.unique,
-        cache_stats={j.name: j.stats for j in judges}, request_retries=retries, seconds=seconds,
+        cache_stats={j.name: j.stats for j in judges}, request_retries=retries(),
     )
-    return result.rows, metrics
+    failure = check_unscored(result, config)
+    if failure is not None:
+        metrics.update(status="failed", error=failure)
+        if on_failure is not None:
+            on_failure(metrics, timings("failed"))
+        raise TooManyUnscored(failure)
+    return result.rows, metrics, timings("ok")

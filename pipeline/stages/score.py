@@ -1,7 +1,9 @@
 """`score` stage: clinical-relevance consensus scores and DPO weights for every dispreferred
 response (MMedPO §3.2-3.3). The panel, protocol and weights are the `score:` section of the
 params file (docs/judges.md). Every judge answer is kept in `--cache` the moment it arrives, so an
-interrupted run asks only what is missing."""
+interrupted run asks only what is missing. A run that fails once judging is under way (a judge
+error, Ctrl-C, more unscored responses than `score.max_unscored`) still writes `--metrics` (with
+`status` and `error`) and `--timings`."""
 
 from __future__ import annotations
 
@@ -9,7 +11,15 @@ from pathlib import Path
 
 import typer
 
-from pipeline.stages._cli import input_option, metrics_option, output_option, params_option, run, stage_app
+from pipeline.stages._cli import (
+    input_option,
+    metrics_option,
+    output_option,
+    params_option,
+    run,
+    stage_app,
+    timings_option,
+)
 
 app = stage_app(__doc__)
 
@@ -22,6 +32,7 @@ def main(
     metrics: Path = metrics_option(),
     cache: Path = output_option("the judge response cache (SQLite; resume); not a DVC output", "--cache"),
     model_root: Path = input_option("folder that holds local judge models (a dep of this stage)", "--model-root"),
+    timings: Path = timings_option(),
     progress: bool = typer.Option(True, help="show a progress bar"),
 ) -> None:
     from pipeline.judges.backends.hf import PACKAGED
@@ -37,14 +48,19 @@ def main(
         if judge.backend == "hf":
             check_model_source(judge.model, f"score.judges[{i}].model", model_root, packaged=[PACKAGED])
     rows = require_rows(read_rows(input, RANKED_SCHEMA), input)
-    scored, report = score_panel(config, rows, cache, progress=progress)
+
+    def write_reports(report: dict, times: dict) -> None:
+        write_json(metrics, report)
+        write_json(timings, times)
+
+    scored, report, times = score_panel(config, rows, cache, progress=progress, on_failure=write_reports)
     write_rows(scored, output, SCORED_SCHEMA)
-    write_json(metrics, report)
+    write_reports(report, times)
     typer.echo(
         f"score: {report['responses']} responses of {report['entries']} entries, "
         f"agreement {report['agreement_rate'] if report['agreement_rate'] is not None else 'n/a'}, "
         f"{report['missing']['unscored_responses']} unscored, cache hits {report['cache']['hits']}, "
-        f"asked {report['cache']['asked']} -> {output}"
+        f"asked {report['cache']['asked']} in {times['seconds']} s -> {output}"
     )
 
 
