@@ -17,7 +17,7 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,7 +130,8 @@ def _item(qid: str, **changes: Any) -> dict:
 def openai_judge(**changes: Any) -> dict:
     judge = {"name": "remote", "role": "radiologist", "backend": "openai", "model": "med42",
              "base_url": "http://127.0.0.1:8000/v1", "api_key_env": "MEDALIGN_JUDGE_KEY", "timeout_s": 5.0,
-             "max_concurrency": 1, "max_new_tokens": 48, "temperature": 0.0, "extra_body": {}}
+             "max_concurrency": 1, "max_new_tokens": 48, "temperature": 0.0, "extra_body": {},
+             "preflight": True, "structured_output": "none", "sampling_fields": {}}
     return {**judge, **changes}
 
 
@@ -143,6 +144,7 @@ class Workspace:
         self.params = load_params(project_params_path())
         self.args_override: list[str] | None = None
         self.params_text: str | None = None  # the params file as text, when it is not YAML of `params`
+        self.cleanups: list[Callable[[], None]] = []  # run after the stage (e.g. stop a loopback server)
         rows = generate_split(4, "train", seed=0, prior=0.7, image_size=16)
         test_rows = generate_split(4, "test", seed=0, prior=None, image_size=16)
         write_rows(rows, "data/prepared/train.parquet", VQA_SCHEMA)
@@ -502,6 +504,40 @@ def _(w, mp):
              "score.request_retry.max_retries": 0})
 
 
+@scenario("judge-url-without-scheme")
+def _(w, mp):
+    mp.setenv("MEDALIGN_JUDGE_KEY", "any-value")
+    w.set(**{"score.judges": [openai_judge(base_url="localhost:8000/v1")]})
+
+
+@scenario("judge-sampling-field-unknown")
+def _(w, mp):
+    mp.setenv("MEDALIGN_JUDGE_KEY", "any-value")
+    w.set(**{"score.judges": [openai_judge(sampling_fields={"top_p": None})]})
+
+
+def _loopback_judge_server(w: Workspace):
+    from tests.test_judges_openai import ChatServer
+
+    server = ChatServer().__enter__()
+    w.cleanups.append(lambda: server.__exit__(None, None, None))
+    return server
+
+
+@scenario("judge-model-not-served")
+def _(w, mp):
+    mp.setenv("MEDALIGN_JUDGE_KEY", "any-value")
+    server = _loopback_judge_server(w)
+    w.set(**{"score.judges": [openai_judge(base_url=server.url, model="med42")]})  # it serves judge-a, judge-b
+
+
+@scenario("judge-wrong-path")
+def _(w, mp):
+    mp.setenv("MEDALIGN_JUDGE_KEY", "any-value")
+    server = _loopback_judge_server(w)
+    w.set(**{"score.judges": [openai_judge(base_url=server.url.removesuffix("/v1"), model="judge-a")]})
+
+
 @scenario("rerank-keeps-nothing")
 def _(w, mp):
     pass  # the workspace's candidates: one per entry, fewer than rerank.min_keep (2)
@@ -597,9 +633,12 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_model: Path) -> Workspace:
+def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_model: Path) -> Iterator[Workspace]:
     monkeypatch.chdir(tmp_path)
-    return Workspace(tmp_path, tiny_model)
+    workspace = Workspace(tmp_path, tiny_model)
+    yield workspace
+    for cleanup in workspace.cleanups:
+        cleanup()
 
 
 def _no_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:

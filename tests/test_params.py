@@ -4,7 +4,9 @@ message that names the key, before anything is loaded."""
 from __future__ import annotations
 
 import copy
+import difflib
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -246,3 +248,27 @@ def test_no_library_function_defaults_a_param():
                 if arg.arg in names and not (isinstance(default, ast.Constant) and default.value is None):
                     found.append(f"{file.relative_to(REPO)}:{node.lineno} {node.name}({arg.arg}=...)")
     assert not found, found
+
+
+@pytest.mark.parametrize(("override", "line"), [
+    ("mask_ratio=0.5", "mask_ratio: 0.5"),
+    ("sft.epochs=2", "  epochs: 2"),
+    ("sft.system_prompt=null", "  system_prompt:"),
+    ("prepare.files.skip_bad=true", "    skip_bad: true"),
+    ("score.request_retry.max_retries=2", "    max_retries: 2"),
+    ("train.max_rejected=null", "  max_rejected:"),
+    ("evaluate.max_rows=10", "  max_rows: 10"),
+])
+def test_dvc_exp_run_set_param_changes_only_that_line(tmp_path, override, line):
+    """`dvc exp run -S` rewrites params.yaml with its own YAML writer (dvc.utils.hydra.apply_overrides,
+    what -S calls): params.yaml is written in that style, so the only change is the line set."""
+    from dvc.utils.hydra import apply_overrides
+
+    path = tmp_path / "params.yaml"
+    shutil.copy(project_params_path(), path)
+    before = path.read_text().splitlines()
+    apply_overrides(str(path), [override])
+    after = path.read_text().splitlines()
+    changed = [(a, b) for a, b in zip(before, after, strict=True) if a != b]
+    assert len(changed) == 1, "\n".join(difflib.unified_diff(before, after, lineterm=""))
+    assert changed[0][1].split("#")[0].rstrip() == line

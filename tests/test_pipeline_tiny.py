@@ -30,6 +30,7 @@ def tiny_params(judge_dir: str) -> dict:
         judge.update(model=judge_dir, batch_size=8, max_new_tokens=8)
     params["score"]["rounds"] = 2
     params["score"]["retries"] = 0
+    params["score"]["max_unscored"] = 1.0  # the random judge answers garbage: every response ends unscored
     params["score"]["prompts"] = str(REPO / "pipeline/judges/prompts.yaml")
     params["train"].update(epochs=1, batch_size=4, grad_accum=1)
     params["evaluate"].update(batch_size=16, max_new_tokens=4)

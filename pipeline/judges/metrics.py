@@ -58,8 +58,9 @@ def score_metrics(
     scored = [o.score for o in outcomes if o.score is not None]
     low, high = config.weights.clip
     return {
-        "status": "ok",  # or "failed" (too many unscored responses: see `error`)
-        "error": None,
+        "status": "ok",  # or "failed" (too many unscored responses: see `failure`)
+        # not "error": `dvc metrics show` takes a top-level "error" key for a file it failed to read
+        "failure": None,
         "entries": entries,
         "responses": n,
         "unique_responses": unique,  # distinct (question, reference, response): each judged once
@@ -95,7 +96,7 @@ def cache_summary(cache_stats: Mapping[str, JudgeStats]) -> dict[str, Any]:
 
 def failed_metrics(
     status: str,
-    error: str,
+    failure: str,
     entries: int,
     responses: int,
     unique: int,
@@ -106,7 +107,7 @@ def failed_metrics(
     interrupted): what is known, i.e. the sizes, the answers obtained and the retries."""
     return {
         "status": status,
-        "error": error,
+        "failure": failure,
         "entries": entries,
         "responses": responses,
         "unique_responses": unique,

@@ -96,7 +96,7 @@ class OpenAIJudgeConfig(_JudgeBase):
     )
     structured_output: Literal["none", "response_format", "guided_json"] = Field(
         description="how the answer's JSON schema is requested: none; response_format (the OpenAI API's "
-        "json_schema; vLLM, llama.cpp, hosted APIs); guided_json (older vLLM, in the request body)"
+        "json_schema: current vLLM, llama.cpp, hosted APIs); guided_json (vLLM before 0.12)"
     )
     sampling_fields: dict[str, NonEmpty | None] = Field(
         description="rename (new name) or drop (null) the request's max_tokens / temperature, e.g. "

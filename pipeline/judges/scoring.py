@@ -174,7 +174,7 @@ def score_panel(
     )
     failure = check_unscored(result, config)
     if failure is not None:
-        metrics.update(status="failed", error=failure)
+        metrics.update(status="failed", failure=failure)
         if on_failure is not None:
             on_failure(metrics, timings("failed"))
         raise TooManyUnscored(failure)

@@ -3,7 +3,7 @@ response (MMedPO §3.2-3.3). The panel, protocol and weights are the `score:` se
 params file (docs/judges.md). Every judge answer is kept in `--cache` the moment it arrives, so an
 interrupted run asks only what is missing. A run that fails once judging is under way (a judge
 error, Ctrl-C, more unscored responses than `score.max_unscored`) still writes `--metrics` (with
-`status` and `error`) and `--timings`."""
+`status` and `failure`) and `--timings`."""
 
 from __future__ import annotations
 
@@ -50,8 +50,13 @@ def main(
     rows = require_rows(read_rows(input, RANKED_SCHEMA), input)
 
     def write_reports(report: dict, times: dict) -> None:
+        # Cache hits depend on what earlier runs left in the cache, and retries on the server, not on
+        # the inputs: with the wall-clock values in the uncached run report, so that
+        # reports/score.json is the same on a fresh clone.
+        report = dict(report)
+        write_json(timings, {**times, "cache": report.pop("cache", None),
+                             "request_retries": report.pop("request_retries", None)})
         write_json(metrics, report)
-        write_json(timings, times)
 
     scored, report, times = score_panel(config, rows, cache, progress=progress, on_failure=write_reports)
     write_rows(scored, output, SCORED_SCHEMA)
