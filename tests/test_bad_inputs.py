@@ -452,6 +452,11 @@ def _(w, mp):
     weights.write_bytes(data[: len(data) // 2])
 
 
+@scenario("model-weights-missing")
+def _(w, mp):
+    Path("models/sft/model.safetensors").unlink()
+
+
 @scenario("empty-split-to-mine")
 def _(w, mp):
     write_rows([], "data/prepared/train.parquet", VQA_SCHEMA)
