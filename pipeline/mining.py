@@ -77,12 +77,37 @@ class RandomStrategy:
         return [{**rows[i], "mine_strategy": self.name, "mine_score": None} for i in chosen]
 
 
-class BalancedStrategy:
-    """Seeded draw spread evenly over (question, answer) strata, round-robin.
+# What a pool is balanced over: the split's shares of these fields are kept, and within each
+# combination of them the draw is even over the (normalized) answers.
+BALANCE_FIELDS = ("answer_type", "modality", "question_type")
 
-    A uniform draw inherits the train split's language prior (e.g. 70% "no" to a presence
-    question); preference pairs built from it then teach "prefer the majority answer", which a
-    model with weak visual features learns instead of looking (measured: docs/results.md).
+
+def apportion(total: int, sizes: Mapping[Any, int], rng: random.Random) -> dict[Any, int]:
+    """Split `total` over groups in proportion to `sizes` (largest remainder; ties broken by `rng`).
+
+    With `total <= sum(sizes)` no group gets more than its size.
+    """
+    whole = sum(sizes.values())
+    exact = {g: total * n / whole for g, n in sizes.items()}
+    quota = {g: int(x) for g, x in exact.items()}
+    order = sorted(sizes, key=lambda g: (-(exact[g] - quota[g]), rng.random()))
+    for g in order[: total - sum(quota.values())]:
+        quota[g] += 1
+    return quota
+
+
+class BalancedStrategy:
+    """Keeps the split's mix of answer type, modality and question type; even over answers within it.
+
+    The pool's share of every (answer_type, modality, question_type) cell is the split's
+    (`apportion`), so a split that is a quarter open questions gives a pool that is a quarter open,
+    whatever the number of distinct questions. Within a cell the draw goes round-robin over the
+    cell's answers in a seeded random order, each answer's rows in a seeded random order: a
+    presence question answered "no" 70% of the time gives a pool that answers it "no" half the
+    time, because preference pairs built on the split's language prior teach "prefer the majority
+    answer", which a model with weak visual features learns instead of looking (docs/results.md).
+    Where nearly every answer is distinct (open questions), this is a seeded uniform draw of the
+    cell. Every choice is seeded by `seed`; the pool keeps the input order.
     """
 
     name = "balanced"
@@ -92,15 +117,21 @@ class BalancedStrategy:
 
         _check_request(self.name, rows, size, options)
         rng = random.Random(seed)
-        strata: dict[tuple[str, str], list[int]] = {}
+        cells: dict[tuple[str, ...], dict[str, list[int]]] = {}
         for i, row in enumerate(rows):
-            strata.setdefault((row["question"], normalize_answer(row["answer"])), []).append(i)
-        queues = [rng.sample(members, len(members)) for _, members in sorted(strata.items())]
+            cell = tuple(str(row[f]) for f in BALANCE_FIELDS)
+            cells.setdefault(cell, {}).setdefault(normalize_answer(row["answer"]), []).append(i)
+        quota = apportion(min(size, len(rows)), {c: sum(map(len, a.values())) for c, a in sorted(cells.items())}, rng)
         chosen: list[int] = []
-        while len(chosen) < min(size, len(rows)):
-            for queue in queues:
-                if queue and len(chosen) < size:
-                    chosen.append(queue.pop())
+        for cell, answers in sorted(cells.items()):
+            queues = [rng.sample(members, len(members)) for _, members in sorted(answers.items())]
+            rng.shuffle(queues)
+            taken = 0
+            while taken < quota[cell]:
+                for queue in queues:
+                    if queue and taken < quota[cell]:
+                        chosen.append(queue.pop())
+                        taken += 1
         return [{**rows[i], "mine_strategy": self.name, "mine_score": None} for i in sorted(chosen)]
 
 
@@ -124,7 +155,8 @@ class MineConfig(Config):
     """The `mine:` section."""
 
     strategy: Literal["balanced", "random", "hard"] = Field(
-        description="balanced: even over question x answer | random: uniform | hard: CheXPO (not implemented yet)"
+        description="balanced: the split's answer-type/modality/question-type mix, even over answers | "
+        "random: uniform | hard: CheXPO (not implemented yet)"
     )
     size: int = Field(ge=1, description="entries in the pool (HSCR: 2,000; capped at the split's size)")
     seed: int = Field(ge=0, description="seeds the draw")
@@ -143,14 +175,21 @@ def mine(rows: Sequence[Mapping[str, Any]], config: MineConfig) -> tuple[list[di
     """Run the configured strategy; return the pool rows and the stage's metrics."""
     strategy = get_strategy(config.strategy)
     pool = strategy.select(rows, config.size, config.seed)
-    return pool, mining_summary(pool, requested=config.size, available=len(rows), config=config)
+    return pool, mining_summary(pool, requested=config.size, available=len(rows), config=config, split=rows)
 
 
 def mining_summary(
-    pool: Sequence[Mapping[str, Any]], requested: int, available: int, config: MineConfig
+    pool: Sequence[Mapping[str, Any]], requested: int, available: int, config: MineConfig,
+    split: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
-    """Metrics for `reports/mine.json`: sizes (and whether the request was capped) and counts per group."""
+    """Metrics for `reports/mine.json`: sizes (and whether the request was capped), counts per
+    group, and the pool's shares of each balance field beside the split's."""
     scores = [row["mine_score"] for row in pool if row["mine_score"] is not None]
+
+    def shares(rows: Sequence[Mapping[str, Any]], field: str) -> dict[str, float]:
+        counts = Counter(str(row[field]) for row in rows)
+        return {k: round(v / len(rows), 4) for k, v in sorted(counts.items())} if rows else {}
+
     return {
         "strategy": config.strategy,
         "seed": config.seed,
@@ -163,4 +202,5 @@ def mining_summary(
         "answer_type": dict(sorted(Counter(row["answer_type"] for row in pool).items())),
         "question_type": dict(sorted(Counter(row["question_type"] for row in pool).items())),
         "dataset": dict(sorted(Counter(row["dataset"] for row in pool).items())),
+        "composition": {f: {"pool": shares(pool, f), "split": shares(split, f)} for f in BALANCE_FIELDS},
     }

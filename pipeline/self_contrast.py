@@ -357,7 +357,9 @@ def sample_pool(vlm: VLM, rows: list[dict], cfg: SampleConfig, work_dir: str | P
                       torch.__version__, transformers.__version__)
     store = BatchStore(work_dir, key, CANDIDATES_SCHEMA)
     torch.manual_seed(cfg.seed)
-    return run_batches(rows, cfg.batch_size, lambda batch: sample_batch(vlm, batch, cfg), store, desc="sample")
+    # The parts stay until the stage has written its output (it calls `pipeline.resume.clear_all`).
+    return run_batches(rows, cfg.batch_size, lambda batch: sample_batch(vlm, batch, cfg), store, desc="sample",
+                       clear=False)
 
 
 def summarize_candidates(rows: list[dict]) -> dict:

@@ -156,10 +156,88 @@ def test_balanced_strategy_evens_out_the_language_prior():
 
     from pipeline.mining import get_strategy
 
-    rows = [{"id": f"r{i}", "question": "is there a lesion?", "answer": "no" if i % 10 < 7 else "yes"}
-            for i in range(200)]
+    rows = [{"id": f"r{i}", "question": "is there a lesion?", "answer": "no" if i % 10 < 7 else "yes",
+             "answer_type": "closed", "modality": "ct", "question_type": "presence"} for i in range(200)]
     pool = get_strategy("balanced").select(rows, 40, seed=0)
     counts = Counter(r["answer"] for r in pool)
     assert counts == {"no": 20, "yes": 20}
     assert pool == get_strategy("balanced").select(rows, 40, seed=0)
     assert [r["id"] for r in pool] != [r["id"] for r in get_strategy("balanced").select(rows, 40, seed=1)]
+
+
+def _diverse_split(n: int = 2000, seed: int = 7) -> list[dict]:
+    """An independently made split: nearly every question distinct (far more strata than a pool's
+    size), a quarter open, modalities and question types in unequal shares, and a yes/no prior."""
+    import random as stdlib_random
+
+    rng = stdlib_random.Random(seed)
+    rows = []
+    for i in range(n):
+        open_question = rng.random() < 0.25
+        modality = rng.choices(["ct", "mri", "xray"], weights=[0.5, 0.3, 0.2])[0]
+        qtype = rng.choices(["presence", "position", "organ"], weights=[0.6, 0.25, 0.15])[0]
+        answer = f"finding {rng.randrange(10**6)}" if open_question else ("no" if rng.random() < 0.7 else "yes")
+        # "does ..." questions sort first: the old round-robin over sorted strata took only those
+        verb = "does" if not open_question else "what"
+        question = f"{verb} image {i} show finding {rng.randrange(10**6)}?"
+        rows.append({"id": f"s{i:05d}", "dataset": "unit", "question": question, "answer": answer,
+                     "answer_type": "open" if open_question else "closed", "modality": modality,
+                     "question_type": qtype})
+    return rows
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
+def test_balanced_pool_keeps_the_splits_mix_when_strata_outnumber_the_size(seed):
+    from collections import Counter
+
+    rows = _diverse_split()
+    size = 128
+    pool = get_strategy("balanced").select(rows, size, seed=seed)
+    assert len(pool) == size and len({r["id"] for r in pool}) == size
+    for field in ("answer_type", "modality", "question_type"):
+        split_share = Counter(r[field] for r in rows)
+        pool_share = Counter(r[field] for r in pool)
+        for value, n in split_share.items():
+            # apportioned per (answer type, modality, question type) cell: off by rounding only
+            assert abs(pool_share[value] / size - n / len(rows)) < 0.03, (field, value)
+    closed = [r for r in pool if r["answer_type"] == "closed"]
+    answers = Counter(r["answer"] for r in closed)  # the split's 70% "no" evened out within each cell
+    assert abs(answers["no"] - answers["yes"]) <= 9  # at most one per cell (9 closed cells)
+
+
+def test_balanced_pools_of_two_seeds_differ_and_one_seed_repeats():
+    rows = _diverse_split()
+    ids = [[r["id"] for r in get_strategy("balanced").select(rows, 128, seed=s)] for s in (0, 1, 0)]
+    assert ids[0] == ids[2]
+    assert len(set(ids[0]) & set(ids[1])) < 40  # two seeds share about 128 * 128 / 2000 entries, not all
+
+
+def test_balanced_draw_is_uniform_within_a_cell_and_answer():
+    """Every row of one (cell, answer) group is equally likely to be drawn."""
+    from collections import Counter
+
+    rows = [{"id": f"u{i}", "question": f"q{i}", "answer": f"a{i}", "answer_type": "open", "modality": "ct",
+             "question_type": "organ"} for i in range(10)]
+    picked = Counter(r["id"] for seed in range(3000) for r in get_strategy("balanced").select(rows, 3, seed=seed))
+    # each row: expected 900 of 3000 draws (3 of 10); binomial sd ~25
+    assert all(abs(n - 900) < 120 for n in picked.values()) and len(picked) == 10
+
+
+def test_apportion_is_proportional_and_never_exceeds_a_group():
+    import random as stdlib_random
+
+    from pipeline.mining import apportion
+
+    quota = apportion(10, {"a": 50, "b": 30, "c": 20}, stdlib_random.Random(0))
+    assert quota == {"a": 5, "b": 3, "c": 2}
+    quota = apportion(7, {"a": 1, "b": 1, "c": 5, "d": 3}, stdlib_random.Random(0))
+    assert sum(quota.values()) == 7 and all(quota[g] <= n for g, n in {"a": 1, "b": 1, "c": 5, "d": 3}.items())
+    assert apportion(10, {"a": 4, "b": 6}, stdlib_random.Random(0)) == {"a": 4, "b": 6}
+
+
+def test_mine_report_puts_the_pools_mix_beside_the_splits():
+    rows = _diverse_split(400)
+    pool, report = mine(rows, build_config(MineConfig, {"strategy": "balanced", "size": 100, "seed": 0}))
+    composition = report["composition"]["answer_type"]
+    assert set(composition) == {"pool", "split"}
+    assert abs(composition["pool"]["open"] - composition["split"]["open"]) < 0.03

@@ -40,6 +40,7 @@ def main(
     from pipeline.models.profiles import load_vlm
     from pipeline.params import load_config
     from pipeline.reporting import write_json
+    from pipeline.resume import clear_all
     from pipeline.schema import CANDIDATES_SCHEMA, POOL_SCHEMA, read_rows, require_rows, write_table
     from pipeline.self_contrast import SampleConfig, sample_pool, summarize_candidates
 
@@ -54,6 +55,7 @@ def main(
     write_json(metrics, summary)
     write_json(timings, {"seconds": time.perf_counter() - start, "batches": done.batches, "reused": done.reused,
                          "computed": done.computed})
+    clear_all(work_dir)  # only once the output and the reports are written
     typer.echo(f"sample: {summary['candidates']} candidates for {summary['entries']} entries -> {output}")
 
 

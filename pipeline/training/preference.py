@@ -367,12 +367,13 @@ class PreferenceTrainer:
             return [{"entry": i, "logps": row} for i, row in zip(indices, table.tolist(), strict=True)]
 
         done = run_batches(list(range(len(self.entries))), self.cfg.batch_size, compute, store,
-                           "train: reference log-probs")
+                           "train: reference log-probs", clear=False)
         self.reuse["reference_batches_reused"] = done.reused
         logps = torch.tensor(done.table.column("logps").to_pylist(), dtype=torch.float32)
         tmp = file.with_name(file.name + ".tmp")
         save_file({"logps": logps}, str(tmp))
         tmp.replace(file)
+        store.clear()  # only once the whole table is on disk
 
     def _all_slots_and_weights(self) -> tuple[Tensor, Tensor]:
         device = self.accelerator.device
