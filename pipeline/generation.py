@@ -9,7 +9,6 @@ from pipeline.batching import PromptBatch
 from pipeline.models.vlm import VLM, position_ids_from_mask
 
 
-@torch.no_grad()
 def greedy_generate(
     vlm: VLM,
     batch: PromptBatch,
@@ -20,6 +19,17 @@ def greedy_generate(
 
     `attention_mask` replaces the batch's own mask, e.g. one with visual tokens dropped.
     """
+    return greedy_generate_with_probs(vlm, batch, max_new_tokens, attention_mask)[0]
+
+
+@torch.no_grad()
+def greedy_generate_with_probs(
+    vlm: VLM,
+    batch: PromptBatch,
+    max_new_tokens: int,
+    attention_mask: torch.Tensor | None = None,
+) -> tuple[list[list[int]], list[list[float]]]:
+    """`greedy_generate`, plus each returned token's probability (its token-level confidence)."""
     mask = batch.attention_mask if attention_mask is None else attention_mask
     n = mask.shape[0]
     cache = DynamicCache()
@@ -33,14 +43,18 @@ def greedy_generate(
     positions = position_ids_from_mask(mask)[:, -1:]
     finished = torch.zeros(n, dtype=torch.bool, device=mask.device)
     tokens: list[list[int]] = [[] for _ in range(n)]
+    probs: list[list[float]] = [[] for _ in range(n)]
     embed = vlm.input_embeddings
     for _ in range(max_new_tokens):
-        next_ids = out.logits[:, -1].argmax(-1)
+        logits = out.logits[:, -1]
+        next_ids = logits.argmax(-1)
+        top_p = logits.float().softmax(-1).gather(-1, next_ids.unsqueeze(-1)).squeeze(-1)
         for b in (~finished).nonzero().squeeze(-1).tolist():
             if int(next_ids[b]) == vlm.eos_token_id:
                 finished[b] = True
             else:
                 tokens[b].append(int(next_ids[b]))
+                probs[b].append(float(top_p[b]))
         if bool(finished.all()):
             break
         next_ids = next_ids.masked_fill(finished, vlm.pad_token_id)
@@ -52,4 +66,4 @@ def greedy_generate(
             cache=out.cache,
             position_ids=positions,
         )
-    return tokens
+    return tokens, probs

@@ -1,18 +1,21 @@
 """The `mine` stage's library: choosing the entries of the training split that preferences are built from.
 
 A strategy takes VQA rows (`pipeline.schema.VQA_SCHEMA`) and returns pool rows
-(`POOL_SCHEMA`): the chosen entries plus `mine_strategy` and `mine_score` (a hardness score
-where the strategy computes one, else null).
+(`POOL_SCHEMA`): the chosen entries plus `mine_strategy`, `mine_score` (a hardness score where
+the strategy computes one, else null) and `mine_reason` (why, where the strategy says).
 
-Strategies live in `STRATEGIES`, keyed by the name `params.yaml` uses (`mine.strategy`).
-Strategies that need settings of their own will get a sub-section of `mine:` named after them.
+The strategies that need no model live in `STRATEGIES`, keyed by the name `params.yaml` uses
+(`mine.strategy`):
 
 - `random`: a seeded uniform draw without replacement (HSCR §4.1 builds its preferences from a
   random 2K subset). Asking for more entries than the split holds takes the whole split; the
   stage reports it (`capped` in its metrics) and warns, rather than failing, so small
   demonstration profiles can use the same `size` as a full run.
-- `hard` (CheXPO hard-example mining, docs/design.md § "Hard-example mining") is planned, not implemented: asking for it
-  raises `NotImplementedError`.
+- `balanced` (the default): the split's mix of answer type, modality and question type, even
+  over answers within it (`BalancedStrategy`).
+
+`hard` (CheXPO's confidence-similarity mining) needs the SFT model and a sentence embedder; its
+settings are the `mine.hard:` sub-section and its code is `pipeline/hard_mining.py`.
 """
 
 from __future__ import annotations
@@ -22,15 +25,12 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Protocol
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
+from pipeline.balance import BALANCE_FIELDS, apportion, cell_of
 from pipeline.errors import DataError
+from pipeline.hard_mining import HardMiningConfig
 from pipeline.params import Config
-
-# Strategies that have a reserved name but no implementation yet, with what they will do.
-PLANNED_STRATEGIES = {
-    "hard": "CheXPO-style hard-example mining, docs/design.md § 'Hard-example mining'",
-}
 
 
 class MiningStrategy(Protocol):
@@ -74,26 +74,7 @@ class RandomStrategy:
         # Sorting the drawn indices keeps the pool in input order, so pools drawn with the same
         # seed from the same split are byte-identical and easy to diff.
         chosen = sorted(random.Random(seed).sample(range(len(rows)), n))
-        return [{**rows[i], "mine_strategy": self.name, "mine_score": None} for i in chosen]
-
-
-# What a pool is balanced over: the split's shares of these fields are kept, and within each
-# combination of them the draw is even over the (normalized) answers.
-BALANCE_FIELDS = ("answer_type", "modality", "question_type")
-
-
-def apportion(total: int, sizes: Mapping[Any, int], rng: random.Random) -> dict[Any, int]:
-    """Split `total` over groups in proportion to `sizes` (largest remainder; ties broken by `rng`).
-
-    With `total <= sum(sizes)` no group gets more than its size.
-    """
-    whole = sum(sizes.values())
-    exact = {g: total * n / whole for g, n in sizes.items()}
-    quota = {g: int(x) for g, x in exact.items()}
-    order = sorted(sizes, key=lambda g: (-(exact[g] - quota[g]), rng.random()))
-    for g in order[: total - sum(quota.values())]:
-        quota[g] += 1
-    return quota
+        return [{**rows[i], "mine_strategy": self.name, "mine_score": None, "mine_reason": None} for i in chosen]
 
 
 class BalancedStrategy:
@@ -119,8 +100,7 @@ class BalancedStrategy:
         rng = random.Random(seed)
         cells: dict[tuple[str, ...], dict[str, list[int]]] = {}
         for i, row in enumerate(rows):
-            cell = tuple(str(row[f]) for f in BALANCE_FIELDS)
-            cells.setdefault(cell, {}).setdefault(normalize_answer(row["answer"]), []).append(i)
+            cells.setdefault(cell_of(row), {}).setdefault(normalize_answer(row["answer"]), []).append(i)
         quota = apportion(min(size, len(rows)), {c: sum(map(len, a.values())) for c, a in sorted(cells.items())}, rng)
         chosen: list[int] = []
         for cell, answers in sorted(cells.items()):
@@ -132,22 +112,21 @@ class BalancedStrategy:
                     if queue and taken < quota[cell]:
                         chosen.append(queue.pop())
                         taken += 1
-        return [{**rows[i], "mine_strategy": self.name, "mine_score": None} for i in sorted(chosen)]
+        return [{**rows[i], "mine_strategy": self.name, "mine_score": None, "mine_reason": None}
+                for i in sorted(chosen)]
 
 
 STRATEGIES: dict[str, MiningStrategy] = {"random": RandomStrategy(), "balanced": BalancedStrategy()}
 
 
 def get_strategy(name: str) -> MiningStrategy:
-    """The strategy registered as `name`; a clear error naming the available ones otherwise."""
+    """The model-free strategy registered as `name`; a clear error naming the available ones otherwise."""
     if name in STRATEGIES:
         return STRATEGIES[name]
     available = ", ".join(sorted(STRATEGIES))
-    if name in PLANNED_STRATEGIES:
-        raise NotImplementedError(
-            f"mining strategy {name!r} ({PLANNED_STRATEGIES[name]}) is not implemented yet; "
-            f"available strategies: {available}"
-        )
+    if name == "hard":
+        raise ValueError("strategy 'hard' needs the SFT model: it runs through pipeline.hard_mining (the mine "
+                         f"stage does this); model-free strategies: {available}")
     raise ValueError(f"unknown mining strategy {name!r}; available strategies: {available}")
 
 
@@ -156,23 +135,15 @@ class MineConfig(Config):
 
     strategy: Literal["balanced", "random", "hard"] = Field(
         description="balanced: the split's answer-type/modality/question-type mix, even over answers | "
-        "random: uniform | hard: CheXPO (not implemented yet)"
+        "random: uniform | hard: CheXPO confidence-similarity mining with the SFT model (mine.hard)"
     )
     size: int = Field(ge=1, description="entries in the pool (HSCR: 2,000; capped at the split's size)")
     seed: int = Field(ge=0, description="seeds the draw")
-
-    @field_validator("strategy")
-    @classmethod
-    def _implemented(cls, value: str) -> str:
-        if value in PLANNED_STRATEGIES:
-            raise ValueError(
-                f"{value!r} ({PLANNED_STRATEGIES[value]}) is not implemented yet; use one of {sorted(STRATEGIES)}"
-            )
-        return value
+    hard: HardMiningConfig = Field(description="settings of strategy hard (read only when it is chosen)")
 
 
 def mine(rows: Sequence[Mapping[str, Any]], config: MineConfig) -> tuple[list[dict], dict[str, Any]]:
-    """Run the configured strategy; return the pool rows and the stage's metrics."""
+    """Run the configured model-free strategy; return the pool rows and the stage's metrics."""
     strategy = get_strategy(config.strategy)
     pool = strategy.select(rows, config.size, config.seed)
     return pool, mining_summary(pool, requested=config.size, available=len(rows), config=config, split=rows)

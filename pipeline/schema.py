@@ -36,6 +36,8 @@ POOL_SCHEMA = pa.schema(
     + [
         pa.field("mine_strategy", pa.string(), nullable=False),
         pa.field("mine_score", pa.float64(), nullable=True),  # hardness, where the strategy computes one
+        # why the strategy chose it, where it says (hard: wrong | low-confidence | neighbour-of:<id>)
+        pa.field("mine_reason", pa.string(), nullable=True),
     ]
 )
 

@@ -297,9 +297,9 @@ def _(w, mp):
     w.set(**{"sample.mode": "beam"})
 
 
-@scenario("mine-strategy-hard")
+@scenario("mine-hard-threshold-zero")
 def _(w, mp):
-    w.set(**{"mine.strategy": "hard"})
+    w.set(**{"mine.strategy": "hard", "mine.hard.confidence_threshold": 0})
 
 
 @scenario("reversed-weight-clip")

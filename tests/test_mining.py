@@ -11,11 +11,16 @@ from typer.testing import CliRunner
 
 from pipeline.errors import ParamsError
 from pipeline.mining import STRATEGIES, MineConfig, get_strategy, mine, mining_summary
-from pipeline.params import build_config
+from pipeline.params import build_config, load_params, project_config, project_params_path
 from pipeline.reporting import read_json
 from pipeline.schema import POOL_SCHEMA, VQA_SCHEMA, read_rows, write_rows
 
 MODALITIES = ("ct", "mri", "xray")
+HARD = load_params(project_params_path())["mine"]["hard"]
+
+
+def mine_config(**values) -> MineConfig:
+    return project_config(MineConfig, "mine", **values)
 
 
 def _png() -> bytes:
@@ -68,7 +73,7 @@ def test_random_respects_size_and_returns_pool_rows():
 
 def test_random_size_above_available_takes_all_and_reports_it():
     rows = vqa_rows(5)
-    pool, report = mine(rows, MineConfig(strategy="random", size=20, seed=0))
+    pool, report = mine(rows, mine_config(strategy="random", size=20, seed=0))
     assert _ids(pool) == _ids(rows)
     assert report["capped"] and report["size"] == 5 and report["requested_size"] == 20
 
@@ -95,21 +100,19 @@ def test_unknown_strategy_lists_available():
         get_strategy("hardest")
 
 
-def test_hard_strategy_is_a_named_seam():
-    with pytest.raises(NotImplementedError, match="CheXPO.*available strategies: balanced, random"):
+def test_hard_strategy_runs_through_the_hard_miner_not_the_registry():
+    with pytest.raises(ValueError, match="'hard' needs the SFT model.*model-free strategies: balanced, random"):
         get_strategy("hard")
-    # the config refuses it before any data is read
-    with pytest.raises(ParamsError, match="`mine.strategy` 'hard' .*not implemented yet; use one of"):
-        build_config(MineConfig, {"strategy": "hard", "size": 2, "seed": 0}, "mine")
+    assert mine_config(strategy="hard").hard.neighbours == HARD["neighbours"]
 
 
 def test_config_is_strict():
     with pytest.raises(ParamsError, match="`mine.seed` is missing"):
-        build_config(MineConfig, {"strategy": "random", "size": 2}, "mine")
+        build_config(MineConfig, {"strategy": "random", "size": 2, "hard": HARD}, "mine")
     with pytest.raises(ParamsError, match="unknown key `mine.sise`; did you mean `mine.size`"):
-        build_config(MineConfig, {"strategy": "random", "size": 2, "seed": 0, "sise": 3}, "mine")
+        build_config(MineConfig, {"strategy": "random", "size": 2, "seed": 0, "sise": 3, "hard": HARD}, "mine")
     with pytest.raises(ParamsError, match="`mine.size` must be greater than or equal to 1"):
-        build_config(MineConfig, {"strategy": "random", "size": 0, "seed": 0}, "mine")
+        build_config(MineConfig, {"strategy": "random", "size": 0, "seed": 0, "hard": HARD}, "mine")
 
 
 def test_summary_counts_groups():
@@ -118,7 +121,7 @@ def test_summary_counts_groups():
         STRATEGIES["random"].select(rows, 6, seed=0),
         requested=6,
         available=6,
-        config=MineConfig(strategy="random", size=6, seed=0),
+        config=mine_config(strategy="random", size=6, seed=0),
     )
     assert report["modality"] == {"ct": 2, "mri": 2, "xray": 2}
     assert report["answer_type"] == {"closed": 3, "open": 3}
@@ -131,17 +134,14 @@ def test_stage_end_to_end(tmp_path):
     rows = vqa_rows(12)
     write_rows(rows, tmp_path / "train.parquet", VQA_SCHEMA)
     (tmp_path / "params.yaml").write_text(
-        yaml.safe_dump({"mine": {"strategy": "random", "size": 4, "seed": 0}})
+        yaml.safe_dump({"mine": {"strategy": "random", "size": 4, "seed": 0, "hard": HARD}})
     )
+    (tmp_path / "sft").mkdir()  # a random draw reads no model: an empty folder will do
     args = [
-        "--params",
-        str(tmp_path / "params.yaml"),
-        "--input",
-        str(tmp_path / "train.parquet"),
-        "--output",
-        str(tmp_path / "pool.parquet"),
-        "--metrics",
-        str(tmp_path / "mine.json"),
+        "--params", str(tmp_path / "params.yaml"), "--input", str(tmp_path / "train.parquet"),
+        "--model", str(tmp_path / "sft"), "--model-root", str(tmp_path),
+        "--output", str(tmp_path / "pool.parquet"), "--metrics", str(tmp_path / "mine.json"),
+        "--work-dir", str(tmp_path / "work"), "--timings", str(tmp_path / "timings.json"),
     ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -226,7 +226,7 @@ def test_balanced_draw_is_uniform_within_a_cell_and_answer():
 def test_apportion_is_proportional_and_never_exceeds_a_group():
     import random as stdlib_random
 
-    from pipeline.mining import apportion
+    from pipeline.balance import apportion
 
     quota = apportion(10, {"a": 50, "b": 30, "c": 20}, stdlib_random.Random(0))
     assert quota == {"a": 5, "b": 3, "c": 2}
@@ -237,7 +237,7 @@ def test_apportion_is_proportional_and_never_exceeds_a_group():
 
 def test_mine_report_puts_the_pools_mix_beside_the_splits():
     rows = _diverse_split(400)
-    pool, report = mine(rows, build_config(MineConfig, {"strategy": "balanced", "size": 100, "seed": 0}))
+    pool, report = mine(rows, mine_config(strategy="balanced", size=100, seed=0))
     composition = report["composition"]["answer_type"]
     assert set(composition) == {"pool", "split"}
     assert abs(composition["pool"]["open"] - composition["split"]["open"]) < 0.03

@@ -129,7 +129,7 @@ INVALID = [
     ("train", {"train__epochs": True}, "`train.epochs` must be a valid integer (got True)"),
     ("evaluate", {"evaluate__batch_size": 0}, "`evaluate.batch_size` must be greater than or equal to 1 (got 0)"),
     ("mine", {"mine__strategy": "hardest"}, "`mine.strategy` must be 'balanced', 'random' or 'hard'"),
-    ("mine", {"mine__strategy": "hard"}, "is not implemented yet"),
+    ("mine", {"mine__hard__neighbours": -1}, "`mine.hard.neighbours` must be greater than or equal to 0"),
     ("score", {"score__weights__clip": [1.25, 0.75]}, "0 <= low < high"),
     ("score", {"score__judges__0__backend": "vllm"}, "`score.judges[0].backend` must be one of 'hf', 'openai'"),
     ("score", {"score__judges__0__batch_size": 0}, "`score.judges[0].batch_size` must be greater than or equal to 1"),
