@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.schema import SCORED_SCHEMA, VQA_SCHEMA, write_rows
+from pipeline.schema import POOL_SCHEMA, SCORED_SCHEMA, VQA_SCHEMA, write_rows
 from tests.conftest import make_rows, stage_commands
 from tests.test_preference import scored_rows, tiny
 
@@ -35,6 +35,8 @@ def _params(folder: Path) -> None:
                          language_model="lora", lm_train_rows=None, system_prompt=None, checkpoint_every=4)
     params["train"].update(loss="mlpo", batch_size=2, epochs=3, lr=1e-3, max_rejected=3, grad_accum=1,
                            checkpoint_every=4, evaluate_after=True)
+    params["sample"].update(k=3, batch_size=2)
+    params["mine"].update(strategy="hard", size=12, hard={**params["mine"]["hard"], "batch_size": 2})
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
@@ -42,8 +44,11 @@ def _workspace(folder: Path) -> Path:
     folder.mkdir(parents=True)
     _params(folder)
     write_rows(make_rows(48), folder / "data/prepared/train.parquet", VQA_SCHEMA)
-    (folder / "models/base").mkdir(parents=True)
+    for root in ("models/base", "models/embedders"):
+        (folder / root).mkdir(parents=True)
     tiny().save(folder / "models/sft")
+    pool = [{**r, "mine_strategy": "random", "mine_score": None, "mine_reason": None} for r in make_rows(24)]
+    write_rows(pool, folder / "data/pool.parquet", POOL_SCHEMA)
     write_rows(scored_rows(24), folder / "data/scored.parquet", SCORED_SCHEMA)
     return folder
 
@@ -57,12 +62,13 @@ def _run(stage: str, cwd: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def _kill_after_first_checkpoint(stage: str, cwd: Path, work: Path) -> Path:
+def _kill_after_first_checkpoint(stage: str, cwd: Path, work: Path, pattern: str = "*/checkpoint-*") -> Path:
+    """Run the stage and SIGKILL it as soon as `work` holds a finished `pattern` (a checkpoint, a part)."""
     process = subprocess.Popen(_argv(stage), cwd=cwd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     try:
         while time.monotonic() < deadline:
-            done = [p for p in work.glob("*/checkpoint-*") if not p.name.endswith(".tmp")] if work.exists() else []
+            done = [p for p in work.glob(pattern) if not p.name.endswith(".tmp")] if work.exists() else []
             if done:
                 os.kill(process.pid, signal.SIGKILL)
                 process.wait()
@@ -116,6 +122,27 @@ def test_a_killed_stage_resumes_to_the_same_bytes(tmp_path, stage, output, work)
         assert resumed_run["steps_run"] == whole_run["steps_run"] - step
         assert resumed_run["reference_batches_reused"] == 0  # the finished table was read back whole
     assert list((killed / work).iterdir()) == []  # the checkpoints are gone once the output is saved
+
+
+@pytest.mark.parametrize(("stage", "output", "work"), [
+    ("sample", "data/candidates.parquet", "data/work/sample"),
+    ("mine", "data/pool.parquet", "data/work/mine"),  # strategy hard: the SFT model answers the split
+])
+def test_a_killed_batch_stage_resumes_to_the_same_bytes(tmp_path, stage, output, work):
+    whole = _workspace(tmp_path / "whole")
+    killed = _workspace(tmp_path / "killed")
+    _run(stage, whole)
+    _kill_after_first_checkpoint(stage, killed, killed / work, "*/part-*.parquet")
+    parts_at_kill = len(list((killed / work).glob("*/part-*.parquet")))
+    _run(stage, killed)
+
+    assert (killed / output).read_bytes() == (whole / output).read_bytes()
+    assert (killed / f"reports/{stage}.json").read_bytes() == (whole / f"reports/{stage}.json").read_bytes()
+    resumed_run = json.loads((killed / f"reports/timings/{stage}.json").read_text())
+    counts = resumed_run if stage == "sample" else resumed_run["reuse"]["answers"]
+    assert counts["reused"] >= parts_at_kill >= 1  # the finished batches were not computed again
+    assert counts["computed"] == counts["batches"] - counts["reused"]
+    assert not (killed / work).exists() or list((killed / work).iterdir()) == []
 
 
 def test_a_kill_during_the_final_write_leaves_no_output_a_later_stage_accepts(tmp_path):
