@@ -89,12 +89,26 @@ JUDGEMENT_TYPE = pa.struct(
     ]
 )
 
+# A CheXPO rationale written by a judge (`score.rationales`), with its provenance.
+RATIONALE_TYPE = pa.struct(
+    [
+        pa.field("text", pa.string()),
+        pa.field("judge", pa.string()),  # the panel judge that wrote it
+        pa.field("prompt_version", pa.string()),  # `rationales.version` of the prompts file
+        pa.field("cache_key", pa.string()),  # its answer's key in the judge response cache
+    ]
+)
+
 # `data/scored.parquet`
 SCORED_SCHEMA = pa.schema(
     VQA_FIELDS
     + [
         pa.field("rejected", pa.list_(REJECTED_TYPE)),
         pa.field("judgements", pa.list_(JUDGEMENT_TYPE)),
+        # Both null unless score.rationales is enabled; then a null rationale (or list item) is a
+        # request that failed or an answer that was empty or malformed: nothing is filled in.
+        pa.field("rationale", RATIONALE_TYPE),  # why the chosen answer (`answer`) is right
+        pa.field("counterfactuals", pa.list_(RATIONALE_TYPE)),  # aligned with `rejected`: an argument for each
     ]
 )
 

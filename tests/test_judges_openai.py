@@ -189,6 +189,7 @@ def section(url: str, tmp_path: Path, judge: dict | None = None, **over) -> dict
         "request_retry": {"max_retries": 4, "backoff_s": 0.01, "max_backoff_s": 0.05, "max_consecutive_failures": 3},
         "prompts": str(tmp_path / "prompts.yaml"),
         "weights": {"mu": 1.0, "sigma": 0.31622776601683794, "clip": [0.75, 1.25]},
+        "rationales": {"enabled": False, "judge": "A", "max_new_tokens": 32},
     }
     raw.update(over)
     return raw

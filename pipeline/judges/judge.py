@@ -14,7 +14,7 @@ import json
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from pipeline.errors import ServiceError
 from pipeline.judges.cache import ResponseCache
@@ -68,7 +68,11 @@ def request_key(identity: dict[str, Any], request: JudgeRequest, generation: Gen
 
 @dataclass
 class CachedJudge:
-    """A judge of the panel: its config, its backend, and the shared response cache."""
+    """A judge of the panel: its config, its backend, and the shared response cache.
+
+    `decoding` replaces the config's decoding settings (the rationales of `score.rationales` use
+    the judge's backend with their own length cap and no structured output).
+    """
 
     config: JudgeConfig
     backend: Backend
@@ -76,6 +80,7 @@ class CachedJudge:
     prompt_version: Any
     on_answer: Callable[[int], None] | None = None  # progress: called with the number of answers obtained
     stats: JudgeStats = field(default_factory=JudgeStats)
+    decoding: Generation | None = None
 
     @property
     def name(self) -> str:
@@ -89,9 +94,28 @@ class CachedJudge:
     def prefill(self) -> bool:
         return getattr(self.config, "prefill", False)  # only hf judges can prefill
 
+    @property
+    def generation(self) -> Generation:
+        return self.decoding if self.decoding is not None else self.config.generation
+
+    def key(self, request: JudgeRequest) -> str:
+        """The cache key of `request` for this judge."""
+        return request_key(self.backend.identity(), request, self.generation, self.prompt_version)
+
     def ask(self, requests: Sequence[JudgeRequest]) -> list[str]:
+        answers, _ = self._ask(requests, partial=False)  # raises a JudgeError rather than leave one out
+        return cast(list[str], answers)
+
+    def ask_each(self, requests: Sequence[JudgeRequest]) -> tuple[list[str | None], str | None]:
+        """Like `ask`, but a request the backend fails on (a `JudgeError`: an HTTP 400, retries
+        exhausted, a stopped turn) gets None instead of failing the batch; also returns the
+        backend's error message (None if every request was answered). Failed requests are not
+        cached, so a rerun asks them again."""
+        return self._ask(requests, partial=True)
+
+    def _ask(self, requests: Sequence[JudgeRequest], partial: bool) -> tuple[list[str | None], str | None]:
         identity = self.backend.identity()
-        generation = self.config.generation
+        generation = self.generation
         keys = [request_key(identity, r, generation, self.prompt_version) for r in requests]
         answers: dict[str, str] = self.cache.get_many(keys)
         hits = sum(1 for k in keys if k in answers)
@@ -105,23 +129,32 @@ class CachedJudge:
             if key not in answers and key not in todo:
                 todo[key] = i
         self.stats.deduplicated += sum(1 for k in keys if k not in answers) - len(todo)
+        error: str | None = None
         if todo:
             pending = list(todo.items())
             batch = [requests[i] for _, i in pending]
-            for j, completion in self.backend.complete(batch, generation):
-                key = pending[j][0]
-                record = {"judge": self.name, "identity": identity, "generation": generation.as_dict(),
-                          "prompt_version": self.prompt_version, "messages": batch[j].as_dicts(),
-                          "prefill": batch[j].prefill}
-                self.cache.put(key, completion, record)  # durable before anything else happens
-                answers[key] = completion
-                self.stats.asked += 1
-                if self.on_answer:
-                    self.on_answer(multiplicity[key])
+            try:
+                for j, completion in self.backend.complete(batch, generation):
+                    key = pending[j][0]
+                    record = {"judge": self.name, "identity": identity, "generation": generation.as_dict(),
+                              "prompt_version": self.prompt_version, "messages": batch[j].as_dicts(),
+                              "prefill": batch[j].prefill}
+                    self.cache.put(key, completion, record)  # durable before anything else happens
+                    answers[key] = completion
+                    self.stats.asked += 1
+                    if self.on_answer:
+                        self.on_answer(multiplicity[key])
+            except JudgeError as err:
+                if not partial:
+                    raise
+                error = str(err)
             missing = [k for k, _ in pending if k not in answers]
             if missing:
-                raise JudgeError(f"judge {self.name}: backend returned no answer for {len(missing)} request(s)")
-        return [r.prefill + answers[k] for r, k in zip(requests, keys, strict=True)]
+                message = f"judge {self.name}: backend returned no answer for {len(missing)} request(s)"
+                if not partial:
+                    raise JudgeError(message)
+                error = error or message
+        return [r.prefill + answers[k] if k in answers else None for r, k in zip(requests, keys, strict=True)], error
 
 
 def build_judges(

@@ -195,6 +195,21 @@ class RequestRetry(Config):
     )
 
 
+class RationaleConfig(Config):
+    """CheXPO counterfactual rationales (docs/judges.md): one judge explains each chosen answer and argues for
+    each dispreferred one."""
+
+    enabled: bool = Field(
+        description="ask for a rationale per entry and a counterfactual rationale per dispreferred response, "
+        "after the judging (columns `rationale`, `counterfactuals`); false leaves both null"
+    )
+    judge: NonEmpty = Field(
+        description="the `name` of the panel judge whose backend, cache and temperature write them "
+        "(checked when enabled)"
+    )
+    max_new_tokens: int = Field(ge=1, description="cap on one rationale's length, in tokens")
+
+
 class ScoreConfig(Config):
     """The `score:` section: the judge panel, the consensus protocol and the weights."""
 
@@ -209,6 +224,7 @@ class ScoreConfig(Config):
     request_retry: RequestRetry = Field(description="HTTP retries of the openai backend")
     weights: WeightConfig = Field(description="how consensus scores become weights")
     prompts: NonEmpty = Field(description="the versioned prompts file (a dep of the score stage)")
+    rationales: RationaleConfig = Field(description="CheXPO counterfactual rationales by one judge of the panel")
 
     @model_validator(mode="after")
     def _panel(self) -> ScoreConfig:
@@ -218,6 +234,12 @@ class ScoreConfig(Config):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"score.judges: duplicate judge name(s) {duplicates}")
+        # Only when enabled: a panel swapped for other judges need not touch an unused key.
+        if self.rationales.enabled and self.rationales.judge not in names:
+            raise ValueError(
+                f"score.rationales.judge {self.rationales.judge!r} is not a judge of the panel (score.judges "
+                f"names: {names})"
+            )
         return self
 
 

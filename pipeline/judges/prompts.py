@@ -1,4 +1,5 @@
-"""Loading the versioned prompt file (`prompts.yaml`) and rendering judge requests from it."""
+"""Loading the versioned prompt file (`prompts.yaml`) and rendering judge requests from it (verdicts,
+and the rationales of `score.rationales`)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,14 @@ _REQUIRED = {  # template: (placeholders it must use, placeholders it may use)
     "first_turn": (_CASE_FIELDS, _CASE_FIELDS),
     "followup_turn": (_CASE_FIELDS | {"previous_score"}, _CASE_FIELDS | _PREVIOUS_FIELDS),
     "retry_turn": (set(), {"error"}),
+}
+# The optional `rationales:` section (CheXPO counterfactual rationales, pipeline/judges/rationales.py).
+# $answer is the answer the text argues for: the chosen one (rationale), a dispreferred one
+# (counterfactual, which may also name the chosen one, $reference).
+_RATIONALE_REQUIRED = {
+    "rationale_turn": ({"question", "answer"}, {"question", "answer"}),
+    "counterfactual_turn": ({"question", "answer"}, {"question", "answer", "reference"}),
+    "prefill": (set(), {"answer"}),
 }
 
 
@@ -55,6 +64,33 @@ def _identifiers(template: Template, where: str) -> set[str]:
 
 
 @dataclass(frozen=True)
+class RationalePrompts:
+    """The `rationales:` section: one system message, the two user turns and a prefill. Its
+    `version` is its own (it is in the rationales' cache key and provenance), so editing these
+    texts leaves the cached verdicts valid."""
+
+    version: str
+    system: str
+    rationale_turn: Template  # why the chosen answer ($answer) is right
+    counterfactual_turn: Template  # an argument for a dispreferred answer ($answer; $reference: the chosen one)
+    prefill: Template  # hf judges with `prefill: true` continue this text ("" for none)
+
+    def _request(self, user: str, answer: str, prefill: bool) -> JudgeRequest:
+        start = self.prefill.substitute(answer=answer) if prefill else ""
+        return JudgeRequest(messages=(("system", self.system), ("user", user)), prefill=start)
+
+    def rationale(self, question: str, answer: str, prefill: bool) -> JudgeRequest:
+        """Why `answer` (the chosen one) is the right answer to `question`."""
+        user = self.rationale_turn.substitute(question=question, answer=answer)
+        return self._request(user, answer, prefill)
+
+    def counterfactual(self, question: str, answer: str, reference: str, prefill: bool) -> JudgeRequest:
+        """An argument for `answer`, a dispreferred answer (`reference`: the chosen one)."""
+        user = self.counterfactual_turn.substitute(question=question, answer=answer, reference=reference)
+        return self._request(user, answer, prefill)
+
+
+@dataclass(frozen=True)
 class PromptSet:
     version: Any
     roles: dict[str, str]
@@ -64,6 +100,7 @@ class PromptSet:
     retry_turn: Template
     prefill: str
     path: str
+    rationales: RationalePrompts | None = None  # None: the file has no `rationales:` section
 
     def request(self, case: Case, role: str, previous: Previous | None, prefill: bool) -> JudgeRequest:
         """The request for one judge turn: a fresh verdict, or a verdict on the previous judge's score."""
@@ -112,7 +149,7 @@ def load_prompts(path: str | Path) -> PromptSet:
     missing = sorted(needed - set(raw))
     if missing:
         raise PromptFileError(f"{path}: missing key(s) {missing}")
-    unknown = sorted(set(raw) - needed - {"prefill"})
+    unknown = sorted(set(raw) - needed - {"prefill", "rationales"})
     if unknown:
         raise PromptFileError(f"{path}: unknown key(s) {unknown}")
     roles = raw["roles"]
@@ -123,15 +160,7 @@ def load_prompts(path: str | Path) -> PromptSet:
     for key in ("rubric", "first_turn", "followup_turn", "retry_turn"):
         if not isinstance(raw[key], str) or not raw[key].strip():
             raise PromptFileError(f"{path}: `{key}` must be a non-empty string")
-    templates = {}
-    for key, (required, allowed) in _REQUIRED.items():
-        template = Template(raw[key])
-        names = _identifiers(template, f"{path}: {key}")
-        if names - allowed:
-            raise PromptFileError(f"{path}: {key} uses unknown placeholder(s) {sorted(names - allowed)}")
-        if required - names:
-            raise PromptFileError(f"{path}: {key} must use placeholder(s) {sorted(required - names)}")
-        templates[key] = template
+    templates = _templates(raw, _REQUIRED, str(path))
     prefill = raw.get("prefill", "")
     if not isinstance(prefill, str):
         raise PromptFileError(f"{path}: `prefill` must be a string")
@@ -144,4 +173,41 @@ def load_prompts(path: str | Path) -> PromptSet:
         retry_turn=templates["retry_turn"],
         prefill=prefill,
         path=str(path),
+        rationales=_rationale_prompts(raw["rationales"], path) if "rationales" in raw else None,
     )
+
+
+def _templates(raw: dict, spec: dict[str, tuple[set[str], set[str]]], where: str) -> dict[str, Template]:
+    templates = {}
+    for key, (required, allowed) in spec.items():
+        template = Template(raw[key])
+        names = _identifiers(template, f"{where}: {key}")
+        if names - allowed:
+            raise PromptFileError(f"{where}: {key} uses unknown placeholder(s) {sorted(names - allowed)}")
+        if required - names:
+            raise PromptFileError(f"{where}: {key} must use placeholder(s) {sorted(required - names)}")
+        templates[key] = template
+    return templates
+
+
+def _rationale_prompts(raw: Any, path: Path) -> RationalePrompts:
+    where = f"{path}: rationales"
+    if not isinstance(raw, dict):
+        raise PromptFileError(f"{where}: expected a mapping")
+    needed = {"version", "system", *_RATIONALE_REQUIRED}
+    missing, unknown = sorted(needed - set(raw)), sorted(set(raw) - needed)
+    if missing:
+        raise PromptFileError(f"{where}: missing key(s) {missing}")
+    if unknown:
+        raise PromptFileError(f"{where}: unknown key(s) {unknown}")
+    for key in ("system", "rationale_turn", "counterfactual_turn"):
+        if not isinstance(raw[key], str) or not raw[key].strip():
+            raise PromptFileError(f"{where}: `{key}` must be a non-empty string")
+    if not isinstance(raw["prefill"], str):
+        raise PromptFileError(f"{where}: `prefill` must be a string ('' for none)")
+    version = raw["version"]
+    if isinstance(version, bool) or not isinstance(version, (str, int)) or not str(version).strip():
+        raise PromptFileError(f"{where}: `version` must be a non-empty string or an integer")
+    templates = _templates(raw, _RATIONALE_REQUIRED, where)
+    return RationalePrompts(version=str(version), system=raw["system"], rationale_turn=templates["rationale_turn"],
+                            counterfactual_turn=templates["counterfactual_turn"], prefill=templates["prefill"])

@@ -3,7 +3,8 @@
 Every dispreferred response of the dataset (each entry's `rejected` list, flattened) is judged by
 the panel (`consensus.run_consensus`), the final scores are turned into weights over the whole
 dataset (`weights.clinical_weights`), and each row gets a `judgements` list aligned with its
-`rejected` list.
+`rejected` list. With `score.rationales.enabled`, one judge then writes the rationales
+(`rationales.add_rationales`); otherwise the rows' `rationale` and `counterfactuals` are null.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from pipeline.errors import PipelineError
 from pipeline.judges.cache import ResponseCache
 from pipeline.judges.consensus import Outcome, PanelJudge, run_consensus
 from pipeline.judges.judge import CachedJudge, build_judges
-from pipeline.judges.metrics import failed_metrics, score_metrics, score_timings
+from pipeline.judges.metrics import cache_summary, failed_metrics, score_metrics, score_timings
 from pipeline.judges.panel import PanelConfigError, ScoreConfig
 from pipeline.judges.prompts import Case, PromptSet, load_prompts
+from pipeline.judges.rationales import RationaleResult, add_rationales, disabled_metrics, rationale_judge
 from pipeline.judges.weights import clinical_weights
 
 
@@ -34,6 +36,11 @@ def check_panel(config: ScoreConfig, prompts: PromptSet) -> None:
             )
         if getattr(judge, "prefill", False) and not prompts.prefill:
             raise PanelConfigError(f"judge {judge.name}: prefill is on but {prompts.path} has no `prefill` text")
+    if config.rationales.enabled and prompts.rationales is None:
+        raise PanelConfigError(
+            f"score.rationales.enabled is true but {prompts.path} has no `rationales:` section (see "
+            f"pipeline/judges/prompts.yaml)"
+        )
 
 
 def cases_from_rows(rows: Sequence[dict]) -> tuple[list[Case], list[tuple[int, int]]]:
@@ -76,7 +83,9 @@ def score_rows(
             {"score": outcome.score, "rounds": outcome.rounds, "agreed": outcome.agreed, "weight": weight,
              "transcript": outcome.transcript()}
         )
-    scored = [{**row, "judgements": judgements[r]} for r, row in enumerate(rows)]
+    # No rationales yet (null columns): `add_rationales` fills them in when score.rationales is on.
+    scored = [{**row, "judgements": judgements[r], "rationale": None, "counterfactuals": None}
+              for r, row in enumerate(rows)]
     return ScoringResult(rows=scored, outcomes=outcomes, weights=weights, unique=len(unique))
 
 
@@ -113,8 +122,9 @@ def score_panel(
     on_failure: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
 ) -> tuple[list[dict], dict[str, Any], dict[str, Any]]:
     """The whole stage without its file I/O: judge every dispreferred response of `rows`
-    (RANKED_SCHEMA) through the response cache at `cache_path`; return SCORED_SCHEMA rows, the
-    stage metrics and the timings (wall-clock values, kept out of the metrics).
+    (RANKED_SCHEMA) through the response cache at `cache_path`, then, with `score.rationales`
+    on, ask for the rationales; return SCORED_SCHEMA rows, the stage metrics and the timings
+    (wall-clock values and cache use, kept out of the metrics).
 
     Every answer is in the cache the moment it arrives, so an interrupted run loses no judge
     answer and a restart asks only what is missing. If the run fails once the panel is being built
@@ -129,7 +139,9 @@ def score_panel(
     sizes = {"entries": len(rows), "responses": len(cases), "unique": len(set(cases))}
     start = time.perf_counter()
     judging: float | None = None  # when judging started (after loading and preflights)
+    writing: float | None = None  # when the rationales started
     judges: list[CachedJudge] = []
+    writer: CachedJudge | None = None  # the judge that writes the rationales
 
     def retries() -> Counter[str]:
         total: Counter[str] = Counter()
@@ -140,9 +152,15 @@ def score_panel(
     def timings(status: str) -> dict[str, Any]:
         now = time.perf_counter()
         setup = (judging if judging is not None else now) - start
-        return score_timings(status, setup, None if judging is None else now - judging,
-                             sum(j.stats.asked for j in judges))
+        end = writing if writing is not None else now
+        out = score_timings(status, setup, None if judging is None else end - judging,
+                            sum(j.stats.asked for j in judges))
+        if config.rationales.enabled:  # cache use depends on earlier runs: here, not in the report
+            out["rationale_seconds"] = None if writing is None else round(now - writing, 3)
+            out["rationale_cache"] = None if writer is None else cache_summary({writer.name: writer.stats})
+        return out
 
+    rationales: RationaleResult | None = None
     try:
         with ResponseCache(cache_path) as cache:
             judges = build_judges(config.judges, cache, prompts.version, config.request_retry)
@@ -159,6 +177,16 @@ def score_panel(
                 judge.on_answer = bar.update
             try:
                 result = score_rows(rows, judges, prompts, config, on_ask=on_ask)
+                if config.rationales.enabled and prompts.rationales is not None \
+                        and check_unscored(result, config) is None:
+                    writing = time.perf_counter()
+                    panel_judge = next(j for j in judges if j.name == config.rationales.judge)
+                    writer = rationale_judge(panel_judge, cache, prompts.rationales, config.rationales)
+                    writer.on_answer = bar.update
+                    bar.set_description(f"score rationales {writer.name}")
+                    bar.total += len(rows) + len(cases)
+                    bar.refresh()
+                    rationales = add_rationales(result.rows, writer, prompts.rationales)
             finally:
                 bar.close()
     except (PipelineError, KeyboardInterrupt) as err:
@@ -172,10 +200,16 @@ def score_panel(
         result.outcomes, result.weights, config, entries=len(rows), unique=result.unique,
         cache_stats={j.name: j.stats for j in judges}, request_retries=retries(),
     )
+    if rationales is not None:
+        metrics["rationales"] = rationales.metrics
+    else:  # off, or not asked because the judging failed (below)
+        metrics["rationales"] = {"enabled": True, "skipped": "the judging failed"} if config.rationales.enabled \
+            else disabled_metrics()
     failure = check_unscored(result, config)
     if failure is not None:
         metrics.update(status="failed", failure=failure)
         if on_failure is not None:
             on_failure(metrics, timings("failed"))
         raise TooManyUnscored(failure)
-    return result.rows, metrics, timings("ok")
+    scored = rationales.rows if rationales is not None else result.rows
+    return scored, metrics, timings("ok")

@@ -3,7 +3,9 @@ response (MMedPO §3.2-3.3). The panel, protocol and weights are the `score:` se
 params file (docs/judges.md). Every judge answer is kept in `--cache` the moment it arrives, so an
 interrupted run asks only what is missing. A run that fails once judging is under way (a judge
 error, Ctrl-C, more unscored responses than `score.max_unscored`) still writes `--metrics` (with
-`status` and `failure`) and `--timings`."""
+`status` and `failure`) and `--timings`. With `score.rationales.enabled`, one judge of the panel
+then writes CheXPO rationales and counterfactual rationales (columns `rationale`,
+`counterfactuals`; docs/judges.md)."""
 
 from __future__ import annotations
 
@@ -61,11 +63,19 @@ def main(
     scored, report, times = score_panel(config, rows, cache, progress=progress, on_failure=write_reports)
     write_rows(scored, output, SCORED_SCHEMA)
     write_reports(report, times)
+    written = report["rationales"]
+    rationales = "" if not written["enabled"] else (
+        f"; rationales {written['rationale']['written']}/{written['rationale']['requested']}, counterfactuals "
+        f"{written['counterfactual']['written']}/{written['counterfactual']['requested']} written "
+        f"(failed: {', '.join(f'{k} {v}' for k, v in written['failed_by_cause'].items())}), cache hits "
+        f"{times['rationale_cache']['hits']}, asked {times['rationale_cache']['asked']} in "
+        f"{times['rationale_seconds']} s"
+    )
     typer.echo(
         f"score: {report['responses']} responses of {report['entries']} entries, "
         f"agreement {report['agreement_rate'] if report['agreement_rate'] is not None else 'n/a'}, "
         f"{report['missing']['unscored_responses']} unscored, cache hits {report['cache']['hits']}, "
-        f"asked {report['cache']['asked']} in {times['seconds']} s -> {output}"
+        f"asked {report['cache']['asked']} in {times['seconds']} s{rationales} -> {output}"
     )
 
 

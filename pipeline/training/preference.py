@@ -84,6 +84,10 @@ class PreferenceConfig(LoraSettings):
     checkpoint_every: int | None = Field(
         ge=1, description="save a resumable checkpoint every N optimizer steps (under --work-dir); null = never"
     )
+    rationales: bool = Field(
+        description="CheXPO: chosen = answer + its rationale, each dispreferred = its text + its counterfactual "
+        "rationale (needs score.rationales.enabled); an entry missing one trains on the plain texts"
+    )
 
     @model_validator(mode="after")
     def _trainable(self) -> PreferenceConfig:
@@ -111,6 +115,46 @@ class PreferenceEntry:
     chosen: list[int]
     rejected: list[list[int]]  # rank order, top-ranked (most similar to the chosen) first
     weights: list[float]  # one per rejected; all 1.0 when training unweighted
+    augmented: bool = False  # train.rationales: the texts carry their (counterfactual) rationales
+
+
+def augment(text: str, rationale: dict | None) -> str | None:
+    """`text` + " " + the rationale's text; None if there is no rationale (CheXPO, train.rationales)."""
+    if not rationale or not (rationale.get("text") or "").strip():
+        return None
+    return f"{text} {rationale['text'].strip()}"
+
+
+def entry_texts(row: dict, rejected: list[dict], cfg: PreferenceConfig) -> tuple[str, list[str], bool]:
+    """The chosen and dispreferred texts an entry trains on, and whether they carry rationales.
+
+    With `cfg.rationales`, chosen = answer + rationale and each kept dispreferred = its text + its
+    counterfactual rationale, all or nothing: the chosen sequence is shared by every pair of the
+    entry (and MLPO's implicit terms compare dispreferred with each other), so an entry missing
+    any of them trains on the plain texts on every side rather than on a mix of styles.
+    """
+    plain = (row["answer"], [r["text"] for r in rejected], False)
+    if not cfg.rationales:
+        return plain
+    chosen = augment(row["answer"], row.get("rationale"))
+    counterfactuals = list(row.get("counterfactuals") or [])
+    texts = [augment(r["text"], counterfactuals[j] if j < len(counterfactuals) else None)
+             for j, r in enumerate(rejected)]
+    if chosen is None or any(t is None for t in texts):
+        return plain
+    return chosen, [t for t in texts if t is not None], True
+
+
+def check_rationales(rows: list[dict], cfg: PreferenceConfig) -> None:
+    """With `cfg.rationales`, fail unless some scored row carries a rationale or a counterfactual."""
+    if not cfg.rationales or not rows:
+        return
+    if not any(row.get("rationale") or any(c for c in (row.get("counterfactuals") or [])) for row in rows):
+        raise DataError(
+            "train: train.rationales is true but the scored input has no rationales at all; set "
+            "score.rationales.enabled: true and rerun `score` (if it is on already, every rationale request "
+            "failed: see `rationales` in reports/score.json), or set train.rationales: false"
+        )
 
 
 def rejected_per_entry(cfg: PreferenceConfig) -> int | None:
@@ -122,8 +166,11 @@ def build_entries(vlm: VLM, rows: list[dict], cfg: PreferenceConfig) -> list[Pre
     """Tokenize scored rows (SCORED_SCHEMA): prompt, `answer` as chosen, `rejected[*].text` as dispreferred.
 
     Weights come from `judgements[*].weight`, aligned with `rejected`, and are read only when
-    `cfg.weighted`; a missing weight is an error rather than a silent 1.0.
+    `cfg.weighted`; a missing weight is an error rather than a silent 1.0. With `cfg.rationales`
+    the texts carry the score stage's rationales (`entry_texts`); scored rows without any are an
+    error.
     """
+    check_rationales(rows, cfg)
     cap = rejected_per_entry(cfg)
     entries = []
     for row in rows:
@@ -151,14 +198,16 @@ def build_entries(vlm: VLM, rows: list[dict], cfg: PreferenceConfig) -> list[Pre
                 weights.append(float(w))
         else:
             weights = [1.0] * len(rejected)
+        chosen, texts, augmented = entry_texts(row, rejected, cfg)
         entries.append(
             PreferenceEntry(
                 id=str(rid),
                 image=row["image"],
                 prompt=vlm.prompt_ids(row["question"]),
-                chosen=vlm.answer_ids(row["answer"]),
-                rejected=[vlm.answer_ids(r["text"]) for r in rejected],
+                chosen=vlm.answer_ids(chosen),
+                rejected=[vlm.answer_ids(t) for t in texts],
                 weights=weights,
+                augmented=augmented,
             )
         )
     if not entries:
@@ -477,6 +526,10 @@ class PreferenceTrainer:
             "explicit": cfg.explicit if cfg.loss == "mlpo" else True,
             "implicit": cfg.implicit if cfg.loss == "mlpo" else False,
             "entries": len(self.entries),
+            # train.rationales: entries trained on rationale-augmented texts, and those that fell back
+            # to the plain texts (a rationale or counterfactual missing); 0 and all when off
+            "rationale_entries": sum(e.augmented for e in self.entries),
+            "plain_entries": sum(not e.augmented for e in self.entries),
             "rejected_per_entry": self.n_rejected,
             "epochs": cfg.epochs,
             "optimizer_steps": len(self.history),
