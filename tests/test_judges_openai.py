@@ -12,6 +12,7 @@ import _thread
 import json
 import logging
 import re
+import signal
 import socket
 import threading
 import time
@@ -442,6 +443,16 @@ def test_connection_errors_outlasting_the_retries_stop_the_turn(monkeypatch):
 def test_ctrl_c_returns_at_once(stage_files, fault):
     """Ctrl-C while requests hang (timeout 10 s) or wait out a backoff (30 s): the stage stops within
     a second, sends nothing more, and writes its report (status interrupted)."""
+    # A process started in the background (nohup, `cmd &`) inherits SIGINT ignored, and then
+    # interrupt_main does nothing: give it Python's own handler, as an interactive run has.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _ctrl_c_returns_at_once(stage_files, fault)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _ctrl_c_returns_at_once(stage_files, fault):
     tmp = stage_files
     many_rows(tmp, 20)
     with ChatServer(hang_s=8) as server:
