@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline.errors import DataError
+from pipeline.resume import prune
 
 WEIGHTS_FILE = "trained_weights.safetensors"
 _RNG_FILE = "random_states_0.pkl"  # accelerate's name; its absence would make load_state skip the RNGs silently
@@ -111,11 +112,7 @@ class Checkpoints:
         accelerator.register_save_state_pre_hook(self._save_hook)
         accelerator.register_load_state_pre_hook(self._load_hook)
         if self.folder is not None and accelerator.is_main_process:
-            root = Path(root)
-            if root.exists():
-                for stale in root.iterdir():
-                    if stale.name != key:
-                        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
+            prune(root, {key})
             self.folder.mkdir(parents=True, exist_ok=True)
         accelerator.wait_for_everyone()
 

@@ -273,9 +273,9 @@ def train_llava(vlm: VLM, rows: list[dict], cfg: SFTConfig, run: SFTRun, tower_t
     scheduler = warmup_cosine(optimizer, warmup, total, warmup_from_first_step=True)
     run.optimizer.target, run.scheduler.target = optimizer, scheduler
     # What phase 1 or 2 changes: the tower (phase 1, or tower_lr), the projector, the LM's trained part.
+    tower_ids = {id(p) for p in vlm.vision_tower.parameters()} if tower_trained else set()
     run.checkpoints.weights = TrainedWeights(
-        [(n, p) for n, p in vlm.model.named_parameters()
-         if p.requires_grad or id(p) in lm_ids or (tower_trained and n in _tower_names(vlm))]
+        [(n, p) for n, p in vlm.model.named_parameters() if p.requires_grad or id(p) in lm_ids or id(p) in tower_ids]
     )
     step, start_epoch, start_i = 0, 0, 0
     losses: list[float] = []
@@ -323,11 +323,6 @@ def train_llava(vlm: VLM, rows: list[dict], cfg: SFTConfig, run: SFTRun, tower_t
     vlm.model.eval()
     tail = losses[-max(1, len(losses) // 10) :]
     return {"sft_first_loss": losses[0], "sft_final_loss": sum(tail) / len(tail)}
-
-
-def _tower_names(vlm: VLM) -> set[str]:
-    tower = {id(p) for p in vlm.vision_tower.parameters()}
-    return {n for n, p in vlm.model.named_parameters() if id(p) in tower}
 
 
 def train_sft(vlm: VLM, rows: list[dict], cfg: SFTConfig, fresh: bool, log: LogFn | None = None,
