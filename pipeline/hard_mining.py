@@ -1,7 +1,9 @@
 """CheXPO's confidence-similarity hard-example mining (`mine.strategy: hard`).
 
-1. **Answer.** The SFT model answers every entry of the split greedily (batched, resumable, the
-   evaluation's prompts and decoding), recording each answer token's probability.
+1. **Answer.** The SFT model answers the candidates greedily (batched, resumable, the evaluation's
+   prompts and decoding), recording each answer token's probability. The candidates are a seeded
+   sample of `mine.hard.candidates` entries stratified by cell (`sample_candidates`), or the whole
+   split; everything below works on them.
 2. **Hard entries.** An entry is hard when the answer is wrong (`score_prediction` below 1: a
    closed answer not matched, an open answer missing a token of the reference) or right with a
    mean token probability below `mine.hard.confidence_threshold` (CheXPO releases no value: the
@@ -54,6 +56,11 @@ class HardMiningConfig(Config):
                           "(all-MiniLM-L6-v2: the packaged copy; or a folder under models/embedders / a hub id)")
     batch_size: int = Field(ge=1, description="entries per answering / embedding batch")
     max_new_tokens: int = Field(ge=1, description="cap on the SFT model's answer length, in tokens")
+    candidates: int | None = Field(
+        ge=1, description="the SFT model answers a seeded sample of this many split entries, stratified by "
+        "(answer type, modality, question type); hard entries and their neighbours come from it (null: the "
+        "whole split)"
+    )
 
 
 @dataclass(frozen=True)
@@ -91,6 +98,23 @@ def visual_batch(vlm: VLM, rows: Sequence[Mapping[str, Any]]) -> list[dict]:
     pixels = vlm.pixel_values([decode_image(r["image"]) for r in rows])
     pooled = vlm.image_features(pixels).float().mean(1).cpu()
     return [{"id": r["id"], "vector": v.tolist()} for r, v in zip(rows, pooled, strict=True)]
+
+
+def sample_candidates(rows: Sequence[Mapping[str, Any]], count: int | None, seed: int) -> list[int]:
+    """Indices (ascending) of the `count` entries the SFT model answers: every cell of the split
+    gets its share (`apportion`), drawn uniformly within the cell; all of them when `count` is None
+    or not smaller than the split.
+
+    Answering is the strategy's cost (a greedy decode per entry); a pool of `size` needs only a
+    few times `size` hard entries to choose from, not the whole split."""
+    if count is None or count >= len(rows):
+        return list(range(len(rows)))
+    rng = random.Random(seed)
+    cells: dict[tuple[str, ...], list[int]] = {}
+    for i, row in enumerate(rows):
+        cells.setdefault(cell_of(row), []).append(i)
+    quota = apportion(count, {c: len(members) for c, members in sorted(cells.items())}, rng)
+    return sorted(i for c, members in sorted(cells.items()) for i in rng.sample(members, quota[c]))
 
 
 def hard_reason(answered: Answered, threshold: float) -> str | None:
@@ -254,7 +278,7 @@ class SplitSignals:
 
 
 def split_signals(vlm: VLM, embedder, rows: Sequence[Mapping[str, Any]], cfg: HardMiningConfig,
-                  work_dir, inputs: Mapping[str, str]) -> SplitSignals:
+                  work_dir, inputs: Mapping[str, Any]) -> SplitSignals:
     """The SFT model's answers (with confidence) and visual vectors for every row, in resumable
     batches under `work_dir` (keyed by the inputs' digests, the config and the code; the parts
     stay until the caller clears them), and the question embeddings (a single encode call)."""

@@ -18,6 +18,7 @@ from pipeline.hard_mining import (
     expand,
     joint_embeddings,
     mine_hard,
+    sample_candidates,
     select_balanced,
 )
 from pipeline.params import build_config, load_params, project_params_path
@@ -27,7 +28,7 @@ from tests.conftest import make_rows
 
 def _cfg(**changes) -> HardMiningConfig:
     values = {"confidence_threshold": 0.8, "neighbours": 2, "embedder": "all-MiniLM-L6-v2", "batch_size": 4,
-              "max_new_tokens": 3, **changes}
+              "max_new_tokens": 3, "candidates": None, **changes}
     return build_config(HardMiningConfig, values)
 
 
@@ -136,6 +137,22 @@ def test_greedy_probabilities_belong_to_the_greedy_tokens(tiny_vlm, rows):
             assert probs[b][0] == pytest.approx(float(first[b, row[0]]), rel=1e-4)
 
 
+def test_the_candidates_are_a_seeded_sample_stratified_by_cell():
+    cells = [("closed", "ct", "presence")] * 6 + [("open", "ct", "organ")] * 3 + [("closed", "mri", "presence")]
+    rows = _rows(400, cells)
+    picked = sample_candidates(rows, 100, seed=0)
+    assert len(picked) == len(set(picked)) == 100 and picked == sorted(picked)
+    shares = Counter((rows[i]["answer_type"], rows[i]["modality"]) for i in picked)
+    assert shares == {("closed", "ct"): 60, ("open", "ct"): 30, ("closed", "mri"): 10}
+    assert sample_candidates(rows, 100, seed=0) == picked
+    assert sample_candidates(rows, 100, seed=1) != picked
+    # uniform within a cell: over seeds, every entry of the small cell (40 rows, 10 drawn) turns up
+    small = {i for seed in range(20) for i in sample_candidates(rows, 100, seed) if i % 10 == 9}
+    assert small == {i for i in range(400) if i % 10 == 9}
+    assert sample_candidates(rows, None, seed=0) == list(range(400))
+    assert sample_candidates(rows, 400, seed=3) == list(range(400))
+
+
 def test_mine_stage_hard_end_to_end(tmp_path, tiny_vlm):
     from pipeline.stages.mine import app
 
@@ -167,3 +184,30 @@ def test_mine_stage_hard_end_to_end(tmp_path, tiny_vlm):
     assert not (tmp_path / "work").exists()  # cleared once the pool is written
     again = CliRunner().invoke(app, args)  # deterministic
     assert again.exit_code == 0 and read_rows(tmp_path / "pool.parquet", POOL_SCHEMA) == pool
+
+
+def test_mine_stage_hard_answers_only_the_candidates(tmp_path, tiny_vlm):
+    from pipeline.stages.mine import app
+
+    rows = make_rows(24)
+    write_rows(rows, tmp_path / "train.parquet", VQA_SCHEMA)
+    tiny_vlm.save(tmp_path / "sft")
+    (tmp_path / "embedders").mkdir()
+    mine = load_params(project_params_path())["mine"]
+    mine.update(strategy="hard", size=6,
+                hard={**mine["hard"], "batch_size": 8, "confidence_threshold": 1.0, "candidates": 16})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"mine": mine}))
+    args = ["--params", str(tmp_path / "params.yaml"), "--input", str(tmp_path / "train.parquet"),
+            "--model", str(tmp_path / "sft"), "--model-root", str(tmp_path / "embedders"),
+            "--output", str(tmp_path / "pool.parquet"), "--metrics", str(tmp_path / "mine.json"),
+            "--work-dir", str(tmp_path / "work"), "--timings", str(tmp_path / "timings.json")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    report = yaml.safe_load((tmp_path / "mine.json").read_text())
+    assert report["candidates"] == 16 and report["sft_on_split"]["entries"] == 16
+    assert sum(report["hard"].values()) == 16
+    timings = yaml.safe_load((tmp_path / "timings.json").read_text())
+    assert timings["reuse"]["answers"] == {"batches": 2, "reused": 0, "computed": 2}
+    sampled = {rows[i]["id"] for i in sample_candidates(rows, 16, mine["seed"])}
+    pool = read_rows(tmp_path / "pool.parquet", POOL_SCHEMA)
+    assert len(pool) == 6 and {r["id"] for r in pool} <= sampled

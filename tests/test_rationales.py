@@ -327,7 +327,8 @@ def load_prompts_text(tmp_path: Path, text: str):
     (" the left lung is clear. It is", "BECAUSE no:", "BECAUSE no: the left lung is clear."),
     ("The heart is enlarged", "", "The heart is enlarged"),  # no sentence end: kept as it is
     ("  The heart\n is enlarged.\n\nSecond paragraph.", "", "The heart is enlarged."),
-    ("A mass is seen. Twice.", "", "A mass is seen. Twice."),
+    ("A mass is seen. Twice.", "", "A mass is seen."),  # the first sentence: one was asked for
+    ("There is 1.5 cm of fluid here. More.", "", "There is 1.5 cm of fluid here."),  # a decimal point ends nothing
 ])
 def test_clean_rationale_keeps_what_the_judge_said(answer, start, expected):
     assert clean_rationale(start + answer, start) == expected

@@ -51,8 +51,10 @@ def clean_rationale(answer: str, start: str) -> str:
     """The rationale in a judge's answer (`start`, the request's prefill, + its continuation), or
     `MalformedRationale`.
 
-    Kept: the first paragraph (up to a blank line), whitespace collapsed, cut after its last
-    complete sentence when it has one (a text cut short by `max_new_tokens` loses its fragment).
+    Kept: the first paragraph (up to a blank line), whitespace collapsed, cut after its first
+    complete sentence when it has one: the prompt asks for one short sentence, and what a small
+    judge adds after it is more of the same at a training cost (every extra token is trained on
+    both sides of every pair); a text cut short by `max_new_tokens` loses its fragment.
     Rejected: nothing of the judge's own (empty), fewer than `MIN_WORDS` words of its own, or a
     JSON object or code block instead of prose (malformed). Nothing is added to what it said.
     """
@@ -66,7 +68,7 @@ def clean_rationale(answer: str, start: str) -> str:
     begin = len(" ".join(start.split()))  # where the judge's own words begin in `text`
     ends = [m.end() for m in _SENTENCE_END.finditer(text) if m.end() > begin]
     if ends:
-        text = text[: ends[-1]]
+        text = text[: ends[0]]
     if text.lstrip().startswith(("{", "[", "```")):
         raise MalformedRationale("malformed", "a JSON object or code block, not a sentence")
     words = len(_WORD.findall(text[begin:]))

@@ -1,7 +1,7 @@
 """`mine` stage: choose the pool of training entries preferences are built from.
 
 `balanced` and `random` need nothing but the split. `hard` (CheXPO) has the SFT model (`--model`)
-answer every entry and embeds them with a sentence embedder (`mine.hard.embedder`, a local one
+answer a stratified sample of the split (`mine.hard.candidates`) and embeds those entries with a sentence embedder (`mine.hard.embedder`, a local one
 under `--model-root`); those answers and visual vectors are kept under `--work-dir` as they are
 computed, so an interrupted run redoes only the unfinished batches.
 """
@@ -50,7 +50,7 @@ def main(
     run_report: dict = {}
     if config.strategy == "hard":
         from pipeline.fingerprint import file_digest, folder_digest
-        from pipeline.hard_mining import mine_hard, split_signals
+        from pipeline.hard_mining import mine_hard, sample_candidates, split_signals
         from pipeline.models.profiles import check_model_folder, load_vlm
         from pipeline.models.sources import check_model_source
         from pipeline.rerank import PACKAGED_ALIASES, load_embedder
@@ -59,14 +59,17 @@ def main(
         check_model_source(config.hard.embedder, "mine.hard.embedder", model_root, packaged=PACKAGED_ALIASES)
         check_model_folder(model)
         rows = require_rows(read_rows(input, VQA_SCHEMA), input)
-        inputs = {"split": file_digest(input), "model": folder_digest(model), "embedder": config.hard.embedder}
-        signals = split_signals(load_vlm(model), load_embedder(config.hard.embedder), rows, config.hard,
+        answered = [rows[i] for i in sample_candidates(rows, config.hard.candidates, config.seed)]
+        inputs = {"split": file_digest(input), "model": folder_digest(model), "embedder": config.hard.embedder,
+                  "candidates": [row["id"] for row in answered]}
+        signals = split_signals(load_vlm(model), load_embedder(config.hard.embedder), answered, config.hard,
                                 work_dir, inputs)
-        result = mine_hard(rows, config.size, config.seed, config.hard, signals.answers, signals.visual,
+        result = mine_hard(answered, config.size, config.seed, config.hard, signals.answers, signals.visual,
                            signals.question)
         pool = result.pool
-        report = {**mining_summary(pool, requested=config.size, available=len(rows), config=config, split=rows),
-                  **result.report}
+        report = {**mining_summary(pool, requested=config.size, available=len(answered), config=config,
+                                   split=rows),
+                  "candidates": len(answered), **result.report}
         run_report["reuse"] = signals.reuse
     else:
         rows = read_rows(input, VQA_SCHEMA)
