@@ -1,8 +1,10 @@
 """Token-level self-contrastive rewarding (HSCR §3.1, A.4–A.5; decisions in docs/design.md).
 
 For each entry the preferred answer y_w is teacher-forced under two views of the image, the full
-view and a view with a share `mask_ratio` of the visual tokens dropped (attention-masked, which is
-the same as removing them). Both views run as one batched forward. Then:
+view and a degraded view that hides a share `mask_ratio` of the image: by default visual tokens
+dropped (attention-masked, which is the same as removing them), or pixels, patches or the vision
+tower's attention (`sample.mask_strategy`, HSCR Table 5: `pipeline.mask_strategies`). Both views
+run as one batched forward. Then:
 
 - sensitivity at answer position t: logit_full[t, y_t] - logit_drop[t, y_t], how much the image
   supports the token that is there; the top-n positions are the modality-coupled tokens;
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -34,12 +36,13 @@ from pydantic import Field
 from transformers import DynamicCache
 
 from pipeline.batching import SequenceBatch, collate_sequences, decode_image
+from pipeline.external_dispreferred import ExternalSourceConfig
 from pipeline.fingerprint import code_version, fingerprint
 from pipeline.grouped_scoring import collate_groups, group_logprobs
+from pipeline.mask_strategies import MaskStrategy, two_view_embeddings
 from pipeline.models.vlm import VLM, position_ids_from_mask
 from pipeline.params import Config
 from pipeline.resume import BatchRun, BatchStore, run_batches
-from pipeline.visual_dropout import drop_visual_tokens
 
 
 class SampleConfig(Config):
@@ -47,7 +50,12 @@ class SampleConfig(Config):
 
     top_level: ClassVar[tuple[str, ...]] = ("mask_ratio",)
 
-    mask_ratio: float = Field(ge=0.0, lt=1.0, description="share of visual tokens dropped in the degraded view, in [0, 1)")
+    mask_ratio: float = Field(ge=0.0, lt=1.0, description="share of the image hidden in the degraded view, in [0, 1)")
+    mask_strategy: MaskStrategy = Field(
+        description="where the degraded view loses it (HSCR Table 5): token: visual tokens dropped after the "
+        "projector | pixel: a random crop of 1 - mask_ratio of the image kept | patch: patches removed before the "
+        "vision tower | latent: patches masked inside the tower's attention"
+    )
     mode: Literal["replace", "decode"] = Field(
         description="replace: in-place token replacement (HSCR A.4); decode: continue under the dropped view"
     )
@@ -62,6 +70,14 @@ class SampleConfig(Config):
     max_new_tokens: int = Field(ge=1, description="decode mode: cap on the continuation's length")
     seed: int = Field(ge=0, description="seeds the dropout pattern and the draw, per entry")
     batch_size: int = Field(ge=1, description="pool entries per forward batch (also the unit of resume)")
+    source: Literal["self", "external"] = Field(
+        description="where the dispreferred candidates come from: self: this model's own answers under the "
+        "degraded view (HSCR §3.1); external: k wrong answers written by another model (`sample.external`, "
+        "HSCR Table 3's baseline)"
+    )
+    external: ExternalSourceConfig = Field(
+        description="source external only: the writer model, its prompts and how many failed entries are tolerated"
+    )
 
 
 def entry_seed(seed: int, entry_id: str) -> int:
@@ -70,16 +86,17 @@ def entry_seed(seed: int, entry_id: str) -> int:
 
 
 @torch.no_grad()
-def two_view_answer_logits(vlm: VLM, batch: SequenceBatch, dropped_mask: torch.Tensor
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, L, V) logits predicting each answer token, for the full and the dropped view.
+def two_view_answer_logits(vlm: VLM, batch: SequenceBatch, strategy: MaskStrategy, ratio: float,
+                           seeds: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L, V) logits predicting each answer token, for the full and the degraded view
+    (`strategy` at `ratio`, each row's pattern from its seed: `pipeline.mask_strategies`).
 
-    One forward over the stacked [full; dropped] batch; the vision tower runs once. Row b's
-    answer token i sits at column answer_start[b] + i and is predicted at the column before.
+    One forward over the stacked [full; degraded] batch. Row b's answer token i sits at column
+    answer_start[b] + i and is predicted at the column before.
     """
-    embeds = vlm.embed(batch.input_ids, batch.pixel_values)
-    masks = torch.cat([batch.attention_mask, dropped_mask])
-    hidden = vlm.hidden_states(torch.cat([embeds, embeds]), masks)
+    embeds, masks = two_view_embeddings(vlm, batch.input_ids, batch.attention_mask, batch.pixel_values,
+                                        strategy, ratio, seeds)
+    hidden = vlm.hidden_states(embeds, masks)
     n = batch.input_ids.shape[0]
     length = int(batch.answer_length.max())
     cols = batch.answer_start.unsqueeze(1) - 1 + torch.arange(length, device=hidden.device).unsqueeze(0)
@@ -190,8 +207,8 @@ def apply_replacements(answer: list[int], replacements: list[tuple[int, int]]) -
 
 @torch.no_grad()
 def two_view_decode(vlm: VLM, images: list, questions: list[str], prefixes: list[list[int]],
-                    dropped_seeds: list[int], mask_ratio: float, max_new_tokens: int
-                    ) -> tuple[list[list[int]], list[float]]:
+                    dropped_seeds: list[int], mask_ratio: float, max_new_tokens: int,
+                    strategy: MaskStrategy) -> tuple[list[list[int]], list[float]]:
     """Continue each answer prefix greedily under the dropped view, scoring under the full view.
 
     Rows of both views are stacked in one batch with their own KV-cache rows. Returns the
@@ -208,22 +225,24 @@ def two_view_decode(vlm: VLM, images: list, questions: list[str], prefixes: list
         input_ids[b, width - len(r):] = torch.tensor(r)
         mask[b, width - len(r):] = 1
     input_ids, mask = input_ids.to(device), mask.to(device)
-    image_mask = input_ids == vlm.image_token_id
-    dropped = drop_visual_tokens(mask, image_mask, mask_ratio, dropped_seeds)
     pixel_values = vlm.pixel_values([im if not isinstance(im, bytes) else decode_image(im) for im in images])
-    embeds = vlm.embed(input_ids, pixel_values)
-    masks = torch.cat([mask, dropped])
+    embeds, masks = two_view_embeddings(vlm, input_ids, mask, pixel_values, strategy, mask_ratio, dropped_seeds)
     cache = DynamicCache()
-    out = vlm.forward(masks, inputs_embeds=torch.cat([embeds, embeds]), cache=cache, logits_to_keep=1)
+    out = vlm.forward(masks, inputs_embeds=embeds, cache=cache, logits_to_keep=1)
     positions = position_ids_from_mask(masks)[:, -1:]
     finished = torch.zeros(n, dtype=torch.bool, device=device)
     tokens: list[list[int]] = [[] for _ in range(n)]
     logprob = torch.zeros(n, dtype=torch.float64, device=device)
     embed = vlm.input_embeddings
+    # A continuation is text: never the image placeholder, padding or another special token
+    # (a weak model's dropped view can rank one first), only the end of turn.
+    banned = _special_ids(vlm)
+    banned = banned[(banned != vlm.eos_token_id) & (banned < out.logits.shape[-1])].to(device)
     for _ in range(max_new_tokens):
         logits = out.logits[:, -1].float()
         full_logp = torch.log_softmax(logits[:n], -1)
-        next_ids = logits[n:].argmax(-1)  # the dropped view decides: the language prior speaks
+        # the dropped view decides: the language prior speaks
+        next_ids = logits[n:].index_fill(-1, banned, float("-inf")).argmax(-1)
         step_logp = full_logp.gather(-1, next_ids.unsqueeze(-1)).squeeze(-1).double()
         logprob += step_logp.masked_fill(finished, 0.0)
         for b in (~finished).nonzero().squeeze(-1).tolist():
@@ -270,8 +289,7 @@ def sample_batch(vlm: VLM, rows: list[dict], cfg: SampleConfig) -> list[dict]:
     images = [r["image"] for r in rows]
     questions = [r["question"] for r in rows]
     batch = collate_sequences(vlm, images, questions, [r["answer"] for r in rows])
-    dropped = drop_visual_tokens(batch.attention_mask, batch.image_mask, cfg.mask_ratio, seeds)
-    logit_full, logit_drop = two_view_answer_logits(vlm, batch, dropped)
+    logit_full, logit_drop = two_view_answer_logits(vlm, batch, cfg.mask_strategy, cfg.mask_ratio, seeds)
     special = _special_ids(vlm)
     surface = _surface_form(vlm)
     plans, answers, chosen_logprob = [], [], []
@@ -298,7 +316,8 @@ def sample_batch(vlm: VLM, rows: list[dict], cfg: SampleConfig) -> list[dict]:
             prefixes.append(ids[: first + 1])
             decode_seeds.append(seeds[b])
         cont, cont_logp = two_view_decode(vlm, [images[b] for b, *_ in flat], [questions[b] for b, *_ in flat],
-                                          prefixes, decode_seeds, cfg.mask_ratio, cfg.max_new_tokens)
+                                          prefixes, decode_seeds, cfg.mask_ratio, cfg.max_new_tokens,
+                                          cfg.mask_strategy)
         new_flat = []
         for (b, _ids, replacements, level), prefix, tail in zip(flat, prefixes, cont, strict=True):
             first = min(p for p, _ in replacements)
@@ -338,7 +357,7 @@ def sample_batch(vlm: VLM, rows: list[dict], cfg: SampleConfig) -> list[dict]:
 
 # Everything whose code determines a candidate: a change to any of them gives a new resume key.
 SAMPLE_CODE = ("pipeline.self_contrast", "pipeline.grouped_scoring", "pipeline.batching", "pipeline.visual_dropout",
-               "pipeline.models", "pipeline.losses")
+               "pipeline.mask_strategies", "pipeline.models", "pipeline.losses")
 
 
 def sample_pool(vlm: VLM, rows: list[dict], cfg: SampleConfig, work_dir: str | Path, inputs: dict[str, str]

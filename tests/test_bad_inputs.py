@@ -604,6 +604,33 @@ def _(w, mp):
     w.set(**{"score.prompts": "prompts.yaml"})
 
 
+def _external_writer(w: Workspace, **changes: Any) -> None:
+    """`sample.source: external`, with the writer's prompts file where params.yaml names it."""
+    prompts = Path(w.params["sample"]["external"]["prompts"])
+    prompts.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / prompts, prompts)
+    w.set(**{"sample.source": "external", **changes})
+
+
+@scenario("external-send-image-hf")
+def _(w, mp):
+    _external_writer(w, **{"sample.external.send_image": True})
+
+
+@scenario("external-writer-unknown-role")
+def _(w, mp):
+    _external_writer(w, **{"sample.external.writer.role": "surgeon"})
+
+
+@scenario("external-too-many-failed")
+def _(w, mp):
+    mp.setenv("MEDALIGN_JUDGE_KEY", "any-value")
+    server = _loopback_judge_server(w)
+    server.chat_error = (400, b'{"error": {"message": "this model does not write lists"}}')
+    writer = openai_judge(base_url=server.url, model="judge-a", role="writer")
+    _external_writer(w, **{"sample.external.writer": writer})
+
+
 # Extra checks of the rows that need more than an exit code and a message.
 CHECKS: dict[str, Callable[[str], None]] = {
     "judge-api-key-in-params": lambda output: _assert(SECRET not in output, "the key is echoed"),

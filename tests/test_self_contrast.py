@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.batching import collate_sequences
+from pipeline.mask_strategies import MASK_STRATEGIES
 from pipeline.models.vlm import position_ids_from_mask
 from pipeline.params import project_config
 from pipeline.self_contrast import (
@@ -33,18 +34,18 @@ def _rows(rows):
 def test_mask_ratio_zero_gives_identical_views(tiny_vlm, rows):
     batch = collate_sequences(tiny_vlm, [r["image"] for r in rows[:3]], [r["question"] for r in rows[:3]],
                               ["yes", "no", "left lung"])
-    same = drop_visual_tokens(batch.attention_mask, batch.image_mask, 0.0, [0, 1, 2])
-    full, dropped = two_view_answer_logits(tiny_vlm, batch, same)
-    torch.testing.assert_close(full, dropped)
-    out = sample_batch(tiny_vlm, _rows(rows), sample_config(mask_ratio=0.0))
-    assert all(s == 0.0 for r in out for s in r["sensitivity"])
+    for strategy in MASK_STRATEGIES:
+        full, dropped = two_view_answer_logits(tiny_vlm, batch, strategy, 0.0, [0, 1, 2])
+        torch.testing.assert_close(full, dropped, rtol=0, atol=0, msg=strategy)
+        out = sample_batch(tiny_vlm, _rows(rows), sample_config(mask_ratio=0.0, mask_strategy=strategy))
+        assert all(s == 0.0 for r in out for s in r["sensitivity"]), strategy
 
 
 def test_two_view_logits_match_separate_forwards(tiny_vlm, rows):
     batch = collate_sequences(tiny_vlm, [r["image"] for r in rows[:2]], [r["question"] for r in rows[:2]],
                               ["left lung", "no"])
     dropped = drop_visual_tokens(batch.attention_mask, batch.image_mask, 0.7, [3, 4])
-    full, drop = two_view_answer_logits(tiny_vlm, batch, dropped)
+    full, drop = two_view_answer_logits(tiny_vlm, batch, "token", 0.7, [3, 4])
     for mask, got in ((batch.attention_mask, full), (dropped, drop)):
         logits = tiny_vlm.forward(mask, batch.input_ids, batch.pixel_values).logits
         for b in range(2):
@@ -158,7 +159,7 @@ def test_two_view_decode_matches_no_cache_reference(tiny_vlm, rows):
     prefixes = [tiny_vlm.answer_ids(r["answer"])[:1] for r in rows]
     seeds = [entry_seed(0, r["id"]) for r in rows]
     got, got_lp = two_view_decode(tiny_vlm, [r["image"] for r in rows], [r["question"] for r in rows],
-                                  prefixes, seeds, 0.7, 6)
+                                  prefixes, seeds, 0.7, 6, "token")
     for b, r in enumerate(rows):
         ref, ref_lp = _reference_decode(tiny_vlm, r["image"], r["question"], prefixes[b], seeds[b], 0.7, 6)
         assert got[b] == ref

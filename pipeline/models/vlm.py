@@ -143,25 +143,31 @@ class VLM:
     # ----- forward
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
         """Input embeddings with the image features written over the image placeholder tokens."""
+        if pixel_values is None:
+            if (input_ids == self.image_token_id).any():
+                raise ValueError("input has image tokens but no pixel values were given")
+            return self.input_embeddings(input_ids)
+        return self.embed_features(input_ids, self.image_features(pixel_values))
+
+    def embed_features(self, input_ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Input embeddings with given (B, num_image_tokens, hidden) image features written over the
+        image placeholder tokens (`embed` with the vision tower run by the caller)."""
         image_mask = input_ids == self.image_token_id
         # The placeholder id may lie outside a resized vocabulary's trained rows; its embedding is
         # overwritten anyway, so look up the pad token instead.
-        safe_ids = input_ids.masked_fill(image_mask, self.pad_token_id)
-        embeds = self.input_embeddings(safe_ids)
-        if pixel_values is None:
-            if image_mask.any():
-                raise ValueError("input has image tokens but no pixel values were given")
-            return embeds
-        features = self.image_features(pixel_values)
+        embeds = self.input_embeddings(input_ids.masked_fill(image_mask, self.pad_token_id))
         if features.shape[0] * features.shape[1] != int(image_mask.sum()):
             raise ValueError(
                 f"{int(image_mask.sum())} image tokens but {features.shape[0]}x{features.shape[1]} image features"
             )
         return embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))
 
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, num_image_tokens, hidden) projected visual tokens."""
-        out = self.model.get_image_features(pixel_values=pixel_values, return_dict=True)
+    def image_features(self, pixel_values: torch.Tensor,
+                       vision_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, num_image_tokens, hidden) projected visual tokens. `vision_attention_mask`, an additive
+        (B, 1, T, T) mask, goes to the vision tower's self-attention (`pipeline.mask_strategies`)."""
+        extra = {} if vision_attention_mask is None else {"attention_mask": vision_attention_mask}
+        out = self.model.get_image_features(pixel_values=pixel_values, return_dict=True, **extra)
         features = out.pooler_output
         if isinstance(features, (list, tuple)):
             features = torch.stack(list(features))

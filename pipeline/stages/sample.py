@@ -1,4 +1,10 @@
-"""`sample` stage: k graded dispreferred candidates per pool entry (HSCR §3.1).
+"""`sample` stage: k dispreferred candidates per pool entry.
+
+`sample.source: self` (the default): k graded candidates by token replacement under visual-token
+dropout, this model's own misreadings (HSCR §3.1). `sample.source: external`: k wrong answers
+written by another model, a local causal LM or any OpenAI-compatible endpoint, through the judge
+machinery and its response cache `--cache` (HSCR Table 3's baseline;
+`pipeline.external_dispreferred`, docs/sampling.md). Both write the same CANDIDATES_SCHEMA rows.
 
 Finished batches are kept under `--work-dir` as they complete, keyed by the content of the pool
 and the model, the config and the code version; an interrupted run started again redoes only
@@ -32,6 +38,11 @@ def main(
     output: Path = output_option("candidates per entry (Parquet)"),
     metrics: Path = metrics_option(),
     work_dir: Path = output_option("scratch folder of finished batches (resume); not a DVC output", "--work-dir"),
+    cache: Path = output_option("source external: the writer's response cache (SQLite; resume); not a DVC output",
+                                "--cache"),
+    # Not `input_option`: it need not exist unless source external names a local writer folder.
+    model_root: Path = typer.Option(..., "--model-root", file_okay=False,
+                                    help="source external: folder that holds local writer models (a dep)"),
     timings: Path = timings_option(),
 ) -> None:
     import time
@@ -45,18 +56,54 @@ def main(
     from pipeline.self_contrast import SampleConfig, sample_pool, summarize_candidates
 
     config = load_config(SampleConfig, params, "sample")
+    if config.source == "external":
+        from pipeline.external_dispreferred import check_writer, load_external_prompts, run_external
+        from pipeline.judges.backends.hf import PACKAGED
+        from pipeline.models.sources import check_model_source
+
+        prompts = load_external_prompts(config.external.prompts)
+        check_writer(config.external, prompts)
+        if config.external.writer.backend == "hf":
+            check_model_source(config.external.writer.model, "sample.external.writer.model", model_root,
+                               packaged=[PACKAGED])
     rows = require_rows(read_rows(input, POOL_SCHEMA), input)
-    vlm = load_vlm(model)
-    start = time.perf_counter()
-    done = sample_pool(vlm, rows, config, work_dir, {"pool": file_digest(input), "model": folder_digest(model)})
+    # What made the candidates; the degraded view's settings only where it made them.
+    settings = {"source": config.source, "k": config.k} if config.source == "external" else {
+        "source": config.source, "mode": config.mode, "mask_strategy": config.mask_strategy,
+        "mask_ratio": config.mask_ratio, "k": config.k}
+    extra_metrics: dict = {}
+    extra_timings: dict = {}
+    if config.source == "self":
+        vlm = load_vlm(model)
+        start = time.perf_counter()
+        done = sample_pool(vlm, rows, config, work_dir, {"pool": file_digest(input), "model": folder_digest(model)})
+    else:
+        start = time.perf_counter()
+
+        def on_failure(report: dict, times: dict) -> None:
+            write_json(metrics, {"entries": len(rows), **settings, "external": report})
+            write_json(timings, {"seconds": time.perf_counter() - start, **times})
+
+        inputs = {"pool": file_digest(input), "model": folder_digest(model)}
+        result = run_external(rows, config, prompts, cache, lambda: load_vlm(model), work_dir, inputs,
+                              on_failure=on_failure)
+        done = result.done
+        extra_metrics, extra_timings = {"external": result.metrics}, result.timings
     write_table(done.table, output, CANDIDATES_SCHEMA)
     summary = summarize_candidates(done.table.to_pylist())
-    summary.update({"mode": config.mode, "mask_ratio": config.mask_ratio, "k": config.k})
+    summary.update({**settings, **extra_metrics})
     write_json(metrics, summary)
+    # The writer's cache hits depend on what earlier runs left in the cache: they go with the
+    # wall-clock values, out of the cached metrics (as for `score`).
     write_json(timings, {"seconds": time.perf_counter() - start, "batches": done.batches, "reused": done.reused,
-                         "computed": done.computed})
+                         "computed": done.computed, **extra_timings})
     clear_all(work_dir)  # only once the output and the reports are written
-    typer.echo(f"sample: {summary['candidates']} candidates for {summary['entries']} entries -> {output}")
+    written = "" if config.source == "self" else (
+        f" (external writer {config.external.writer.name}: {summary['external']['entries_without_candidates']} "
+        f"entries without candidates, cache hits {extra_timings['cache']['hits']}, asked "
+        f"{extra_timings['cache']['asked']})"
+    )
+    typer.echo(f"sample: {summary['candidates']} candidates for {summary['entries']} entries{written} -> {output}")
 
 
 if __name__ == "__main__":
