@@ -253,22 +253,26 @@ def _git(repo: Path, *args: str) -> None:
 
 def test_rev_source_reads_a_dvc_tracked_folder_at_an_older_commit(folders: dict[str, Path], tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from dvc.repo import Repo
+    import subprocess
+    import sys
+
+    def dvc(*args: str) -> None:
+        # DVC's CLI in a subprocess: in-process, its logger keeps a handle on whatever stream an
+        # earlier test's capture left behind, and fails on the closed file.
+        subprocess.run([sys.executable, "-m", "dvc", *args, "-q"], cwd=repo, check=True)
 
     repo = tmp_path / "project"
     repo.mkdir()
     _git(repo, "init", "-q")
-    Repo.init(str(repo)).close()
+    dvc("init")
     predictions = write_folder(repo / "reports" / "predictions", {"sft": DEFAULT_SEED0["sft"]})
     (repo / "reports" / "metrics.json").write_text(json.dumps(_metrics_report(["sft"])))
-    with Repo(str(repo)) as dvc_repo:
-        dvc_repo.add(str(predictions))
+    dvc("add", str(predictions))
     _git(repo, "add", "-A")
     _git(repo, "commit", "-qm", "seed 0")
     # The working copy moves on to another run; the old one stays readable at HEAD~1 (from the cache).
     write_folder(predictions, {"sft": DEFAULT_SEED1["sft"]})
-    with Repo(str(repo)) as dvc_repo:
-        dvc_repo.add(str(predictions))
+    dvc("add", str(predictions))
     _git(repo, "add", "-A")
     _git(repo, "commit", "-qm", "seed 1")
 
