@@ -65,13 +65,20 @@ from pathlib import Path
 from string import Template
 from typing import TYPE_CHECKING, Annotated, Any
 
-import yaml
 from pydantic import Field, model_validator
 
-from pipeline.errors import DataError, InputNotFoundError
+from pipeline.errors import DataError
 from pipeline.judges.judge import CachedJudge, JudgeRequest
 from pipeline.judges.panel import JudgeConfig, RequestRetry
-from pipeline.judges.prompts import PromptFileError
+from pipeline.judges.prompts import (
+    PromptFileError,
+    check_keys,
+    check_roles,
+    check_templates,
+    check_texts,
+    check_version,
+    read_prompt_file,
+)
 from pipeline.params import Config
 
 if TYPE_CHECKING:
@@ -153,41 +160,16 @@ class ExternalPrompts:
 def load_external_prompts(path: str | Path) -> ExternalPrompts:
     """Read and check the writer's prompt file (see pipeline/external_prompts.yaml for the format)."""
     path = Path(path)
-    if not path.is_file():
-        raise InputNotFoundError(f"prompt file {path} not found (sample.external.prompts in params.yaml)")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
-    except yaml.YAMLError as exc:
-        raise PromptFileError(f"{path}: not valid YAML: {exc}".replace("<unicode string>", str(path))) from None
-    if not isinstance(raw, dict):
-        raise PromptFileError(f"{path}: expected a mapping")
-    missing, unknown = sorted(_KEYS - set(raw)), sorted(set(raw) - _KEYS)
-    if missing:
-        raise PromptFileError(f"{path}: missing key(s) {missing}")
-    if unknown:
-        raise PromptFileError(f"{path}: unknown key(s) {unknown}")
-    version = raw["version"]
-    if isinstance(version, bool) or not isinstance(version, (str, int)) or not str(version).strip():
-        raise PromptFileError(f"{path}: `version` must be a non-empty string or an integer")
-    roles = raw["roles"]
-    if not isinstance(roles, dict) or not roles or not all(
-        isinstance(k, str) and isinstance(v, str) and v.strip() for k, v in roles.items()
-    ):
-        raise PromptFileError(f"{path}: `roles` must map role names to non-empty system prompts")
-    for key in ("request_turn", "image_attached", "image_absent"):
-        if not isinstance(raw[key], str) or not raw[key].strip():
-            raise PromptFileError(f"{path}: `{key}` must be a non-empty string")
+    where = str(path)
+    raw = read_prompt_file(path, "sample.external.prompts")
+    check_keys(raw, _KEYS, where)
+    version = check_version(raw, where)
+    roles = check_roles(raw, where)
+    check_texts(raw, ("request_turn", "image_attached", "image_absent"), where)
     if not isinstance(raw["prefill"], str):
-        raise PromptFileError(f"{path}: `prefill` must be a string ('' for none)")
-    turn = Template(raw["request_turn"])
-    if not turn.is_valid():
-        raise PromptFileError(f"{path}: request_turn: invalid `$` placeholder (write $$ for a literal $)")
-    names = set(turn.get_identifiers())
-    if names - _TURN_ALLOWED:
-        raise PromptFileError(f"{path}: request_turn uses unknown placeholder(s) {sorted(names - _TURN_ALLOWED)}")
-    if _TURN_REQUIRED - names:
-        raise PromptFileError(f"{path}: request_turn must use placeholder(s) {sorted(_TURN_REQUIRED - names)}")
-    return ExternalPrompts(version=str(version), roles=dict(roles), prefill=raw["prefill"], request_turn=turn,
+        raise PromptFileError(f"{where}: `prefill` must be a string ('' for none)")
+    turn = check_templates(raw, {"request_turn": (_TURN_REQUIRED, _TURN_ALLOWED)}, where)["request_turn"]
+    return ExternalPrompts(version=version, roles=roles, prefill=raw["prefill"], request_turn=turn,
                            image_attached=raw["image_attached"], image_absent=raw["image_absent"], path=str(path))
 
 

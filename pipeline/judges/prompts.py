@@ -3,6 +3,7 @@ and the rationales of `score.rationales`)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
@@ -134,39 +135,67 @@ class PromptSet:
         return JudgeRequest(messages=messages, prefill=request.prefill)
 
 
-def load_prompts(path: str | Path) -> PromptSet:
-    """Read and validate a prompt file (see pipeline/judges/prompts.yaml for the format)."""
+def read_prompt_file(path: str | Path, param: str) -> dict[str, Any]:
+    """The mapping in a YAML prompt file; `param` names the params.yaml key that points to it."""
     path = Path(path)
-    if not path.exists():
-        raise InputNotFoundError(f"prompt file {path} not found (score.prompts in params.yaml)")
+    if not path.is_file():
+        raise InputNotFoundError(f"prompt file {path} not found ({param} in params.yaml)")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
     except yaml.YAMLError as exc:
         raise PromptFileError(f"{path}: not valid YAML: {exc}".replace("<unicode string>", str(path))) from None
     if not isinstance(raw, dict):
         raise PromptFileError(f"{path}: expected a mapping")
-    needed = {"version", "roles", "rubric", "first_turn", "followup_turn", "retry_turn"}
-    missing = sorted(needed - set(raw))
+    return raw
+
+
+def check_keys(raw: dict, needed: set[str], where: str, optional: frozenset[str] = frozenset()) -> None:
+    """Every `needed` key present, nothing beyond `needed` and `optional`."""
+    missing, unknown = sorted(needed - set(raw)), sorted(set(raw) - needed - optional)
     if missing:
-        raise PromptFileError(f"{path}: missing key(s) {missing}")
-    unknown = sorted(set(raw) - needed - {"prefill", "rationales"})
+        raise PromptFileError(f"{where}: missing key(s) {missing}")
     if unknown:
-        raise PromptFileError(f"{path}: unknown key(s) {unknown}")
+        raise PromptFileError(f"{where}: unknown key(s) {unknown}")
+
+
+def check_texts(raw: dict, keys: Sequence[str], where: str) -> None:
+    for key in keys:
+        if not isinstance(raw[key], str) or not raw[key].strip():
+            raise PromptFileError(f"{where}: `{key}` must be a non-empty string")
+
+
+def check_roles(raw: dict, where: str) -> dict[str, str]:
+    """`roles`: role name -> its non-empty system prompt."""
     roles = raw["roles"]
     if not isinstance(roles, dict) or not roles or not all(
         isinstance(k, str) and isinstance(v, str) and v.strip() for k, v in roles.items()
     ):
-        raise PromptFileError(f"{path}: `roles` must map role names to non-empty system prompts")
-    for key in ("rubric", "first_turn", "followup_turn", "retry_turn"):
-        if not isinstance(raw[key], str) or not raw[key].strip():
-            raise PromptFileError(f"{path}: `{key}` must be a non-empty string")
-    templates = _templates(raw, _REQUIRED, str(path))
+        raise PromptFileError(f"{where}: `roles` must map role names to non-empty system prompts")
+    return dict(roles)
+
+
+def check_version(raw: dict, where: str) -> str:
+    version = raw["version"]
+    if isinstance(version, bool) or not isinstance(version, (str, int)) or not str(version).strip():
+        raise PromptFileError(f"{where}: `version` must be a non-empty string or an integer")
+    return str(version)
+
+
+def load_prompts(path: str | Path) -> PromptSet:
+    """Read and validate a prompt file (see pipeline/judges/prompts.yaml for the format)."""
+    path = Path(path)
+    raw = read_prompt_file(path, "score.prompts")
+    check_keys(raw, {"version", "roles", "rubric", "first_turn", "followup_turn", "retry_turn"}, str(path),
+               optional=frozenset({"prefill", "rationales"}))
+    roles = check_roles(raw, str(path))
+    check_texts(raw, ("rubric", "first_turn", "followup_turn", "retry_turn"), str(path))
+    templates = check_templates(raw, _REQUIRED, str(path))
     prefill = raw.get("prefill", "")
     if not isinstance(prefill, str):
         raise PromptFileError(f"{path}: `prefill` must be a string")
     return PromptSet(
         version=raw["version"],
-        roles=dict(roles),
+        roles=roles,
         rubric=raw["rubric"],
         first_turn=templates["first_turn"],
         followup_turn=templates["followup_turn"],
@@ -177,7 +206,8 @@ def load_prompts(path: str | Path) -> PromptSet:
     )
 
 
-def _templates(raw: dict, spec: dict[str, tuple[set[str], set[str]]], where: str) -> dict[str, Template]:
+def check_templates(raw: dict, spec: dict[str, tuple[set[str], set[str]]], where: str) -> dict[str, Template]:
+    """The `spec` keys of `raw` as templates: spec[key] = (placeholders required, placeholders allowed)."""
     templates = {}
     for key, (required, allowed) in spec.items():
         template = Template(raw[key])
@@ -194,20 +224,11 @@ def _rationale_prompts(raw: Any, path: Path) -> RationalePrompts:
     where = f"{path}: rationales"
     if not isinstance(raw, dict):
         raise PromptFileError(f"{where}: expected a mapping")
-    needed = {"version", "system", *_RATIONALE_REQUIRED}
-    missing, unknown = sorted(needed - set(raw)), sorted(set(raw) - needed)
-    if missing:
-        raise PromptFileError(f"{where}: missing key(s) {missing}")
-    if unknown:
-        raise PromptFileError(f"{where}: unknown key(s) {unknown}")
-    for key in ("system", "rationale_turn", "counterfactual_turn"):
-        if not isinstance(raw[key], str) or not raw[key].strip():
-            raise PromptFileError(f"{where}: `{key}` must be a non-empty string")
+    check_keys(raw, {"version", "system", *_RATIONALE_REQUIRED}, where)
+    check_texts(raw, ("system", "rationale_turn", "counterfactual_turn"), where)
     if not isinstance(raw["prefill"], str):
         raise PromptFileError(f"{where}: `prefill` must be a string ('' for none)")
-    version = raw["version"]
-    if isinstance(version, bool) or not isinstance(version, (str, int)) or not str(version).strip():
-        raise PromptFileError(f"{where}: `version` must be a non-empty string or an integer")
-    templates = _templates(raw, _RATIONALE_REQUIRED, where)
-    return RationalePrompts(version=str(version), system=raw["system"], rationale_turn=templates["rationale_turn"],
+    version = check_version(raw, where)
+    templates = check_templates(raw, _RATIONALE_REQUIRED, where)
+    return RationalePrompts(version=version, system=raw["system"], rationale_turn=templates["rationale_turn"],
                             counterfactual_turn=templates["counterfactual_turn"], prefill=templates["prefill"])
