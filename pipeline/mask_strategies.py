@@ -39,22 +39,10 @@ from typing import Literal
 import torch
 
 from pipeline.models.vlm import VLM
-from pipeline.visual_dropout import drop_visual_tokens
+from pipeline.visual_dropout import drop_visual_tokens, dropped_indices
 
 MaskStrategy = Literal["token", "pixel", "patch", "latent"]
 MASK_STRATEGIES: tuple[str, ...] = ("token", "pixel", "patch", "latent")
-
-
-def dropped_indices(count: int, ratio: float, seed: int) -> torch.Tensor:
-    """The round(ratio · count) of `count` places one entry drops, drawn from its seed (the same
-    draw as `drop_visual_tokens`)."""
-    if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"mask ratio must be in [0, 1], got {ratio}")
-    n_drop = int(round(ratio * count))
-    if n_drop == 0:
-        return torch.zeros(0, dtype=torch.long)
-    generator = torch.Generator().manual_seed(int(seed))
-    return torch.randperm(count, generator=generator)[:n_drop]
 
 
 def crop_pixels(pixel_values: torch.Tensor, ratio: float, seeds: Sequence[int]) -> torch.Tensor:

@@ -153,6 +153,14 @@ def test_the_candidates_are_a_seeded_sample_stratified_by_cell():
     assert sample_candidates(rows, 400, seed=3) == list(range(400))
 
 
+def _stage_args(tmp_path):
+    """The mine stage's options, every file under `tmp_path`."""
+    return ["--params", str(tmp_path / "params.yaml"), "--input", str(tmp_path / "train.parquet"),
+            "--model", str(tmp_path / "sft"), "--model-root", str(tmp_path / "embedders"),
+            "--output", str(tmp_path / "pool.parquet"), "--metrics", str(tmp_path / "mine.json"),
+            "--work-dir", str(tmp_path / "work"), "--timings", str(tmp_path / "timings.json")]
+
+
 def test_mine_stage_hard_end_to_end(tmp_path, tiny_vlm):
     from pipeline.stages.mine import app
 
@@ -165,10 +173,7 @@ def test_mine_stage_hard_end_to_end(tmp_path, tiny_vlm):
     mine = load_params(project_params_path())["mine"]
     mine.update(strategy="hard", size=10, hard={**mine["hard"], "batch_size": 8, "confidence_threshold": 1.0})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"mine": mine}))
-    args = ["--params", str(tmp_path / "params.yaml"), "--input", str(tmp_path / "train.parquet"),
-            "--model", str(tmp_path / "sft"), "--model-root", str(tmp_path / "embedders"),
-            "--output", str(tmp_path / "pool.parquet"), "--metrics", str(tmp_path / "mine.json"),
-            "--work-dir", str(tmp_path / "work"), "--timings", str(tmp_path / "timings.json")]
+    args = _stage_args(tmp_path)
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output + repr(result.exception)
     pool = read_rows(tmp_path / "pool.parquet", POOL_SCHEMA)
@@ -197,10 +202,7 @@ def test_mine_stage_hard_answers_only_the_candidates(tmp_path, tiny_vlm):
     mine.update(strategy="hard", size=6,
                 hard={**mine["hard"], "batch_size": 8, "confidence_threshold": 1.0, "candidates": 16})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"mine": mine}))
-    args = ["--params", str(tmp_path / "params.yaml"), "--input", str(tmp_path / "train.parquet"),
-            "--model", str(tmp_path / "sft"), "--model-root", str(tmp_path / "embedders"),
-            "--output", str(tmp_path / "pool.parquet"), "--metrics", str(tmp_path / "mine.json"),
-            "--work-dir", str(tmp_path / "work"), "--timings", str(tmp_path / "timings.json")]
+    args = _stage_args(tmp_path)
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output + repr(result.exception)
     report = yaml.safe_load((tmp_path / "mine.json").read_text())
