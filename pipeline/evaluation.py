@@ -4,10 +4,14 @@ The blind control is the same model with every visual token dropped (attention-m
 between a model's score and its blind score is how much it relies on the image: HSCR's modality
 misalignment shows up as a small gap.
 
-Each model's work (its predictions, its blind predictions, its log-prob gaps) runs batch by batch
-through `pipeline.resume`: every finished batch is kept under the stage's work folder, keyed by
-the model folder's bytes, the input's bytes, the config and the code version, so an interrupted
-run started again redoes only the unfinished batches.
+Each model's work (its predictions, its blind predictions; its log-prob gaps in the `report`
+stage) runs batch by batch through `pipeline.resume`: every finished batch is kept under the
+stage's work folder, keyed by the model folder's bytes, the input's bytes, the config and the code
+version, so an interrupted run started again redoes only the unfinished batches.
+
+The `evaluate` stage runs once per model (a DVC `foreach`), so an ablation that changes only the
+aligned model does not evaluate the unchanged SFT model again; the `report` stage combines the
+per-model reports into `reports/metrics.json` (`combine_reports`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pydantic import Field
 from tqdm.auto import tqdm
 
 from pipeline.batching import collate_prompts
+from pipeline.errors import DataError
 from pipeline.fingerprint import code_version, fingerprint
 from pipeline.generation import greedy_generate
 from pipeline.metrics import score_prediction, summarize
@@ -159,38 +164,53 @@ GAP_SCHEMA = pa.schema([pa.field("id", pa.string(), nullable=False), pa.field("g
 
 @dataclass
 class Evaluation:
-    """What `evaluate_models` returns: the metrics report, the prediction rows per model key
-    (`sft`, `sft_blind`, ...), the per-modality gap histograms, and per model and pass how many
+    """What `evaluate_models` returns: the metrics per model key (`sft`, `sft_blind`,
+    `sft_image_reliance`, ...), the prediction rows per model key, and per model and pass how many
     batches there were, how many were reused from an interrupted run and how many were computed
     (`{"sft": {"predictions": {"batches": 5, "reused": 3, "computed": 2}, ...}}`)."""
 
     report: dict[str, Any]
     predictions: dict[str, list[dict]]
-    histograms: dict[str, list[dict]]
     work: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
+
+
+@dataclass
+class GapReport:
+    """What `logprob_gap_report` returns: `<model>_logprob_gap` summaries, the per-modality
+    histograms (one DVC plot per modality) and the batches per model (as in `Evaluation.work`)."""
+
+    report: dict[str, Any]
+    histograms: dict[str, list[dict]]
+    work: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+def _shared_key_parts(cfg: Mapping[str, Any]) -> tuple:
+    import torch
+    import transformers
+
+    return (dict(cfg), code_version(EVALUATE_CODE), torch.__version__, transformers.__version__)
 
 
 def work_keys(models: Sequence[tuple[str, str]], cfg: EvaluateConfig, inputs: Mapping[str, Any]
               ) -> dict[str, dict[str, str]]:
-    """The resume key of every model's passes: `{name: {pass: key}}`.
+    """The resume key of every model's prediction passes: `{name: {"predictions": key, "blind": key}}`.
 
-    `inputs` holds content digests: `{"input": <test split>, "preferences": <preference
-    entries>, "models": {name: <model folder>}}`. A prediction pass's key includes the model's
-    name, which its rows carry.
+    `inputs` holds content digests: `{"input": <test split>, "models": {name: <model folder>}}`.
+    A key includes the model's name, which its rows carry.
     """
-    import torch
-    import transformers
+    shared = _shared_key_parts(cfg.to_dict())
+    return {name: {pass_: fingerprint("evaluate", pass_, name, inputs["input"], inputs["models"][name], *shared)
+                   for pass_ in ("predictions", "blind")}
+            for name, _ in models}
 
-    shared = (cfg.to_dict(), code_version(EVALUATE_CODE), torch.__version__, transformers.__version__)
-    keys: dict[str, dict[str, str]] = {}
-    for name, _ in models:
-        model = inputs["models"][name]
-        keys[name] = {
-            "predictions": fingerprint("evaluate", "predictions", name, inputs["input"], model, *shared),
-            "blind": fingerprint("evaluate", "blind", name, inputs["input"], model, *shared),
-            "logprob_gap": fingerprint("evaluate", "logprob_gap", inputs["preferences"], model, *shared),
-        }
-    return keys
+
+def gap_keys(models: Sequence[tuple[str, str]], batch_size: int, inputs: Mapping[str, Any]) -> dict[str, str]:
+    """The resume key of every model's log-prob gaps: `{name: key}`; `inputs` holds content digests
+    `{"preferences": <preference entries>, "models": {name: <model folder>}}`. Only the batch size
+    of the `evaluate:` section shapes a gap (padding), so only it is in the key."""
+    shared = _shared_key_parts({"batch_size": batch_size})
+    return {name: fingerprint("evaluate", "logprob_gap", inputs["preferences"], inputs["models"][name], *shared)
+            for name, _ in models}
 
 
 class _LazyModel:
@@ -206,11 +226,14 @@ class _LazyModel:
         return self.vlm
 
 
+def _counts(run: BatchRun) -> dict[str, int]:
+    return {"batches": run.batches, "reused": run.reused, "computed": run.computed}
+
+
 def evaluate_models(
     load: Callable[[str], VLM],
     models: Sequence[tuple[str, str]],
     rows: list[dict],
-    preferences: list[dict],
     cfg: EvaluateConfig,
     work_dir: str | Path,
     inputs: Mapping[str, Any],
@@ -218,26 +241,18 @@ def evaluate_models(
 ) -> Evaluation:
     """Evaluate every (name, folder) model and its blind control on the test rows.
 
-    Returns the metrics report (with `<model>_minus_<first>` deltas and, when `preferences` has
-    entries with a dispreferred response, the HSCR Fig. 4 log-prob gaps), the prediction rows per
-    model key, and the per-modality gap histograms. Finished batches are kept under `work_dir`
-    (keys: `work_keys(models, cfg, inputs)`) and reused by a restarted run; they stay there until
-    the caller has written its outputs and calls `pipeline.resume.clear_all(work_dir)`.
+    Returns each model's metrics (`model_metrics`), its prediction rows and its batch counts.
+    Finished batches are kept under `work_dir` (keys: `work_keys(models, cfg, inputs)`) and reused
+    by a restarted run; they stay there until the caller has written its outputs and calls
+    `pipeline.resume.clear_all(work_dir)`.
     """
     from pipeline.schema import PREDICTION_SCHEMA
 
     if cfg.max_rows is not None:
         rows = rows[: cfg.max_rows]
-    preferences = [r for r in preferences if r["rejected"]]
     keys = work_keys(models, cfg, inputs)
     every_key = {key for passes in keys.values() for key in passes.values()}
-
-    def store(key: str, schema: pa.Schema) -> BatchStore:
-        return BatchStore(work_dir, key, schema, siblings=every_key)
-
-    result = Evaluation(report={}, predictions={}, histograms={})
-    gaps: dict[str, list[float]] = {}
-    modalities = [r["modality"] for r in preferences]
+    result = Evaluation(report={}, predictions={})
     for name, folder in models:
         vlm = _LazyModel(load, folder)
         work: dict[str, BatchRun] = {}
@@ -246,26 +261,72 @@ def evaluate_models(
                        ) -> list[dict]:
                 return prediction_rows(label, batch, predict_batch(vlm(), batch, cfg.max_new_tokens, blind))
 
-            work[pass_] = run_batches(rows, cfg.batch_size, answer, store(keys[name][pass_], PREDICTION_SCHEMA),
-                                      desc=f"evaluate {label}", clear=False)
+            store = BatchStore(work_dir, keys[name][pass_], PREDICTION_SCHEMA, siblings=every_key)
+            work[pass_] = run_batches(rows, cfg.batch_size, answer, store, desc=f"evaluate {label}", clear=False)
             result.predictions[label] = work[pass_].table.to_pylist()
         metrics = model_metrics(name, result.predictions)
         result.report.update(metrics)
-        if preferences:
-            def gap(batch: list[dict], vlm: _LazyModel = vlm) -> list[dict]:
-                return [{"id": r["id"], "gap": g} for r, g in zip(batch, logprob_gap_batch(vlm(), batch), strict=True)]
-
-            work["logprob_gap"] = run_batches(preferences, cfg.batch_size, gap, store(keys[name]["logprob_gap"],
-                                              GAP_SCHEMA), desc=f"logprob gap {name}", clear=False)
-            gaps[name] = work["logprob_gap"].table.column("gap").to_pylist()
-            result.report[f"{name}_logprob_gap"] = gap_summary(gaps[name], modalities)
-        result.work[name] = {p: {"batches": r.batches, "reused": r.reused, "computed": r.computed}
-                             for p, r in work.items()}
+        result.work[name] = {p: _counts(r) for p, r in work.items()}
         vlm.vlm = None  # free it before the next model loads
         if on_model:
             on_model(name, metrics)
-    names = [name for name, _ in models]
-    for name in names[1:]:
-        result.report[f"{name}_minus_{names[0]}"] = deltas(result.report, name, names[0])
-    result.histograms = gap_histograms(gaps, modalities) if gaps else {}
     return result
+
+
+def logprob_gap_report(
+    load: Callable[[str], VLM],
+    models: Sequence[tuple[str, str]],
+    preferences: list[dict],
+    batch_size: int,
+    work_dir: str | Path,
+    inputs: Mapping[str, Any],
+) -> GapReport:
+    """HSCR Fig. 4 for every (name, folder) model: its log-prob gaps on the preference entries that
+    have a dispreferred response, summarised (`<name>_logprob_gap`) and histogrammed per modality
+    on shared bins. Resumable like `evaluate_models` (keys: `gap_keys(models, batch_size, inputs)`).
+    No entry with a dispreferred response gives an empty report."""
+    preferences = [r for r in preferences if r["rejected"]]
+    result = GapReport(report={}, histograms={})
+    if not preferences:
+        return result
+    keys = gap_keys(models, batch_size, inputs)
+    modalities = [r["modality"] for r in preferences]
+    gaps: dict[str, list[float]] = {}
+    for name, folder in models:
+        vlm = _LazyModel(load, folder)
+
+        def gap(batch: list[dict], vlm: _LazyModel = vlm) -> list[dict]:
+            return [{"id": r["id"], "gap": g} for r, g in zip(batch, logprob_gap_batch(vlm(), batch), strict=True)]
+
+        store = BatchStore(work_dir, keys[name], GAP_SCHEMA, siblings=set(keys.values()))
+        done = run_batches(preferences, batch_size, gap, store, desc=f"logprob gap {name}", clear=False)
+        gaps[name] = done.table.column("gap").to_pylist()
+        result.report[f"{name}_logprob_gap"] = gap_summary(gaps[name], modalities)
+        result.work[name] = _counts(done)
+        vlm.vlm = None
+    result.histograms = gap_histograms(gaps, modalities)
+    return result
+
+
+def combine_reports(names: Sequence[str], evaluations: Sequence[Mapping[str, Any]],
+                    gaps: Mapping[str, Any]) -> dict[str, Any]:
+    """The run's metrics report: every model's metrics (from the per-model `evaluate` reports),
+    its log-prob gap summary, and `<model>_minus_<names[0]>` deltas for every other model.
+
+    Each name must have its metrics in exactly one of `evaluations`; a key in two is an error
+    (two reports of the same model would silently overwrite each other).
+    """
+    report: dict[str, Any] = {}
+    for evaluation in evaluations:
+        clash = report.keys() & evaluation.keys()
+        if clash:
+            raise DataError(f"metrics of {sorted(clash)} appear in two evaluation reports")
+        report.update(evaluation)
+    missing = [n for n in names if n not in report or f"{n}_image_reliance" not in report]
+    if missing:
+        raise DataError(f"no metrics for model(s) {missing} in the evaluation reports (they have "
+                         f"{sorted(k for k in report if not k.endswith(('_blind', '_image_reliance')))})")
+    report.update(gaps)
+    for name in names[1:]:
+        report[f"{name}_minus_{names[0]}"] = deltas(report, name, names[0])
+    return report

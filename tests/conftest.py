@@ -62,14 +62,28 @@ def tiny_vlm(rows):
 
 
 def stage_commands() -> dict[str, list[str]]:
-    """Each stage's arguments exactly as dvc.yaml passes them (after `-m pipeline.stages.<name>`)."""
+    """Each stage's arguments exactly as dvc.yaml passes them (after `-m pipeline.stages.<module>`),
+    keyed by DVC's stage name: a `foreach` stage gives one entry per item (`evaluate@sft`)."""
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     commands = {}
     for name, stage in stages.items():
-        argv = shlex.split(stage["cmd"])
-        at = argv.index(f"pipeline.stages.{name}")
-        commands[name] = argv[at + 1:]
+        if "foreach" in stage:
+            for item in stage["foreach"]:
+                commands[f"{name}@{item}"] = _stage_argv(stage["do"]["cmd"].replace("${item}", str(item)))
+        else:
+            commands[name] = _stage_argv(stage["cmd"])
     return commands
+
+
+def stage_module(stage: str) -> str:
+    """The module a stage runs (`evaluate@sft` runs `pipeline.stages.evaluate`)."""
+    return f"pipeline.stages.{stage.split('@')[0]}"
+
+
+def _stage_argv(cmd: str) -> list[str]:
+    argv = shlex.split(cmd)
+    at = next(i for i, a in enumerate(argv) if a.startswith("pipeline.stages."))
+    return argv[at + 1:]
 
 
 def sh(cmd: str, cwd: Path) -> str:

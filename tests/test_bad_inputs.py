@@ -95,10 +95,11 @@ def doc_rows() -> list[Row]:
 
 
 ROWS = doc_rows()
-STAGES = ("prepare", "sft", "mine", "sample", "rerank", "score", "train", "evaluate")
+STAGES = ("prepare", "sft", "mine", "sample", "rerank", "score", "train", "evaluate", "report")
 
 
-COMMANDS = stage_commands()
+# docs/bad-inputs.md names a stage's module; `evaluate` runs as evaluate@aligned, one of its items.
+COMMANDS = {**stage_commands(), "evaluate": stage_commands()["evaluate@aligned"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,6 +376,28 @@ def _(w, mp):
 def _(w, mp):
     shutil.rmtree("models/aligned")
     Path("models/aligned").mkdir()
+
+
+def _evaluation_reports(*names: str) -> None:
+    """`reports/evaluate/<name>.json` as `evaluate` writes them, for the `report` stage."""
+    Path("reports/evaluate").mkdir(parents=True, exist_ok=True)
+    for name in names:
+        metrics = {"closed_accuracy": 0.5, "open_recall": 0.5, "n_closed": 2, "n_open": 2}
+        report = {name: metrics, f"{name}_blind": metrics,
+                  f"{name}_image_reliance": {"closed_accuracy": 0.0, "open_recall": 0.0}}
+        Path(f"reports/evaluate/{name}.json").write_text(json.dumps(report))
+
+
+@scenario("report-evaluation-of-another-model")
+def _(w, mp):
+    _evaluation_reports("sft")
+    shutil.copy("reports/evaluate/sft.json", "reports/evaluate/aligned.json")
+
+
+@scenario("report-model-not-evaluated")
+def _(w, mp):
+    _evaluation_reports("sft", "aligned")
+    w.args_override = [*COMMANDS["report"], "--model", "base=models/sft"]
 
 
 # ----- data and files ------------------------------------------------------------------------

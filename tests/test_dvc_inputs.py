@@ -35,6 +35,27 @@ def test_folders_a_param_can_point_into_are_deps_of_their_stage():
         assert (REPO / folder).is_dir(), f"{folder} must exist in a fresh clone (a dep DVC hashes)"
 
 
+def test_the_sft_evaluation_depends_on_nothing_an_ablation_changes():
+    """`evaluate@sft` reads only what `prepare` and `sft` make: a `sample`, `score` or `train` param
+    (every ablation) leaves it cached, and `report` combines both evaluations."""
+    from dvc.repo import Repo
+
+    with Repo(str(REPO)) as repo:
+        stages = {s.name: s for s in repo.index.stages}
+        made_by = {Path(out.def_path): s.name for s in stages.values() for out in s.outs}
+
+        def producers(dep: Path) -> set[str]:  # an output folder makes every file under it
+            return {made_by[p] for p in (dep, *dep.parents) if p in made_by}
+
+        def upstream(name: str) -> set[str]:
+            direct = set().union(*(producers(Path(d.def_path)) for d in stages[name].deps))
+            return direct.union(*(upstream(u) for u in direct))
+
+    assert upstream("evaluate@sft") == {"prepare", "sft"}
+    assert {"train", "sample", "score"} <= upstream("evaluate@aligned")
+    assert {"evaluate@sft", "evaluate@aligned", "train"} <= upstream("report")
+
+
 def write_dataset(root: Path, answers: list[str]) -> None:
     (root / "images").mkdir(parents=True, exist_ok=True)
     items = []

@@ -7,13 +7,14 @@ import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 import torch
 import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
 from pipeline.models.tiny_tokenizer import build_tiny_tokenizer
-from tests.conftest import stage_commands
+from tests.conftest import stage_commands, stage_module
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,7 +55,7 @@ COMMANDS = stage_commands()
 def run(module: str) -> None:
     import importlib
 
-    app = importlib.import_module(f"pipeline.stages.{module}").app
+    app = importlib.import_module(stage_module(module)).app
     result = CliRunner().invoke(app, COMMANDS[module], catch_exceptions=False)
     assert result.exit_code == 0, result.output
 
@@ -66,7 +67,7 @@ def test_every_path_comes_from_dvc_yaml():
     import typer.main
 
     for name, argv in COMMANDS.items():
-        command = typer.main.get_command(importlib.import_module(f"pipeline.stages.{name}").app)
+        command = typer.main.get_command(importlib.import_module(stage_module(name)).app)
         for param in command.params:
             if param.name in ("help", "progress"):
                 continue
@@ -104,9 +105,19 @@ def test_tiny_pipeline_end_to_end(tmp_path, monkeypatch):
     assert all(len(r["judgements"]) == len(r["rejected"]) for r in scored)
     run("train")
     assert (Path("models/aligned") / "config.json").exists()
-    run("evaluate")
+    run("evaluate@sft")
+    run("evaluate@aligned")
+    run("report")
     metrics = json.loads(Path("reports/metrics.json").read_text())
     for key in ("sft", "sft_blind"):
         assert 0.0 <= metrics[key]["closed_accuracy"] <= 1.0
         assert 0.0 <= metrics[key]["open_recall"] <= 1.0
     assert pq.read_metadata("reports/predictions/sft_blind.parquet").num_rows == 32
+    # `report` combined the two per-model evaluations and added the deltas and the gaps
+    per_model = {m: json.loads(Path(f"reports/evaluate/{m}.json").read_text()) for m in ("sft", "aligned")}
+    assert metrics["aligned"] == per_model["aligned"]["aligned"] and metrics["sft"] == per_model["sft"]["sft"]
+    delta = metrics["aligned_minus_sft"]["closed_accuracy"]
+    assert delta == pytest.approx(metrics["aligned"]["closed_accuracy"] - metrics["sft"]["closed_accuracy"])
+    assert metrics["aligned_logprob_gap"]["n"] == len(scored)
+    assert sorted(p.stem for p in Path("reports/plots/logprob_gap").glob("*.csv")) == sorted(
+        {r["modality"] for r in scored})

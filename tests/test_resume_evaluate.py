@@ -1,10 +1,11 @@
 """`evaluate` resumes: a run killed with SIGKILL and started again redoes only the unfinished
 batches, and writes exactly the bytes an uninterrupted run writes.
 
-The stage runs as `python -m pipeline.stages.evaluate` with the arguments dvc.yaml gives it, in
-a subprocess of a tiny workspace, not through `dvc repro` (whose run cache would hide the resume
-path). A fast in-process test checks the keys: a changed model, input or config reuses nothing
-and removes the stale parts.
+The stage runs as `python -m pipeline.stages.evaluate` with the arguments dvc.yaml gives
+`evaluate@aligned`, in a subprocess of a tiny workspace, not through `dvc repro` (whose run cache
+would hide the resume path). Fast in-process tests check the keys of the predictions and of the
+`report` stage's log-prob gaps: a changed model, input or config reuses nothing and removes the
+stale parts.
 """
 
 from __future__ import annotations
@@ -23,18 +24,19 @@ import yaml
 
 import pipeline.evaluation as evaluation
 from pipeline.data.phantoms import generate_split
-from pipeline.evaluation import EvaluateConfig, evaluate_models
+from pipeline.errors import DataError
+from pipeline.evaluation import EvaluateConfig, evaluate_models, logprob_gap_report
 from pipeline.models.profiles import build_tiny
 from pipeline.params import load_params, project_config, project_params_path
-from pipeline.schema import SCORED_SCHEMA, VQA_SCHEMA, write_rows
+from pipeline.schema import VQA_SCHEMA, write_rows
 from tests.conftest import stage_commands
 
 REPO = Path(__file__).resolve().parents[1]
-ARGS = stage_commands()["evaluate"]
+ARGS = stage_commands()["evaluate@aligned"]
 WORK = Path(ARGS[ARGS.index("--work-dir") + 1])
 TIMINGS = Path(ARGS[ARGS.index("--timings") + 1])
-OUTPUTS = [Path(ARGS[ARGS.index(flag) + 1]) for flag in ("--output", "--plots", "--metrics")]
-N_TEST, N_PREF, BATCH = 24, 8, 2  # per model: 12 + 12 + 4 batches
+OUTPUTS = [Path(ARGS[ARGS.index(flag) + 1]) for flag in ("--output", "--metrics")]
+N_TEST, BATCH = 24, 2  # 12 + 12 batches: the predictions and the blind control
 
 
 def parts(work: Path) -> list[Path]:
@@ -52,13 +54,11 @@ def scored(rows: list[dict]) -> list[dict]:
 
 
 def make_workspace(root: Path) -> None:
-    """The evaluate stage's inputs at the paths dvc.yaml names, two different tiny models."""
+    """The evaluate stage's inputs at the paths dvc.yaml names."""
     test_rows = generate_split(N_TEST, "test", seed=0, prior=None, image_size=16)
-    train_rows = generate_split(N_PREF, "train", seed=1, prior=0.7, image_size=16)
     args = dict(zip(ARGS[::2], ARGS[1::2], strict=True))
     write_rows(test_rows, root / args["--input"], VQA_SCHEMA)
-    write_rows(scored(train_rows), root / args["--preferences"], SCORED_SCHEMA)
-    texts = [r["question"] for r in test_rows + train_rows] + ["yes", "no", "left", "right", "1", "2", "3"]
+    texts = [r["question"] for r in test_rows] + ["yes", "no", "left", "right", "1", "2", "3"]
     for seed, spec in enumerate(a for flag, a in zip(ARGS, ARGS[1:], strict=False) if flag == "--model"):
         build_tiny(texts, seed=seed).save(root / spec.partition("=")[2])
     params = load_params(project_params_path())
@@ -94,11 +94,11 @@ def test_evaluate_killed_and_restarted_matches_an_uninterrupted_run(tmp_path):
     finish(start(clean))
     clean_report = json.loads((clean / TIMINGS).read_text())
     total = clean_report["batches"]
-    assert total == 2 * (2 * N_TEST // BATCH + N_PREF // BATCH)
+    assert total == 2 * N_TEST // BATCH
     assert clean_report["reused"] == 0 and clean_report["computed"] == total
     assert not parts(clean / WORK)
 
-    # Kill it once the first model's work and part of the second's are on disk.
+    # Kill it once the predictions and part of the blind control are on disk.
     process = start(killed)
     deadline = time.monotonic() + 240
     while len(parts(killed / WORK)) < total * 2 // 3:
@@ -126,7 +126,7 @@ def test_evaluate_killed_and_restarted_matches_an_uninterrupted_run(tmp_path):
 
     clean_files, resumed_files = output_bytes(clean), output_bytes(killed)
     assert sorted(resumed_files) == sorted(clean_files)
-    assert any(f.endswith(".csv") for f in clean_files) and any(f.endswith(".parquet") for f in clean_files)
+    assert sum(f.endswith(".parquet") for f in clean_files) == 2 and any(f.endswith(".json") for f in clean_files)
     for name, data in clean_files.items():
         assert resumed_files[name] == data, f"{name} differs from the uninterrupted run"
 
@@ -143,7 +143,7 @@ class Interrupt(Exception):
 
 
 def counted(monkeypatch: pytest.MonkeyPatch, fail_at: int | None = None) -> list[int]:
-    """Count the batches `evaluate_models` computes; raise (the process dies) at `fail_at`."""
+    """Count the batches computed (predictions and gaps); raise (the process dies) at `fail_at`."""
     calls: list[int] = []
 
     def step() -> None:
@@ -164,11 +164,12 @@ def counted(monkeypatch: pytest.MonkeyPatch, fail_at: int | None = None) -> list
     return calls
 
 
+MODELS = [("sft", "models/sft"), ("aligned", "models/aligned")]
+
+
 def test_evaluation_keys_follow_model_input_and_config(tmp_path, monkeypatch, tiny_vlm, rows):
     cfg = project_config(EvaluateConfig, "evaluate", batch_size=4, max_new_tokens=3, max_rows=None)
-    preferences = scored(rows[:8])
-    models = [("sft", "models/sft"), ("aligned", "models/aligned")]
-    inputs = {"input": "test-digest", "preferences": "pref-digest", "models": {"sft": "a", "aligned": "b"}}
+    inputs = {"input": "test-digest", "models": {"sft": "a", "aligned": "b"}}
     loads: list[str] = []
 
     def load(folder):
@@ -176,42 +177,79 @@ def test_evaluation_keys_follow_model_input_and_config(tmp_path, monkeypatch, ti
         return tiny_vlm
 
     work = tmp_path / "work"
-    total = 2 * (16 // 4 + 16 // 4 + 8 // 4)
-    clean = evaluate_models(load, models, rows, preferences, cfg, tmp_path / "clean", inputs)
+    total = 2 * (16 // 4 + 16 // 4)
+    clean = evaluate_models(load, MODELS, rows, cfg, tmp_path / "clean", inputs)
     assert sum(p["computed"] for m in clean.work.values() for p in m.values()) == total
 
-    counted(monkeypatch, fail_at=12)  # the first model (10 batches) and 2 of the second's
+    counted(monkeypatch, fail_at=10)  # the first model (8 batches) and 2 of the second's
     with pytest.raises(Interrupt):
-        evaluate_models(load, models, rows, preferences, cfg, work, inputs)
-    assert len(parts(work)) == 12
+        evaluate_models(load, MODELS, rows, cfg, work, inputs)
+    assert len(parts(work)) == 10
     calls, loads[:] = counted(monkeypatch), []
-    resumed = evaluate_models(load, models, rows, preferences, cfg, work, inputs)
-    assert len(calls) == total - 12 and loads == ["models/aligned"]  # sft's work is all on disk: not loaded
-    assert resumed.work["sft"] == {p: {"batches": n, "reused": n, "computed": 0}
-                                   for p, n in (("predictions", 4), ("blind", 4), ("logprob_gap", 2))}
+    resumed = evaluate_models(load, MODELS, rows, cfg, work, inputs)
+    assert len(calls) == total - 10 and loads == ["models/aligned"]  # sft's work is all on disk: not loaded
+    assert resumed.work["sft"] == {p: {"batches": 4, "reused": 4, "computed": 0} for p in ("predictions", "blind")}
     assert resumed.work["aligned"]["predictions"] == {"batches": 4, "reused": 2, "computed": 2}
     assert resumed.report == clean.report and resumed.predictions == clean.predictions
-    assert resumed.histograms == clean.histograms
     assert len(parts(work)) == total  # kept until the stage has written its outputs
 
-    keys = evaluation.work_keys(models, cfg, inputs)
+    keys = evaluation.work_keys(MODELS, cfg, inputs)
     changes = [
         ({"models": {"sft": "a", "aligned": "retrained"}}, None, {"aligned"}),
         ({"input": "another-test-split"}, None, {"sft", "aligned"}),
-        ({"preferences": "other-preferences"}, None, {"sft", "aligned"}),
         ({}, cfg.model_copy(update={"max_new_tokens": 4}), {"sft", "aligned"}),
     ]
     for change, new_cfg, affected in changes:
         new_inputs = {**inputs, **change}
-        new_keys = evaluation.work_keys(models, new_cfg or cfg, new_inputs)
+        new_keys = evaluation.work_keys(MODELS, new_cfg or cfg, new_inputs)
         changed = {(name, p) for name in new_keys for p in new_keys[name] if new_keys[name][p] != keys[name][p]}
         assert {name for name, _ in changed} == affected, change
-        if "preferences" in change:
-            assert {p for _, p in changed} == {"logprob_gap"}
         calls = counted(monkeypatch)
-        evaluate_models(load, models, rows, preferences, new_cfg or cfg, work, new_inputs)
-        assert len(calls) == len(changed) * 2 + sum(p != "logprob_gap" for _, p in changed) * 2, change
+        evaluate_models(load, MODELS, rows, new_cfg or cfg, work, new_inputs)
+        assert len(calls) == len(changed) * 4, change
         # the parts of every key no longer current are gone; the others were reused
         current = {k for passes in new_keys.values() for k in passes.values()}
         assert {p.parent.name for p in parts(work)} == current
         keys, inputs, cfg = new_keys, new_inputs, new_cfg or cfg
+
+
+def test_gap_keys_follow_model_preferences_and_batch_size(tmp_path, monkeypatch, tiny_vlm, rows):
+    preferences = scored(rows[:8]) + [{**scored(rows[8:9])[0], "rejected": []}]  # one without a rejected answer
+    inputs = {"preferences": "pref-digest", "models": {"sft": "a", "aligned": "b"}}
+    work = tmp_path / "work"
+    clean = logprob_gap_report(lambda folder: tiny_vlm, MODELS, preferences, 4, tmp_path / "clean", inputs)
+    assert clean.report["sft_logprob_gap"]["n"] == 8  # the entry without a dispreferred answer is left out
+    assert sum(w["computed"] for w in clean.work.values()) == 4
+    assert sum(row["sft"] for table in clean.histograms.values() for row in table) == 8
+
+    counted(monkeypatch, fail_at=3)
+    with pytest.raises(Interrupt):
+        logprob_gap_report(lambda folder: tiny_vlm, MODELS, preferences, 4, work, inputs)
+    calls = counted(monkeypatch)
+    resumed = logprob_gap_report(lambda folder: tiny_vlm, MODELS, preferences, 4, work, inputs)
+    assert len(calls) == 1 and resumed.report == clean.report and resumed.histograms == clean.histograms
+
+    keys = evaluation.gap_keys(MODELS, 4, inputs)
+    assert evaluation.gap_keys(MODELS, 4, {**inputs, "models": {"sft": "a", "aligned": "c"}})["sft"] == keys["sft"]
+    assert evaluation.gap_keys(MODELS, 4, {**inputs, "models": {"sft": "a", "aligned": "c"}})["aligned"] != keys["aligned"]
+    assert set(evaluation.gap_keys(MODELS, 4, {**inputs, "preferences": "other"}).values()).isdisjoint(keys.values())
+    assert set(evaluation.gap_keys(MODELS, 2, inputs).values()).isdisjoint(keys.values())
+    assert logprob_gap_report(lambda folder: tiny_vlm, MODELS, [], 4, work, inputs).report == {}
+
+
+def test_combine_reports_adds_deltas_and_refuses_missing_or_duplicate_models():
+    def metrics(name, closed, open_, blind_closed):
+        return {name: {"closed_accuracy": closed, "open_recall": open_},
+                f"{name}_blind": {"closed_accuracy": blind_closed, "open_recall": 0.1},
+                f"{name}_image_reliance": {"closed_accuracy": closed - blind_closed, "open_recall": open_ - 0.1}}
+
+    sft, aligned = metrics("sft", 0.5, 0.4, 0.45), metrics("aligned", 0.7, 0.5, 0.45)
+    report = evaluation.combine_reports(["sft", "aligned"], [sft, aligned], {"sft_logprob_gap": {"mean": 1.0}})
+    assert report["aligned_minus_sft"]["closed_accuracy"] == pytest.approx(0.2)
+    assert report["aligned_minus_sft"]["open_recall"] == pytest.approx(0.1)
+    assert report["aligned_minus_sft"]["image_reliance_closed_accuracy"] == pytest.approx(0.2)
+    assert report["sft_logprob_gap"] == {"mean": 1.0} and "sft_minus_aligned" not in report
+    with pytest.raises(DataError, match=r"no metrics for model\(s\) \['aligned'\]"):
+        evaluation.combine_reports(["sft", "aligned"], [sft], {})
+    with pytest.raises(DataError, match="appear in two evaluation reports"):
+        evaluation.combine_reports(["sft"], [sft, sft], {})

@@ -41,14 +41,21 @@ def test_default_dvc_repro_and_incremental_reruns(tmp_path):
     out = sh("dvc repro", work)
     assert "Running stage" not in out
 
-    # An `evaluate` param reruns only `evaluate`.
+    # An `evaluate` param reruns only the evaluations (and `report`, if one changed).
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["evaluate"]["max_new_tokens"] += 1
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = sh("dvc repro", work)
-    assert "Running stage 'evaluate'" in out
+    assert "Running stage 'evaluate@sft'" in out and "Running stage 'evaluate@aligned'" in out
     for stage in ("prepare", "sft", "mine", "sample", "rerank", "score", "train"):
         assert f"Running stage '{stage}'" not in out
+
+    # A `train` param retrains and evaluates the aligned model only: the SFT evaluation is cached.
+    params["train"]["epochs"] += 1
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = sh("dvc repro", work)
+    assert "Running stage 'train'" in out and "Running stage 'evaluate@aligned'" in out
+    assert "Running stage 'report'" in out and "Running stage 'evaluate@sft'" not in out
 
     # `mask_ratio` reruns `sample` and what follows it, never prepare, sft or mine.
     status = sh("dvc status", work)

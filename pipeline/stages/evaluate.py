@@ -1,15 +1,16 @@
-"""`evaluate` stage: every model and its blind control on the test split, plus the HSCR Fig. 4
-log-prob gaps on the preference entries.
+"""`evaluate` stage: each `--model` and its blind control on the test split.
 
-Each model's predictions, blind predictions and log-prob gaps are kept under `--work-dir` batch by
-batch as they finish, keyed by the content of the model folder and the inputs, the config and the
-code version; an interrupted run started again redoes only the unfinished batches
-(`pipeline.resume`), and the batches reused and computed go to the `--timings` report.
+dvc.yaml runs it once per model (`evaluate@sft`, `evaluate@aligned`), so an ablation that changes
+only the aligned model leaves `evaluate@sft` cached; the `report` stage combines the per-model
+reports into `reports/metrics.json`. Each model's predictions and blind predictions are kept
+under `--work-dir` batch by batch as they finish, keyed by the content of the model folder and the
+input, the config and the code version; an interrupted run started again redoes only the
+unfinished batches (`pipeline.resume`), and the batches reused and computed go to the `--timings`
+report.
 """
 
 from __future__ import annotations
 
-import csv
 import time
 from pathlib import Path
 
@@ -32,42 +33,25 @@ app = stage_app(__doc__)
 def main(
     params: Path = params_option("evaluate"),
     input: Path = input_option("test split (Parquet)"),
-    model: list[str] = typer.Option(..., "--model", help="NAME=FOLDER of a model to evaluate; repeatable, the "
-                                    "first is the baseline of the `<name>_minus_<first>` deltas"),
-    preferences: Path = input_option("scored preference entries, for the log-prob gaps (HSCR Fig. 4)",
-                                     "--preferences"),
-    output: Path = output_option("folder of per-question predictions, one Parquet file per model"),
-    plots: Path = output_option("folder of the log-prob gap histograms, one CSV per modality", "--plots"),
+    model: list[str] = typer.Option(..., "--model", help="NAME=FOLDER of a model to evaluate; repeatable"),
+    output: Path = output_option("folder of per-question predictions: <name>.parquet and <name>_blind.parquet "
+                                 "per model"),
     metrics: Path = metrics_option(),
     work_dir: Path = output_option("scratch folder of finished batches (resume); not a DVC output", "--work-dir"),
     timings: Path = timings_option(),
 ) -> None:
     from pipeline.evaluation import EvaluateConfig, evaluate_models
     from pipeline.fingerprint import file_digest, folder_digest
-    from pipeline.models.profiles import check_model_folder, load_vlm
+    from pipeline.models.profiles import load_vlm
     from pipeline.params import load_config
     from pipeline.reporting import write_json
     from pipeline.resume import clear_all
-    from pipeline.schema import (
-        PREDICTION_SCHEMA,
-        SCORED_SCHEMA,
-        VQA_SCHEMA,
-        read_rows,
-        require_rows,
-        write_rows,
-    )
+    from pipeline.schema import PREDICTION_SCHEMA, VQA_SCHEMA, read_rows, require_rows, write_rows
 
     start = time.perf_counter()
     config = load_config(EvaluateConfig, params, "evaluate")
-    models = []
-    for spec in model:
-        name, _, folder = spec.partition("=")
-        if not name or not folder:
-            raise typer.BadParameter(f"--model takes NAME=FOLDER, got {spec!r}")
-        check_model_folder(Path(folder))  # every folder, before the first model loads
-        models.append((name, folder))
+    models = model_specs(model)
     rows = require_rows(read_rows(input, VQA_SCHEMA), input)
-    pref_rows = read_rows(preferences, SCORED_SCHEMA)
 
     def progress(name: str, results: dict) -> None:
         head, blind = results[name], results[f"{name}_blind"]
@@ -76,14 +60,10 @@ def main(
             f"open {_pct(head['open_recall'])} (blind {_pct(blind['open_recall'])})"
         )
 
-    inputs = {"input": file_digest(input), "preferences": file_digest(preferences),
-              "models": {name: folder_digest(folder) for name, folder in models}}
-    done = evaluate_models(load_vlm, models, rows, pref_rows, config, work_dir, inputs, on_model=progress)
+    inputs = {"input": file_digest(input), "models": {name: folder_digest(folder) for name, folder in models}}
+    done = evaluate_models(load_vlm, models, rows, config, work_dir, inputs, on_model=progress)
     for key, pred_rows in done.predictions.items():
         write_rows(pred_rows, output / f"{key}.parquet", PREDICTION_SCHEMA)
-    plots.mkdir(parents=True, exist_ok=True)
-    for modality, table in done.histograms.items():
-        _write_csv(plots / f"{modality}.csv", table)
     write_json(metrics, done.report)
     passes = [p for per_model in done.work.values() for p in per_model.values()]
     total = {k: sum(p[k] for p in passes) for k in ("batches", "reused", "computed")}
@@ -95,14 +75,21 @@ def main(
         typer.echo(f"evaluate: reused {total['reused']}/{total['batches']} batches from {work_dir}")
 
 
-def _write_csv(path: Path, table: list[dict]) -> None:
-    """Write rows as CSV atomically (a temporary name, then a rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(table[0]))
-        writer.writeheader()
-        writer.writerows(table)
-    tmp.replace(path)
+def model_specs(specs: list[str]) -> list[tuple[str, str]]:
+    """`--model NAME=FOLDER` options as (name, folder) pairs, every folder checked before the first
+    model loads; a name given twice is an error (its outputs would overwrite each other)."""
+    from pipeline.models.profiles import check_model_folder
+
+    models: list[tuple[str, str]] = []
+    for spec in specs:
+        name, _, folder = spec.partition("=")
+        if not name or not folder:
+            raise typer.BadParameter(f"--model takes NAME=FOLDER, got {spec!r}")
+        if name in dict(models):
+            raise typer.BadParameter(f"--model {name}=... is given twice")
+        check_model_folder(Path(folder))
+        models.append((name, folder))
+    return models
 
 
 def _pct(x: float | None) -> str:

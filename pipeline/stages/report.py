@@ -1,0 +1,104 @@
+"""`report` stage: the run's metrics report, `reports/metrics.json`, and the HSCR Fig. 4 log-prob
+gaps.
+
+It reads the per-model reports of `evaluate` (one per `--evaluation`), computes every `--model`'s
+log-prob gaps on the preference entries (log p(ground truth) − log p(top-ranked dispreferred
+answer); a few batches per model), and writes one report with every model's metrics, its gap
+summary and the `<model>_minus_<first model>` deltas, the file `dvc metrics diff` compares. The
+gap histograms go to `--plots`, one CSV per modality (a DVC plot). Gap batches are kept under
+`--work-dir` as they finish, like `evaluate`'s.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+
+import typer
+
+from pipeline.stages._cli import (
+    input_option,
+    metrics_option,
+    output_option,
+    params_option,
+    run,
+    stage_app,
+    timings_option,
+)
+from pipeline.stages.evaluate import model_specs
+
+app = stage_app(__doc__)
+
+
+@app.command(help=__doc__)
+def main(
+    params: Path = params_option("evaluate"),
+    evaluation: list[Path] = typer.Option(..., "--evaluation", exists=True, dir_okay=False,
+                                          help="an `evaluate` metrics report; repeatable"),
+    model: list[str] = typer.Option(..., "--model", help="NAME=FOLDER of an evaluated model, for its log-prob "
+                                    "gaps; repeatable, the first is the baseline of the deltas"),
+    preferences: Path = input_option("scored preference entries, for the log-prob gaps (HSCR Fig. 4)",
+                                     "--preferences"),
+    plots: Path = output_option("folder of the log-prob gap histograms, one CSV per modality", "--plots"),
+    metrics: Path = metrics_option(),
+    work_dir: Path = output_option("scratch folder of finished batches (resume); not a DVC output", "--work-dir"),
+    timings: Path = timings_option(),
+) -> None:
+    from pipeline.errors import DataError
+    from pipeline.evaluation import EvaluateConfig, combine_reports, logprob_gap_report
+    from pipeline.fingerprint import file_digest, folder_digest
+    from pipeline.models.profiles import load_vlm
+    from pipeline.params import load_config
+    from pipeline.reporting import write_json
+    from pipeline.resume import clear_all
+    from pipeline.schema import SCORED_SCHEMA, read_rows
+
+    start = time.perf_counter()
+    config = load_config(EvaluateConfig, params, "evaluate")
+    models = model_specs(model)
+    evaluations = []
+    for path in evaluation:
+        try:
+            evaluations.append(json.loads(path.read_text()))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON ({e}); is it an `evaluate` metrics report?") from e
+    pref_rows = read_rows(preferences, SCORED_SCHEMA)
+    inputs = {"preferences": file_digest(preferences),
+              "models": {name: folder_digest(folder) for name, folder in models}}
+    gaps = logprob_gap_report(load_vlm, models, pref_rows, config.batch_size, work_dir, inputs)
+    report = combine_reports([name for name, _ in models], evaluations, gaps.report)
+    plots.mkdir(parents=True, exist_ok=True)
+    for stale in plots.glob("*.csv"):  # a modality no longer present must not linger in the plot
+        stale.unlink()
+    for modality, table in gaps.histograms.items():
+        _write_csv(plots / f"{modality}.csv", table)
+    write_json(metrics, report)
+    total = {k: sum(p[k] for p in gaps.work.values()) for k in ("batches", "reused", "computed")}
+    write_json(timings, {"seconds": round(time.perf_counter() - start, 3), **total,
+                         "resumed_from": str(work_dir) if total["reused"] else None, "models": gaps.work})
+    clear_all(work_dir)
+    names = [name for name, _ in models]
+    for name in names[1:]:
+        delta = report[f"{name}_minus_{names[0]}"]
+        typer.echo(f"report: {name} − {names[0]}: closed {_signed(delta['closed_accuracy'])}, "
+                   f"open {_signed(delta['open_recall'])}")
+
+
+def _write_csv(path: Path, table: list[dict]) -> None:
+    """Write rows as CSV atomically (a temporary name, then a rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(table[0]))
+        writer.writeheader()
+        writer.writerows(table)
+    tmp.replace(path)
+
+
+def _signed(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:+.1f} pts"
+
+
+if __name__ == "__main__":
+    run(app)
