@@ -105,20 +105,24 @@ def logprob_gaps(vlm: VLM, rows: list[dict], batch_size: int) -> list[float]:
 
 
 def logprob_gap_batch(vlm: VLM, rows: list[dict]) -> list[float]:
-    """`logprob_gaps` of one batch of preference entries."""
+    """`logprob_gaps` of one batch of preference entries.
+
+    Both answers of an entry are scored as one group (`pipeline.grouped_scoring`): the tower and
+    the prompt run once per entry and only the answer positions get logits, the same scoring
+    `train` uses for its reference log-probs (a full forward per sequence spent most of its time
+    on the vocabulary projection of every prompt position).
+    """
     import torch
 
-    from pipeline.batching import answer_logprobs, collate_sequences
+    from pipeline.grouped_scoring import collate_groups, group_logprobs
 
     with torch.no_grad():
-        images = [r["image"] for r in rows] * 2
-        questions = [r["question"] for r in rows] * 2
-        answers = [r["answer"] for r in rows] + [r["rejected"][0]["text"] for r in rows]
-        batch = collate_sequences(vlm, images, questions, answers)
-        out = vlm.forward(batch.attention_mask, batch.input_ids, batch.pixel_values)
-        logp = answer_logprobs(out.logits, batch.labels)
-        n = len(rows)
-        return (logp[:n] - logp[n:]).tolist()
+        batch = collate_groups(
+            vlm, [r["image"] for r in rows], [vlm.prompt_ids(r["question"]) for r in rows],
+            [[vlm.answer_ids(r["answer"]), vlm.answer_ids(r["rejected"][0]["text"])] for r in rows],
+        )
+        table = group_logprobs(vlm, {k: v.to(vlm.device) for k, v in batch.items()}, share_prompt=True)
+        return (table[:, 0] - table[:, 1]).tolist()
 
 
 def gap_histograms(gaps: dict[str, list[float]], modalities: list[str], bins: int = 20
@@ -158,7 +162,7 @@ def deltas(metrics: dict[str, dict], model: str, baseline: str) -> dict[str, flo
 
 # Everything whose code determines a prediction or a gap: a change to any of them gives new resume keys.
 EVALUATE_CODE = ("pipeline.evaluation", "pipeline.generation", "pipeline.batching", "pipeline.visual_dropout",
-                 "pipeline.metrics", "pipeline.models")
+                 "pipeline.metrics", "pipeline.models", "pipeline.grouped_scoring", "pipeline.losses")
 GAP_SCHEMA = pa.schema([pa.field("id", pa.string(), nullable=False), pa.field("gap", pa.float64())])
 
 

@@ -253,3 +253,22 @@ def test_combine_reports_adds_deltas_and_refuses_missing_or_duplicate_models():
         evaluation.combine_reports(["sft", "aligned"], [sft], {})
     with pytest.raises(DataError, match="appear in two evaluation reports"):
         evaluation.combine_reports(["sft"], [sft, sft], {})
+
+
+def test_logprob_gap_equals_scoring_each_full_sequence(tiny_vlm, rows):
+    """The grouped gap (prompt once, logits at the answers only) equals log p(answer) − log
+    p(rejected) from a full forward of each whole sequence."""
+    import torch
+
+    from pipeline.batching import answer_logprobs, collate_sequences
+
+    entries = scored(rows[:6])
+    entries[1]["rejected"][0]["text"] = "left"  # answers of different lengths in one batch
+    gaps = evaluation.logprob_gap_batch(tiny_vlm, entries)
+    with torch.no_grad():
+        batch = collate_sequences(tiny_vlm, [r["image"] for r in entries] * 2, [r["question"] for r in entries] * 2,
+                                  [r["answer"] for r in entries] + [r["rejected"][0]["text"] for r in entries])
+        logp = answer_logprobs(tiny_vlm.forward(batch.attention_mask, batch.input_ids, batch.pixel_values).logits,
+                               batch.labels)
+    assert gaps == pytest.approx((logp[:6] - logp[6:]).tolist(), abs=1e-4)
+    assert len({round(g, 3) for g in gaps}) > 1
