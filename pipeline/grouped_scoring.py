@@ -8,8 +8,15 @@ group (`share_prompt`); its key/value cache is gathered to the group's answer ro
 a second call on top of it. Gathering the cache is differentiable: under training, gradients of
 all the rows of a group sum into the prompt's one pass.
 
+An answer may also carry its own image (`answer_images`: MMedPO's visual dispreference, the chosen
+answer under a noised image x*). It cannot share its group's prompt cache, whose visual tokens
+are the group's image, so it gets a prompt row of its own: the same prompt ids with its image,
+appended after the groups' rows. That costs one more prompt pass and one more tower image per
+such answer, and nothing for the others.
+
 `train` (pipeline/training/preference.py) and `sample` (pipeline/self_contrast.py) both score
-through here; tests/test_preference.py checks both paths against scoring each row alone.
+through here; tests/test_preference.py and tests/test_visual_training.py check both paths against
+scoring each row alone.
 """
 
 from __future__ import annotations
@@ -31,16 +38,23 @@ def collate_groups(
     prompts: Sequence[list[int]],
     answers: Sequence[Sequence[list[int]]],
     width: int | None = None,
+    answer_images: Sequence[Sequence[bytes | Image.Image | None]] | None = None,
 ) -> dict[str, Tensor]:
     """One batch of CPU tensors for `group_logprobs`.
 
-    - `prompt_ids` / `prompt_mask` (E, P): prompts left-padded, so every prompt ends at column
-      P − 1, where the logit predicting the first answer token is read.
+    `answer_images`, aligned with `answers`, gives an answer its own image (None: the group's).
+    Such an answer is scored as (its image, the group's prompt, the answer) on a prompt row of its
+    own, appended after the E group rows; it still fills its group's slot.
+
+    - `prompt_ids` / `prompt_mask` (E + X, P): prompts left-padded, so every prompt ends at column
+      P − 1, where the logit predicting the first answer token is read. Rows 0..E−1 are the
+      groups' prompts, rows E.. the X answers with their own image, in answer order.
     - `answer_ids` / `answer_mask` (R, A): every answer of every group as a right-padded row.
-    - `row_entry` (R,): which group (0..E−1) a row belongs to.
+    - `row_entry` (R,): the prompt row (0..E+X−1) an answer row runs on: its group's row, or its
+      own extra row. `group_logprobs` gathers the prompt's mask and KV cache by it.
     - `slots` (E, width): the row of each group's answer k, −1 where a group has fewer answers
       (`width` defaults to the most answers any group has).
-    - `pixel_values` (E, C, H, W).
+    - `pixel_values` (E + X, C, H, W): one image per prompt row.
 
     Positions follow the attention mask, so padding between prompt and answer is invisible.
     """
@@ -49,31 +63,47 @@ def collate_groups(
             f"collate_groups: need as many images, prompts and answer lists, at least one; got "
             f"{len(images)}, {len(prompts)}, {len(answers)}"
         )
+    if answer_images is not None and (
+        len(answer_images) != len(answers)
+        or any(len(ims) != len(group) for ims, group in zip(answer_images, answers, strict=True))
+    ):
+        raise ValueError("collate_groups: answer_images must give one image (or None) per answer, aligned with answers")
     width = max(len(a) for a in answers) if width is None else width
     if width < 1 or any(len(a) > width for a in answers) or any(len(ids) == 0 for a in answers for ids in a):
         raise ValueError("collate_groups: every answer needs a token, and no group more than `width` answers")
-    n, prompt_len = len(prompts), max(len(p) for p in prompts)
-    prompt_ids = torch.full((n, prompt_len), vlm.pad_token_id, dtype=torch.long)
-    prompt_mask = torch.zeros((n, prompt_len), dtype=torch.long)
+    n = len(prompts)
+    # (group, image) of every prompt row past the groups' own: answers that bring their own image
+    extra: list[tuple[int, bytes | Image.Image]] = []
     slots = torch.full((n, width), -1, dtype=torch.long)
     rows: list[list[int]] = []
     row_entry: list[int] = []
-    for b, (prompt, group) in enumerate(zip(prompts, answers, strict=True)):
-        prompt_ids[b, prompt_len - len(prompt):] = torch.tensor(prompt)
-        prompt_mask[b, prompt_len - len(prompt):] = 1
-        for k, ids in enumerate(group):
+    for b, group in enumerate(answers):
+        own = answer_images[b] if answer_images is not None else [None] * len(group)
+        for k, (ids, image) in enumerate(zip(group, own, strict=True)):
             slots[b, k] = len(rows)
             rows.append(list(ids))
-            row_entry.append(b)
+            if image is None:
+                row_entry.append(b)
+            else:
+                row_entry.append(n + len(extra))
+                extra.append((b, image))
     if not rows:
         raise ValueError("collate_groups: no answers to score")
+    row_prompts = list(prompts) + [prompts[b] for b, _ in extra]
+    row_images = list(images) + [image for _, image in extra]
+    prompt_len = max(len(p) for p in row_prompts)
+    prompt_ids = torch.full((len(row_prompts), prompt_len), vlm.pad_token_id, dtype=torch.long)
+    prompt_mask = torch.zeros((len(row_prompts), prompt_len), dtype=torch.long)
+    for b, prompt in enumerate(row_prompts):
+        prompt_ids[b, prompt_len - len(prompt):] = torch.tensor(prompt)
+        prompt_mask[b, prompt_len - len(prompt):] = 1
     answer_len = max(len(r) for r in rows)
     answer_ids = torch.full((len(rows), answer_len), vlm.pad_token_id, dtype=torch.long)
     answer_mask = torch.zeros((len(rows), answer_len), dtype=torch.long)
     for r, ids in enumerate(rows):
         answer_ids[r, : len(ids)] = torch.tensor(ids)
         answer_mask[r, : len(ids)] = 1
-    pil = [im if isinstance(im, Image.Image) else decode_image(im) for im in images]
+    pil = [im if isinstance(im, Image.Image) else decode_image(im) for im in row_images]
     pixel_values = vlm.image_processor([im.convert("RGB") for im in pil], return_tensors="pt")["pixel_values"]
     return {
         "pixel_values": pixel_values,
@@ -87,7 +117,7 @@ def collate_groups(
 
 
 def embed_with_features(vlm: VLM, input_ids: Tensor, features: Tensor) -> Tensor:
-    """`VLM.embed` with image features computed beforehand (so the tower can run once per group)."""
+    """`VLM.embed` with image features computed beforehand (so the tower can run once per prompt row)."""
     image_mask = input_ids == vlm.image_token_id
     if features.shape[0] * features.shape[1] != int(image_mask.sum()):
         raise ValueError(
@@ -101,8 +131,10 @@ def group_logprobs(vlm: VLM, batch: dict[str, Tensor], share_prompt: bool) -> Te
     """Summed log-probs of every answer of a `collate_groups` batch (on the model's device), as
     an (E, width) table aligned with `slots` (0 where a slot is empty).
 
-    The vision tower and projector run without a graph (they are frozen wherever this is used);
-    the language model carries gradient when the caller has it enabled.
+    The vision tower and projector run without a graph (they are frozen wherever this is used),
+    once per prompt row; the language model carries gradient when the caller has it enabled.
+    Every answer row reads the prompt row `row_entry` names, so an answer with its own image
+    (`collate_groups(answer_images=...)`) runs on its own prompt row with no special case here.
     `share_prompt=False` runs each row with its own copy of the prompt in one forward: the same
     numbers, ~3.5x more tokens; kept as the reference path and for kernels without cache gathering.
     """
@@ -120,7 +152,7 @@ def group_logprobs(vlm: VLM, batch: dict[str, Tensor], share_prompt: bool) -> Te
 
         cache = DynamicCache()
         out = vlm.forward(prompt_mask, inputs_embeds=prompt_embeds, cache=cache, logits_to_keep=1)
-        first = out.logits[:, -1]  # (E, V): predicts each group's first answer token
+        first = out.logits[:, -1]  # (prompt rows, V): predicts the first answer token
         cache.batch_select_indices(row_entry)
         positions = position_ids_from_mask(mask)[:, n_prompt:]
         keep = torch.arange(n_answer - 1, device=mask.device)

@@ -14,6 +14,9 @@ implicit reward of a response is r = γ·(log π_θ(y|x) − log π_ref(y|x)).
   L_E = −Σ_j log σ(r_w − r_lj)                (chosen vs each dispreferred)
   L_I = −Σ_j Σ_{m>j} log σ(r_lj − r_lm)        (higher-ranked vs lower-ranked dispreferred)
   Dispreferred index 0 is the highest-ranked (most similar to the chosen answer, "least bad").
+  `implicit_mask` leaves dispreferred out of L_I: MMedPO's visual dispreference (the chosen
+  answer under a noised image) has no similarity rank among the textual ones, so it takes part
+  in L_E and the reward metrics only.
 
 Reduction (docs/design.md § "Losses"): sum over terms within an entry, mean over entries; weights
 multiply terms as in MMedPO eq. 3, no renormalization by their sum. Weights (docs/design.md §
@@ -46,8 +49,9 @@ class LossOutput:
 
     - reward_margin: mean over entries of r_w − mean_j r_lj.
     - reward_accuracy: fraction of entries where r_w exceeds every dispreferred reward.
-    - ranking_accuracy: fraction of valid pairs j < m with r_lj > r_lm; None when the input has
-      fewer than two dispreferred per entry, NaN when masking leaves no valid pair.
+    - ranking_accuracy: fraction of valid pairs j < m with r_lj > r_lm (both ranked, see
+      `implicit_mask`); None when the input has fewer than two dispreferred per entry, NaN when
+      masking leaves no valid pair.
     """
 
     loss: Tensor
@@ -118,6 +122,7 @@ def mlpo_loss(
     implicit: bool,
     weights: Tensor | None = None,
     rejected_mask: Tensor | None = None,
+    implicit_mask: Tensor | None = None,
 ) -> LossOutput:
     """Multi-level preference optimization (HSCR eq. 5–7), optionally weighted.
 
@@ -125,6 +130,9 @@ def mlpo_loss(
     along J. `weights` (E, J) weight each dispreferred response (explicit term j: w_j; implicit
     term (j, m): (w_j + w_m)/2). `rejected_mask` (E, J) bool marks real dispreferred responses
     (True) against padding, so entries may have fewer than J; padded values are never read.
+    `implicit_mask` (E, J) bool marks the dispreferred that take part in L_I's pairwise ranking
+    (and `ranking_accuracy`); a False one (a visual dispreference, which has no rank among the
+    textual ones) still counts in L_E and the reward metrics. None: all of them.
     Every entry should keep at least one dispreferred: one without contributes zero loss (it
     still counts in the mean over entries) and is left out of the reward metrics.
     Reference log-probs and weights are treated as constants.
@@ -158,6 +166,13 @@ def mlpo_loss(
             )
         if rejected_mask.dtype != torch.bool:
             raise ValueError(f"mlpo_loss: rejected_mask must be a bool tensor, got {rejected_mask.dtype}")
+    if implicit_mask is not None:
+        if tuple(implicit_mask.shape) != (n_entries, n_rejected):
+            raise ValueError(
+                f"mlpo_loss: implicit_mask must have shape {(n_entries, n_rejected)}, got {tuple(implicit_mask.shape)}"
+            )
+        if implicit_mask.dtype != torch.bool:
+            raise ValueError(f"mlpo_loss: implicit_mask must be a bool tensor, got {implicit_mask.dtype}")
 
     device = policy_rejected.device
     valid = (
@@ -184,8 +199,9 @@ def mlpo_loss(
         terms = -F.logsigmoid(r_chosen.unsqueeze(1) - r_rejected) * w
         explicit_loss = terms.sum(1).mean()
 
+    ranked = valid & implicit_mask.to(device) if implicit_mask is not None else valid
     j_idx, m_idx = torch.triu_indices(n_rejected, n_rejected, offset=1, device=device)
-    pair_valid = valid[:, j_idx] & valid[:, m_idx]  # (E, P)
+    pair_valid = ranked[:, j_idx] & ranked[:, m_idx]  # (E, P)
     pair_diff = r_rejected[:, j_idx] - r_rejected[:, m_idx]
     implicit_loss = zero
     if implicit and j_idx.numel() > 0:

@@ -193,7 +193,9 @@ def rerank_entry(
         }
         for i in kept
     ]
-    return {**{name: row[name] for name in _VQA_NAMES}, "rejected": rejected}
+    # MMedPO's visual dispreference (the chosen answer under x*) is not a ranked candidate: it passes through.
+    return {**{name: row[name] for name in _VQA_NAMES}, "rejected": rejected,
+            "visual_dispreferred": row.get("visual_dispreferred")}
 
 
 def rerank(

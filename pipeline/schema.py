@@ -30,6 +30,16 @@ VQA_FIELDS = [
 ]
 VQA_SCHEMA = pa.schema(VQA_FIELDS)
 
+# `data/prepared/lesions.parquet`: where the lesion is, for the entries whose dataset says so (the
+# phantom's drawn lesions, your masks or boxes); MMedPO's visual dispreference noises it.
+LESION_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),  # the train row's id
+        pa.field("mask", pa.binary(), nullable=False),  # PNG, mode L, the image's size: nonzero = lesion
+        pa.field("source", pa.string(), nullable=False),  # phantom | mask | boxes
+    ]
+)
+
 # `data/pool.parquet`: the entries preferences are built from, plus why each was chosen.
 POOL_SCHEMA = pa.schema(
     VQA_FIELDS
@@ -54,6 +64,18 @@ CANDIDATE_TYPE = pa.struct(
     ]
 )
 
+# MMedPO §3.1's visual dispreference of an entry: the chosen answer paired with a degraded image x*
+# (noise on the lesion region, or on the whole image). Null where an entry has none.
+VISUAL_DISPREFERRED_TYPE = pa.struct(
+    [
+        pa.field("image", pa.binary()),  # x*: encoded PNG bytes, the entry's image with noise added
+        pa.field("region", pa.string()),  # what was noised: annotation | saliency | global
+        pa.field("region_fraction", pa.float64()),  # share of the image's pixels noised
+        pa.field("confidence", pa.float64()),  # the localizer's confidence s_v in (0, 1] (MMedPO §3.2.2)
+        pa.field("weight", pa.float64()),  # s_v normalized like the judges' weights; null until `score`
+    ]
+)
+
 # `data/candidates.parquet`
 CANDIDATES_SCHEMA = pa.schema(
     VQA_FIELDS
@@ -62,6 +84,7 @@ CANDIDATES_SCHEMA = pa.schema(
         pa.field("chosen_logprob", pa.float64()),
         pa.field("sensitivity", pa.list_(pa.float64())),  # per answer position: logit shift full - dropped
         pa.field("candidates", pa.list_(CANDIDATE_TYPE)),
+        pa.field("visual_dispreferred", VISUAL_DISPREFERRED_TYPE),  # sample.visual_dispreference
     ]
 )
 
@@ -76,7 +99,8 @@ REJECTED_TYPE = pa.struct(
 )
 
 # `data/ranked.parquet`: `answer` is the chosen (preferred) response.
-RANKED_SCHEMA = pa.schema(VQA_FIELDS + [pa.field("rejected", pa.list_(REJECTED_TYPE))])
+RANKED_SCHEMA = pa.schema(VQA_FIELDS + [pa.field("rejected", pa.list_(REJECTED_TYPE)),
+                                        pa.field("visual_dispreferred", VISUAL_DISPREFERRED_TYPE)])
 
 # The judges' verdict on one dispreferred response (MMedPO §3.2), aligned with `rejected`.
 JUDGEMENT_TYPE = pa.struct(
@@ -109,6 +133,7 @@ SCORED_SCHEMA = pa.schema(
         # request that failed or an answer that was empty or malformed: nothing is filled in.
         pa.field("rationale", RATIONALE_TYPE),  # why the chosen answer (`answer`) is right
         pa.field("counterfactuals", pa.list_(RATIONALE_TYPE)),  # aligned with `rejected`: an argument for each
+        pa.field("visual_dispreferred", VISUAL_DISPREFERRED_TYPE),  # with its `weight` set by `score`
     ]
 )
 

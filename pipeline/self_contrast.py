@@ -43,6 +43,7 @@ from pipeline.mask_strategies import MaskStrategy, two_view_embeddings
 from pipeline.models.vlm import VLM, position_ids_from_mask
 from pipeline.params import Config
 from pipeline.resume import BatchRun, BatchStore, run_batches
+from pipeline.visual_dispreference import VisualDispreferenceConfig
 
 
 class SampleConfig(Config):
@@ -77,6 +78,9 @@ class SampleConfig(Config):
     )
     external: ExternalSourceConfig = Field(
         description="source external only: the writer model, its prompts and how many failed entries are tolerated"
+    )
+    visual_dispreference: VisualDispreferenceConfig = Field(
+        description="MMedPO §3.1: the chosen answer under a noisy image x* as one more dispreferred (train.dispreferred)"
     )
 
 

@@ -32,6 +32,7 @@ from pipeline.models.profiles import build_tiny
 from pipeline.params import load_params, project_params_path
 from pipeline.schema import (
     CANDIDATES_SCHEMA,
+    LESION_SCHEMA,
     POOL_SCHEMA,
     RANKED_SCHEMA,
     SCORED_SCHEMA,
@@ -152,6 +153,7 @@ class Workspace:
         write_rows(test_rows, "data/prepared/test.parquet", VQA_SCHEMA)
         write_rows([{**r, "mine_strategy": "balanced", "mine_score": None} for r in rows], "data/pool.parquet",
                    POOL_SCHEMA)
+        write_rows([], "data/prepared/lesions.parquet", LESION_SCHEMA)
         candidates = [{**r, "chosen_token_ids": [1], "chosen_logprob": -1.0, "sensitivity": [0.5],
                        "candidates": [{"text": f"not {r['answer']}", "token_ids": [2], "level": 1, "positions": [0],
                                        "original_tokens": [r["answer"]], "replacement_tokens": ["x"],
@@ -291,6 +293,16 @@ def _(w, mp):
 @scenario("unknown-train-loss")
 def _(w, mp):
     w.set(**{"train.loss": "ipo"})
+
+
+@scenario("train-visual-without-visual-dispreferred")
+def _(w, mp):
+    w.set(**{"train.dispreferred": "both"})  # the scored entries were sampled without visual_dispreference
+
+
+@scenario("bad-lesion-boxes")
+def _(w, mp):
+    w.files_source(train=[_item("q0", lesion_boxes=[[8, 0, 2, 4]]), _item("q1"), _item("q2")])
 
 
 @scenario("unknown-sample-mode")

@@ -36,7 +36,7 @@ from pipeline.judges.judge import CachedJudge, JudgeError, JudgeRequest
 from pipeline.judges.panel import Generation, PanelConfigError
 from pipeline.judges.prompts import PromptFileError
 from pipeline.params import load_params, project_config, project_params_path
-from pipeline.schema import CANDIDATES_SCHEMA, POOL_SCHEMA, read_rows, write_rows
+from pipeline.schema import CANDIDATES_SCHEMA, LESION_SCHEMA, POOL_SCHEMA, read_rows, write_rows
 from pipeline.self_contrast import SampleConfig, sample_pool, score_candidates
 from tests.conftest import make_rows
 
@@ -362,7 +362,14 @@ def stage_args(tmp: Path, output: str = "candidates.parquet") -> list[str]:
     return ["--params", str(tmp / "params.yaml"), "--input", str(tmp / "pool.parquet"), "--model", str(tmp / "sft"),
             "--output", str(tmp / output), "--metrics", str(tmp / "sample.json"), "--work-dir", str(tmp / "work"),
             "--cache", str(tmp / "external_cache.sqlite"), "--model-root", str(tmp / "judges"),
-            "--timings", str(tmp / "timings.json")]
+            "--lesions", str(_no_lesions(tmp)), "--timings", str(tmp / "timings.json")]
+
+
+def _no_lesions(tmp: Path) -> Path:
+    path = tmp / "lesions.parquet"
+    if not path.exists():
+        write_rows([], path, LESION_SCHEMA)
+    return path
 
 
 def write_params(tmp: Path, **sample) -> None:

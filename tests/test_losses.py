@@ -209,6 +209,53 @@ def test_mlpo_masked_column_equals_dropped_column() -> None:
     assert masked.to_dict() == pytest.approx(dropped.to_dict())
 
 
+def test_implicit_mask_leaves_a_dispreferred_out_of_the_ranking_only() -> None:
+    # A visual dispreferred (MMedPO) appended to the ranked ones: it has no rank, so it must not
+    # enter L_I or ranking_accuracy, but it stays in L_E and the reward metrics.
+    pr = t([[1.0, 0.0, 0.5, 1.5]])  # the last one's reward (0.75) beats every ranked one
+    zr = torch.zeros(1, 4)
+    w = t([[1.2, 0.8, 1.0, 0.9]])
+    ranked = torch.tensor([[True, True, True, False]])
+    out = mlpo_loss(MC, pr, ZC, zr, gamma=0.5, weights=w, implicit_mask=ranked, explicit=True, implicit=True)
+    textual = mlpo_loss(MC, pr[:, :3], ZC, zr[:, :3], gamma=0.5, weights=w[:, :3], explicit=True, implicit=True)
+    everything = mlpo_loss(MC, pr, ZC, zr, gamma=0.5, weights=w, explicit=True, implicit=True)
+    # implicit: exactly the three textual pairs, as if the fourth were not there
+    assert out.implicit.item() == pytest.approx(textual.implicit.item(), abs=1e-6)
+    assert out.ranking_accuracy.item() == pytest.approx(textual.ranking_accuracy.item())
+    assert everything.implicit.item() > out.implicit.item()  # unmasked, its pairs would count
+    # explicit and reward metrics: every dispreferred, as without the mask
+    assert out.explicit.item() == pytest.approx(everything.explicit.item(), abs=1e-6)
+    assert out.explicit.item() == pytest.approx(textual.explicit.item() + 0.9 * neg_logsig(1.0 - 0.75), abs=1e-6)
+    assert out.reward_margin.item() == pytest.approx(everything.reward_margin.item(), abs=1e-6)
+    assert out.reward_accuracy.item() == everything.reward_accuracy.item() == 1.0
+    # a masked-out value changes no implicit term, whatever it is
+    shifted = mlpo_loss(MC, t([[1.0, 0.0, 0.5, -7.0]]), ZC, zr, gamma=0.5, weights=w, implicit_mask=ranked,
+                        explicit=True, implicit=True)
+    assert shifted.implicit.item() == pytest.approx(out.implicit.item(), abs=1e-6)
+    assert shifted.ranking_accuracy.item() == pytest.approx(out.ranking_accuracy.item())
+    # all True is no mask; the gradient of the masked-out slot comes from L_E only
+    same = mlpo_loss(MC, pr, ZC, zr, gamma=0.5, weights=w, implicit_mask=torch.ones(1, 4, dtype=torch.bool),
+                     explicit=True, implicit=True)
+    assert same.to_dict() == pytest.approx(everything.to_dict())
+    grad_pr = pr.clone().requires_grad_(True)
+    mlpo_loss(MC, grad_pr, ZC, zr, gamma=0.5, weights=w, implicit_mask=ranked, explicit=False, implicit=True).loss.backward()
+    assert grad_pr.grad[0, 3].item() == 0.0 and grad_pr.grad[0, :3].abs().sum() > 0
+
+
+def test_implicit_mask_leaving_no_pair_gives_nan_ranking() -> None:
+    ranked = torch.tensor([[True, False]])  # one textual + one visual: nothing to rank
+    out = mlpo_loss(MC, t([[1.0, 0.0]]), ZC, torch.zeros(1, 2), implicit_mask=ranked, gamma=0.5,
+                    explicit=True, implicit=True)
+    assert out.implicit.item() == 0.0
+    assert out.to_dict()["ranking_accuracy"] is None
+    assert out.explicit.item() == pytest.approx(neg_logsig(0.5) + neg_logsig(1.0), abs=1e-6)
+    with pytest.raises(ValueError, match="implicit_mask must be a bool"):
+        mlpo_loss(MC, MR, ZC, ZR, implicit_mask=torch.ones(1, 3), gamma=0.1, explicit=True, implicit=True)
+    with pytest.raises(ValueError, match="implicit_mask must have shape"):
+        mlpo_loss(MC, MR, ZC, ZR, implicit_mask=torch.ones(1, 2, dtype=torch.bool), gamma=0.1, explicit=True,
+                  implicit=True)
+
+
 def test_ranking_accuracy_none_or_nan() -> None:
     mask = torch.tensor([[True, False]])
     out = mlpo_loss(MC, t([[1.0, 0.0]]), ZC, torch.zeros(1, 2), rejected_mask=mask, gamma=0.1, explicit=True, implicit=True)

@@ -194,6 +194,10 @@ def test_stages_declare_exactly_what_their_config_reads():
     """dvc.yaml lists, per stage, the section, its top-level scalars and the other sections' keys it reads."""
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     for name, stage in stages.items():
+        stage = stage.get("do", stage)  # a foreach stage (evaluate@<model>) declares them in its template
+        if name == "report":  # it computes the log-prob gaps, whose only param is the batch size
+            assert stage["params"] == ["evaluate.batch_size"]
+            continue
         section = "train" if name == "train" else name
         cls = section_class(section)
         expected = {section, *cls.top_level, *cls.reads.values()}

@@ -92,6 +92,8 @@ def test_entries_take_rank_order_and_judge_weights():
     assert [len(e.rejected) for e in mlpo] == [2, 2, 2, 2]
     assert mlpo[0].rejected[0] == vlm.answer_ids(rows[0]["rejected"][0]["text"])
     assert mlpo[0].weights == [rows[0]["judgements"][j]["weight"] for j in range(2)]
+    # train.dispreferred: textual (tests/test_visual_training.py has the others): all on the entry image, all ranked
+    assert all(e.rejected_images == [None, None] and e.ranked == [True, True] for e in mlpo)
     dpo = build_entries(vlm, rows, config(loss="dpo"))
     assert all(len(e.rejected) == 1 for e in dpo)  # the top-ranked dispreferred only
     assert dpo[2].rejected[0] == vlm.answer_ids(rows[2]["rejected"][0]["text"])

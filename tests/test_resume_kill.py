@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.schema import POOL_SCHEMA, SCORED_SCHEMA, VQA_SCHEMA, write_rows
+from pipeline.schema import LESION_SCHEMA, POOL_SCHEMA, SCORED_SCHEMA, VQA_SCHEMA, write_rows
 from tests.conftest import make_rows, stage_commands
 from tests.test_preference import scored_rows, tiny
 
@@ -49,6 +49,7 @@ def _workspace(folder: Path) -> Path:
     tiny().save(folder / "models/sft")
     pool = [{**r, "mine_strategy": "random", "mine_score": None, "mine_reason": None} for r in make_rows(24)]
     write_rows(pool, folder / "data/pool.parquet", POOL_SCHEMA)
+    write_rows([], folder / "data/prepared/lesions.parquet", LESION_SCHEMA)
     write_rows(scored_rows(24), folder / "data/scored.parquet", SCORED_SCHEMA)
     return folder
 

@@ -441,6 +441,11 @@ def _build_row(
     image = _image_png(_first(data, IMAGE_FIELDS), root, cache)
     if isinstance(image, _Issue):
         issues.append(_Issue(image.kind, label, image.detail))
+    lesion = None
+    if not isinstance(image, _Issue) and (data.get("lesion_mask") is not None or data.get("lesion_boxes") is not None):
+        lesion = _lesion_png(data, image, root, cache)
+        if isinstance(lesion, _Issue):
+            issues.append(_Issue(lesion.kind, label, lesion.detail))
 
     if issues:
         return {}, issues
@@ -455,7 +460,47 @@ def _build_row(
         "modality": modality,
         "question_type": question_type,
     }
+    if lesion is not None:
+        row["lesion_mask"], row["lesion_source"] = lesion
     return row, []
+
+
+def _lesion_png(data: dict[str, Any], image: bytes, root: Path, cache: dict[str, bytes | str]
+                ) -> tuple[bytes, str] | _Issue:
+    """A row's lesion annotation as a mask PNG (mode L, the image's size, 255 = lesion) and its
+    source: `lesion_mask`, an image path or bytes like `image` (nonzero = lesion; SLAKE's masks),
+    or `lesion_boxes`, a list of [x0, y0, x1, y1] boxes in the image's pixels."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    size = Image.open(io.BytesIO(image)).size
+    if data.get("lesion_mask") is not None:
+        mask = _image_png(data["lesion_mask"], root, cache)
+        if isinstance(mask, _Issue):
+            return _Issue("bad lesion annotation", "", f"lesion_mask: {mask.detail}")
+        pil = Image.open(io.BytesIO(mask)).convert("L")
+        if pil.size != size:
+            return _Issue("bad lesion annotation", "", f"lesion_mask is {pil.size[0]}x{pil.size[1]}, the image "
+                          f"{size[0]}x{size[1]}")
+        pil = pil.point(lambda v: 255 if v else 0)
+        source = "mask"
+    else:
+        boxes = data["lesion_boxes"]
+        ok = isinstance(boxes, list) and all(
+            isinstance(b, (list, tuple)) and len(b) == 4 and all(isinstance(v, (int, float)) for v in b)
+            and b[0] < b[2] and b[1] < b[3] for b in boxes)
+        if not ok:
+            return _Issue("bad lesion annotation", "", f"lesion_boxes must be a list of [x0, y0, x1, y1] "
+                          f"with x0 < x1 and y0 < y1, got {boxes!r}")
+        pil = Image.new("L", size, 0)
+        draw = ImageDraw.Draw(pil)
+        for x0, y0, x1, y1 in boxes:
+            draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=255)
+        source = "boxes"
+    buf = io.BytesIO()
+    pil.save(buf, format="PNG")
+    return buf.getvalue(), source
 
 
 def infer_answer_type(answer: str) -> str:

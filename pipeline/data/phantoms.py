@@ -256,6 +256,17 @@ class _Canvas:
         c = (np.arange(size) + 0.5) * self.unit
         self.y = c[:, None]
         self.x = c[None, :]
+        self.lesions: list[tuple[float, float, float]] = []  # (cy, cx, radius) of every lesion placed
+
+    def lesion_mask(self, margin: float = 1.0) -> np.ndarray | None:
+        """(size, size) bool map of every lesion placed, each grown by `margin` (64-pixel units) to
+        cover its halo and soft edge; None when the image has none."""
+        if not self.lesions:
+            return None
+        cover = np.zeros((self.size, self.size))
+        for cy, cx, r in self.lesions:
+            cover = np.maximum(cover, self.ellipse(cy, cx, r + margin, r + margin))
+        return cover > 0
 
     def _window(self, cy: float, cx: float, reach: float) -> tuple[slice, slice]:
         lo_y = max(int((cy - reach) / self.unit) - 1, 0)
@@ -358,6 +369,7 @@ def _place(
             iy, ix = divmod(int(cand[rng.integers(cand.size)]), grid)
             centres.append((float(gy[iy, 0]), float(gx[0, ix])))
         else:
+            cv.lesions.extend((cy, cx, r) for (cy, cx), r in zip(centres, radii, strict=True))
             return centres
     # The geometry is chosen so this does not happen; failing loudly beats rendering a wrong answer.
     raise RuntimeError(f"no room for lesions of radii {[round(r, 1) for r in radii]}")
@@ -519,6 +531,13 @@ def render(modality: str, findings: Findings, rng: np.random.Generator, image_si
     Anatomy, lesions and noise use three independent streams drawn from `rng`, so with the same
     `rng` state two renderings differ only where their findings differ.
     """
+    return render_with_lesions(modality, findings, rng, image_size)[0]
+
+
+def render_with_lesions(modality: str, findings: Findings, rng: np.random.Generator, image_size: int
+                        ) -> tuple[np.ndarray, np.ndarray | None]:
+    """`render`, and the map of the lesions it drew (None without any): the annotation MMedPO's
+    visual dispreference noises. Recording them draws nothing from `rng`: the pixels are the same."""
     if modality not in _RENDERERS:
         raise ValueError(f"unknown modality {modality!r}; known: {list(MODALITIES)}")
     anat, les, noise = (np.random.default_rng(s) for s in rng.integers(0, 2**63, size=3))
@@ -529,13 +548,20 @@ def render(modality: str, findings: Findings, rng: np.random.Generator, image_si
     # Global gain and offset jitter stand in for exposure and scanner differences.
     img = img * noise.uniform(0.92, 1.08) + noise.uniform(-8, 8)
     img = img + noise.normal(0.0, 5.0, img.shape)
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8), cv.lesion_mask()
 
 
 def encode_png(pixels: np.ndarray) -> bytes:
     """PNG bytes of an RGB uint8 array; Pillow writes no timestamp, so equal pixels give equal bytes."""
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8)).convert("RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def encode_mask_png(mask: np.ndarray) -> bytes:
+    """PNG bytes (mode L, 255 = True) of a boolean map, e.g. a lesion annotation."""
+    buf = io.BytesIO()
+    Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L").save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -551,20 +577,27 @@ def generate_split(
     image_size: int,
     closed_fraction: float = 0.5,
     modalities: Sequence[str] = MODALITIES,
+    lesion_masks: bool = False,
 ) -> list[dict]:
     """`n` VQA rows (VQA_SCHEMA keys) of the phantom benchmark for `split`.
 
     Reproducible from (seed, split): the same arguments give byte-identical rows, and train and test
     draw from different streams. `prior` only affects the `train` split (see `answer_distribution`).
+    With `lesion_masks`, each row also has `lesion_mask`: PNG bytes of the lesions drawn (mode L,
+    255 = lesion), or None when the image has none.
     """
     plan = plan_split(n, split, seed, prior, closed_fraction, modalities)
     rows = []
     for i, (template, answer) in enumerate(plan):
         # One stream per row, so a row's image does not depend on how many rows precede it.
         rng = np.random.default_rng([seed, _split_key(split), 1, i])
-        pixels = render(template.modality, findings_for(template, answer, rng), rng, image_size)
+        pixels, lesions = render_with_lesions(template.modality, findings_for(template, answer, rng), rng, image_size)
+        extra = {}
+        if lesion_masks:
+            extra["lesion_mask"] = None if lesions is None else encode_mask_png(lesions)
         rows.append(
             {
+                **extra,
                 "id": f"{DATASET}-{split}-{i:05d}",
                 "dataset": DATASET,
                 "split": split,
@@ -580,9 +613,10 @@ def generate_split(
 
 
 def generate_dataset(
-    n_train: int, n_test: int, seed: int, prior: float | None, image_size: int
+    n_train: int, n_test: int, seed: int, prior: float | None, image_size: int, lesion_masks: bool = False
 ) -> tuple[list[dict], list[dict]]:
-    """The `train` split (with the language prior) and the balanced `test` split."""
-    train = generate_split(n_train, "train", seed, prior, image_size)
+    """The `train` split (with the language prior; with `lesion_masks`, each row's `lesion_mask`) and
+    the balanced `test` split."""
+    train = generate_split(n_train, "train", seed, prior, image_size, lesion_masks=lesion_masks)
     test = generate_split(n_test, "test", seed, prior, image_size)
     return train, test

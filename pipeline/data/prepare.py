@@ -81,8 +81,25 @@ def split_summary(rows: list[dict]) -> dict[str, Any]:
     }
 
 
+def split_lesions(rows: list[dict]) -> list[dict]:
+    """Take each row's optional `lesion_mask` (PNG bytes or None) out of it, and return the
+    LESION_SCHEMA rows of those that have one (MMedPO's visual dispreference noises them)."""
+    lesions = []
+    for row in rows:
+        mask = row.pop("lesion_mask", None)
+        source = row.pop("lesion_source", "phantom")
+        if mask is not None:
+            lesions.append({"id": row["id"], "mask": mask, "source": source})
+    return lesions
+
+
 def prepare_splits(cfg: PrepareConfig) -> tuple[dict[str, list[dict]], list[dict], dict[str, Any]]:
-    """The train and test rows, every skipped row (source: files with skip_bad) and the report."""
+    """The train and test rows, every skipped row (source: files with skip_bad) and the report.
+
+    Train rows that carry a lesion annotation (the phantom's drawn lesions; a `lesion_mask` or
+    `lesion_boxes` field in your files) keep it in `splits["lesions"]` (LESION_SCHEMA rows), not
+    in the VQA rows, so the train split's bytes do not depend on it.
+    """
     report: dict[str, Any] = {"source": cfg.source}
     skipped: list[dict] = []
     if cfg.source == "phantom":
@@ -90,7 +107,7 @@ def prepare_splits(cfg: PrepareConfig) -> tuple[dict[str, list[dict]], list[dict
 
         ph = cfg.phantom
         train, test = generate_dataset(n_train=ph.n_train, n_test=ph.n_test, seed=cfg.seed, prior=ph.prior,
-                                       image_size=ph.image_size)
+                                       image_size=ph.image_size, lesion_masks=True)
         splits = {"train": train, "test": test}
     else:
         from pipeline.data.ingest import ingest
@@ -110,6 +127,11 @@ def prepare_splits(cfg: PrepareConfig) -> tuple[dict[str, list[dict]], list[dict
             skipped.extend({"split": split, **row} for row in result.skipped)
             report[f"{split}_skipped"] = len(result.skipped)
             splits[split] = result.rows
+    splits["lesions"] = split_lesions(splits["train"])
+    for row in splits["test"]:  # the test split is only answered, never noised
+        row.pop("lesion_mask", None)
+        row.pop("lesion_source", None)
     for split in SPLITS:
         report[split] = split_summary(splits[split])
+    report["train_lesion_annotations"] = len(splits["lesions"])
     return splits, skipped, report

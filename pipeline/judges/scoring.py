@@ -24,7 +24,7 @@ from pipeline.judges.metrics import cache_summary, failed_metrics, score_metrics
 from pipeline.judges.panel import PanelConfigError, ScoreConfig
 from pipeline.judges.prompts import Case, PromptSet, load_prompts
 from pipeline.judges.rationales import RationaleResult, add_rationales, disabled_metrics, rationale_judge
-from pipeline.judges.weights import clinical_weights
+from pipeline.judges.weights import clinical_weights, visual_weights
 
 
 def check_panel(config: ScoreConfig, prompts: PromptSet) -> None:
@@ -212,4 +212,5 @@ def score_panel(
             on_failure(metrics, timings("failed"))
         raise TooManyUnscored(failure)
     scored = rationales.rows if rationales is not None else result.rows
+    scored, metrics["visual_dispreferred"] = visual_weights(scored, config.weights)
     return scored, metrics, timings("ok")

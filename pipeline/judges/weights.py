@@ -41,3 +41,19 @@ def clinical_weights(scores: Sequence[float | None], config: WeightConfig) -> li
         w = config.mu if z is None else config.mu + config.sigma * z
         weights.append(min(high, max(low, w)))
     return weights
+
+
+def visual_weights(rows: Sequence[dict], config: WeightConfig) -> tuple[list[dict], dict]:
+    """`rows` with the `weight` of each `visual_dispreferred` set from its localizer confidence
+    (MMedPO §3.2.2: the visual tool's confidence s_v, normalized like the judges' scores, over the
+    visual dispreferred responses only: two kinds of score on different scales are not pooled),
+    and a summary for the stage's metrics."""
+    present = [r["visual_dispreferred"] for r in rows if r.get("visual_dispreferred")]
+    weights = clinical_weights([v["confidence"] for v in present], config)
+    by_id = {id(v): w for v, w in zip(present, weights, strict=True)}
+    out = [{**r, "visual_dispreferred": {**r["visual_dispreferred"], "weight": by_id[id(r["visual_dispreferred"])]}}
+           if r.get("visual_dispreferred") else r for r in rows]
+    summary = {"responses": len(present),
+               "mean_weight": sum(weights) / len(weights) if weights else None,
+               "min_weight": min(weights) if weights else None, "max_weight": max(weights) if weights else None}
+    return out, summary

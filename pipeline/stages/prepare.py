@@ -15,19 +15,21 @@ app = stage_app(__doc__)
 @app.command(help=__doc__)
 def main(
     params: Path = params_option("prepare"),
-    output: Path = output_option("folder that receives train.parquet and test.parquet"),
+    output: Path = output_option("folder that receives train.parquet, test.parquet and lesions.parquet (the lesion "
+                                 "annotations of the train rows that have one)"),
     skipped: Path = output_option("every row left out by `files.skip_bad`, with its reason (JSON list)", "--skipped"),
     metrics: Path = metrics_option(),
 ) -> None:
     from pipeline.data.prepare import PrepareConfig, prepare_splits
     from pipeline.params import load_config
     from pipeline.reporting import write_json
-    from pipeline.schema import VQA_SCHEMA, write_rows
+    from pipeline.schema import LESION_SCHEMA, VQA_SCHEMA, write_rows
 
     config = load_config(PrepareConfig, params, "prepare")
     splits, skipped_rows, report = prepare_splits(config)
-    for split, rows in splits.items():
-        write_rows(rows, output / f"{split}.parquet", VQA_SCHEMA)
+    for split in ("train", "test"):
+        write_rows(splits[split], output / f"{split}.parquet", VQA_SCHEMA)
+    write_rows(splits["lesions"], output / "lesions.parquet", LESION_SCHEMA)
     write_json(skipped, skipped_rows)
     write_json(metrics, report)
     if skipped_rows:

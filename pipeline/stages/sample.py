@@ -43,6 +43,8 @@ def main(
     # Not `input_option`: it need not exist unless source external names a local writer folder.
     model_root: Path = typer.Option(..., "--model-root", file_okay=False,
                                     help="source external: folder that holds local writer models (a dep)"),
+    lesions: Path = input_option("lesion masks of the train rows that have one (prepare's lesions.parquet), for "
+                                 "visual_dispreference", "--lesions"),
     timings: Path = timings_option(),
 ) -> None:
     import time
@@ -89,9 +91,13 @@ def main(
                               on_failure=on_failure)
         done = result.done
         extra_metrics, extra_timings = {"external": result.metrics}, result.timings
-    write_table(done.table, output, CANDIDATES_SCHEMA)
-    summary = summarize_candidates(done.table.to_pylist())
-    summary.update({**settings, **extra_metrics})
+    table = done.table
+    visual_summary: dict = {"mode": "none"}
+    if config.visual_dispreference.mode != "none":
+        table, visual_summary = _add_visual_dispreferred(table, rows, config, lesions, lambda: load_vlm(model))
+    write_table(table, output, CANDIDATES_SCHEMA)
+    summary = summarize_candidates(table.to_pylist())
+    summary.update({**settings, **extra_metrics, "visual_dispreference": visual_summary})
     write_json(metrics, summary)
     # The writer's cache hits depend on what earlier runs left in the cache: they go with the
     # wall-clock values, out of the cached metrics (as for `score`).
@@ -104,6 +110,22 @@ def main(
         f"{extra_timings['cache']['asked']})"
     )
     typer.echo(f"sample: {summary['candidates']} candidates for {summary['entries']} entries{written} -> {output}")
+
+
+def _add_visual_dispreferred(table, rows: list[dict], config, lesions: Path, load):
+    """The candidates table with its `visual_dispreferred` column filled (MMedPO §3.1), and its summary."""
+    import pyarrow as pa
+
+    from pipeline.schema import LESION_SCHEMA, VISUAL_DISPREFERRED_TYPE, read_rows
+    from pipeline.visual_dispreference import build_visual_dispreferred
+
+    masks = {r["id"]: r["mask"] for r in read_rows(lesions, LESION_SCHEMA)}
+    values, summary = build_visual_dispreferred(rows, config.visual_dispreference, config.seed, masks, load)
+    column = pa.array([values.get(i) for i in table.column("id").to_pylist()], type=VISUAL_DISPREFERRED_TYPE)
+    at = table.schema.get_field_index("visual_dispreferred")
+    typer.echo(f"sample: visual dispreference ({summary['mode']}) for {summary['entries']} entries, "
+               f"{summary['entries_without']} without a region")
+    return table.set_column(at, "visual_dispreferred", column), summary
 
 
 if __name__ == "__main__":

@@ -46,11 +46,18 @@ def main(
     from pipeline.params import load_config
     from pipeline.reporting import write_folder, write_json
     from pipeline.schema import SCORED_SCHEMA, read_rows, require_rows
-    from pipeline.training.preference import PreferenceConfig, PreferenceTrainer, check_rationales, resume_key
+    from pipeline.training.preference import (
+        PreferenceConfig,
+        PreferenceTrainer,
+        check_rationales,
+        check_visual_dispreference,
+        resume_key,
+    )
 
     cfg = load_config(PreferenceConfig, params, "train")
     rows = require_rows(read_rows(input, SCORED_SCHEMA), input)
     check_rationales(rows, cfg)  # before any model is loaded
+    check_visual_dispreference(rows, cfg)
     # Under `accelerate launch` each process loads the model onto its own device. The process
     # state is a singleton, so read the launcher's CPU flag here as the Accelerator would.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))

@@ -18,6 +18,10 @@ Throughput decisions (docs/design.md § "Losses"):
 - Logits are projected onto the vocabulary only at answer positions.
 - Reference log-probs are computed once, before the first step, with the adapter disabled, and
   kept in a table indexed by entry; they are never recomputed during training.
+- `dispreferred` (MMedPO §3.1): besides the ranked wrong answers, an entry may train on a visual
+  dispreference, its chosen answer under a noised image x*. That answer gets a prompt row and a
+  tower pass of its own (`collate_groups(answer_images=...)`); it takes part in the explicit
+  terms only, never in MLPO's ranking of dispreferred answers (`implicit_mask`).
 
 The loop runs through `accelerate`: CPU, one GPU, or several GPUs under `accelerate launch`
 (DDP; each process computes the full reference table, a forward-only pass over the data).
@@ -88,6 +92,10 @@ class PreferenceConfig(LoraSettings):
         description="CheXPO: chosen = answer + its rationale, each dispreferred = its text + its counterfactual "
         "rationale (needs score.rationales.enabled); an entry missing one trains on the plain texts"
     )
+    dispreferred: Literal["textual", "visual", "both"] = Field(
+        description="textual: the ranked wrong answers (HSCR); visual: the chosen answer under the noisy image x* "
+        "(MMedPO §3.1, needs sample.visual_dispreference); both: MMedPO's combined setting"
+    )
 
     @model_validator(mode="after")
     def _trainable(self) -> PreferenceConfig:
@@ -99,6 +107,12 @@ class PreferenceConfig(LoraSettings):
         if self.loss == "mlpo" and self.implicit and not self.explicit and self.max_rejected is not None \
                 and self.max_rejected < 2:
             raise ValueError("train: implicit-only MLPO ranks dispreferred pairs, so max_rejected must be >= 2")
+        if self.loss == "mlpo" and not self.explicit and self.dispreferred != "textual":
+            # The visual dispreference has no rank among the wrong answers: only L_E trains on it.
+            raise ValueError(
+                f"train: dispreferred {self.dispreferred} needs MLPO's explicit term (the visual dispreferred "
+                "takes part in L_E only, it is not ranked); set explicit: true or dispreferred: textual"
+            )
         return self
 
 
@@ -113,9 +127,16 @@ class PreferenceEntry:
     image: bytes
     prompt: list[int]
     chosen: list[int]
-    rejected: list[list[int]]  # rank order, top-ranked (most similar to the chosen) first
+    rejected: list[list[int]]  # rank order, top-ranked (most similar to the chosen) first; the visual one last
     weights: list[float]  # one per rejected; all 1.0 when training unweighted
+    rejected_images: list[bytes | None]  # one per rejected: x* for a visual dispreferred, None = `image`
+    ranked: list[bool]  # one per rejected: True = takes part in MLPO's L_I (the textual ones)
     augmented: bool = False  # train.rationales: the texts carry their (counterfactual) rationales
+
+    @property
+    def visual(self) -> int:
+        """How many of its dispreferred are visual (scored under their own image): 0 or 1."""
+        return sum(image is not None for image in self.rejected_images)
 
 
 def augment(text: str, rationale: dict | None) -> str | None:
@@ -158,55 +179,118 @@ def check_rationales(rows: list[dict], cfg: PreferenceConfig) -> None:
 
 
 def rejected_per_entry(cfg: PreferenceConfig) -> int | None:
-    """How many dispreferred answers an entry contributes: DPO uses only the top-ranked one."""
+    """How many textual dispreferred answers an entry contributes: DPO uses only the top-ranked one.
+
+    The visual dispreferred (`cfg.dispreferred` visual or both) comes on top of these.
+    """
     return 1 if cfg.loss == "dpo" else cfg.max_rejected
 
 
-def build_entries(vlm: VLM, rows: list[dict], cfg: PreferenceConfig) -> list[PreferenceEntry]:
-    """Tokenize scored rows (SCORED_SCHEMA): prompt, `answer` as chosen, `rejected[*].text` as dispreferred.
+def check_visual_dispreference(rows: list[dict], cfg: PreferenceConfig) -> None:
+    """With `cfg.dispreferred` visual or both, fail unless some scored row carries a visual dispreferred.
 
-    Weights come from `judgements[*].weight`, aligned with `rejected`, and are read only when
-    `cfg.weighted`; a missing weight is an error rather than a silent 1.0. With `cfg.rationales`
-    the texts carry the score stage's rationales (`entry_texts`); scored rows without any are an
-    error.
+    Cheap (no model), so a stage can call it before loading one; `build_entries` calls it too.
+    """
+    if cfg.dispreferred == "textual" or not rows:
+        return
+    if not any(row.get("visual_dispreferred") for row in rows):
+        raise DataError(
+            f"train: train.dispreferred is {cfg.dispreferred} but no scored entry has a visual dispreferred "
+            "(column `visual_dispreferred` is null everywhere); set sample.visual_dispreference.mode "
+            "(lesion or global) and rerun `sample` and the stages after it, or set train.dispreferred: textual"
+        )
+
+
+def _judge_weights(row: dict, rejected: list[dict], cfg: PreferenceConfig) -> list[float]:
+    """`judgements[j].weight` of each kept textual dispreferred, or all 1.0 when unweighted."""
+    if not cfg.weighted:
+        return [1.0] * len(rejected)
+    rid = row.get("id", "?")
+    judgements = list(row.get("judgements") or [])
+    if len(judgements) < len(rejected):
+        raise DataError(
+            f"train: entry {rid} has {len(row['rejected'])} dispreferred answers but "
+            f"{len(judgements)} judgements; weighted training needs one weight per answer"
+        )
+    weights = []
+    for j in range(len(rejected)):
+        w = judgements[j].get("weight")
+        if w is None or not math.isfinite(float(w)):
+            raise DataError(
+                f"train: entry {rid}, dispreferred {j} has no judge weight ({w!r}); rerun `score`, "
+                "or train with weighted: false"
+            )
+        weights.append(float(w))
+    return weights
+
+
+def _visual_weight(row: dict, visual: dict, cfg: PreferenceConfig) -> float:
+    """The visual dispreferred's weight (set by `score`, like the judges'), or 1.0 when unweighted."""
+    if not cfg.weighted:
+        return 1.0
+    w = visual.get("weight")
+    if w is None or not math.isfinite(float(w)):
+        raise DataError(
+            f"train: entry {row.get('id', '?')}: its visual dispreferred has no weight ({w!r}); rerun `score`, "
+            "or train with weighted: false"
+        )
+    return float(w)
+
+
+def build_entries(vlm: VLM, rows: list[dict], cfg: PreferenceConfig) -> list[PreferenceEntry]:
+    """Tokenize scored rows (SCORED_SCHEMA): prompt, `answer` as chosen, and the dispreferred of `cfg.dispreferred`.
+
+    - textual: `rejected[*].text` in rank order (DPO: the top one; MLPO: the top `max_rejected`),
+      weighted by `judgements[*].weight`, aligned with `rejected`.
+    - visual: only the chosen text again, under `visual_dispreferred.image` (x*), weighted by
+      `visual_dispreferred.weight`. Entries without a visual dispreferred are left out (the
+      trainer reports how many).
+    - both: the textual list, then the visual one last; entries without one train on the textual.
+
+    Weights are read only when `cfg.weighted`; a missing one is an error rather than a silent 1.0.
+    With `cfg.rationales` the texts carry the score stage's rationales (`entry_texts`); the visual
+    dispreferred's text is the chosen sequence as trained (augmented or not), so the pair differs
+    only in the image. Scored rows without any rationale, or (visual, both) without any visual
+    dispreferred, are an error.
     """
     check_rationales(rows, cfg)
+    check_visual_dispreference(rows, cfg)
     cap = rejected_per_entry(cfg)
+    textual = cfg.dispreferred in ("textual", "both")
     entries = []
     for row in rows:
         rid = row.get("id", "?")
-        rejected = list(row.get("rejected") or [])
-        if not rejected:
+        visual = row.get("visual_dispreferred") if cfg.dispreferred != "textual" else None
+        if cfg.dispreferred == "visual" and not visual:
+            continue  # counted by the trainer as left out
+        rejected = list(row.get("rejected") or []) if textual else []
+        if textual and not rejected:
             raise DataError(f"train: entry {rid} has no dispreferred answer (rerank should have dropped it)")
         if cap is not None:
             rejected = rejected[:cap]
-        if cfg.weighted:
-            judgements = list(row.get("judgements") or [])
-            if len(judgements) < len(rejected):
-                raise DataError(
-                    f"train: entry {rid} has {len(row['rejected'])} dispreferred answers but "
-                    f"{len(judgements)} judgements; weighted training needs one weight per answer"
-                )
-            weights = []
-            for j in range(len(rejected)):
-                w = judgements[j].get("weight")
-                if w is None or not math.isfinite(float(w)):
-                    raise DataError(
-                        f"train: entry {rid}, dispreferred {j} has no judge weight ({w!r}); rerun `score`, "
-                        "or train with weighted: false"
-                    )
-                weights.append(float(w))
-        else:
-            weights = [1.0] * len(rejected)
+        weights = _judge_weights(row, rejected, cfg)
         chosen, texts, augmented = entry_texts(row, rejected, cfg)
+        chosen_ids = vlm.answer_ids(chosen)
+        rejected_ids = [vlm.answer_ids(t) for t in texts]
+        images: list[bytes | None] = [None] * len(rejected_ids)
+        ranked = [True] * len(rejected_ids)
+        if visual:
+            if not visual.get("image"):
+                raise DataError(f"train: entry {rid}: its visual dispreferred has no image; rerun `sample`")
+            rejected_ids.append(list(chosen_ids))
+            weights.append(_visual_weight(row, visual, cfg))
+            images.append(visual["image"])
+            ranked.append(False)
         entries.append(
             PreferenceEntry(
                 id=str(rid),
                 image=row["image"],
                 prompt=vlm.prompt_ids(row["question"]),
-                chosen=vlm.answer_ids(chosen),
-                rejected=[vlm.answer_ids(t) for t in texts],
+                chosen=chosen_ids,
+                rejected=rejected_ids,
                 weights=weights,
+                rejected_images=images,
+                ranked=ranked,
                 augmented=augmented,
             )
         )
@@ -219,8 +303,9 @@ class EntryCollator:
     """DataLoader collate: entry indices -> one batch of CPU tensors (accelerate moves them).
 
     The `collate_groups` batch (pipeline/grouped_scoring.py) with the chosen answer in slot 0 and
-    the dispreferred ones after it in rank order, plus:
+    the dispreferred ones after it in rank order (a visual one last, on its own image x*), plus:
     - `weights` (E, J), `entry` (E,) the entry's index into the dataset (for the reference table).
+    - `implicit_mask` (E, J) bool: the dispreferred that take part in MLPO's L_I (`entry.ranked`).
     - `chosen_length` (E,): answer tokens of each chosen answer (for the per-token NLL term).
     """
 
@@ -231,19 +316,31 @@ class EntryCollator:
 
     def __call__(self, indices: list[int]) -> dict[str, Tensor]:
         chunk = [self.entries[i] for i in indices]
+        j = self.n_rejected
         batch = collate_groups(
             self.vlm, [e.image for e in chunk], [e.prompt for e in chunk],
-            [[e.chosen] + e.rejected[: self.n_rejected] for e in chunk], width=1 + self.n_rejected,
+            [[e.chosen] + e.rejected[:j] for e in chunk], width=1 + j,
+            answer_images=[[None] + e.rejected_images[:j] for e in chunk],
         )
-        weights = torch.ones((len(chunk), self.n_rejected), dtype=torch.float32)
-        for b, e in enumerate(chunk):
-            weights[b, : len(e.weights[: self.n_rejected])] = torch.tensor(e.weights[: self.n_rejected])
+        weights, implicit_mask = entry_tables(chunk, j)
         batch.update(
             entry=torch.tensor(indices, dtype=torch.long),
             weights=weights,
+            implicit_mask=implicit_mask,
             chosen_length=torch.tensor([len(e.chosen) for e in chunk], dtype=torch.float32),
         )
         return batch
+
+
+def entry_tables(entries: list[PreferenceEntry], n_rejected: int) -> tuple[Tensor, Tensor]:
+    """(E, J) `weights` (1.0 in empty slots) and `implicit_mask` (False in empty slots) of `entries`."""
+    weights = torch.ones((len(entries), n_rejected), dtype=torch.float32)
+    implicit_mask = torch.zeros((len(entries), n_rejected), dtype=torch.bool)
+    for b, e in enumerate(entries):
+        k = min(len(e.rejected), n_rejected)
+        weights[b, :k] = torch.tensor(e.weights[:k], dtype=torch.float32)
+        implicit_mask[b, :k] = torch.tensor(e.ranked[:k], dtype=torch.bool)
+    return weights, implicit_mask
 
 
 # ----- scoring ------------------------------------------------------------------------------------
@@ -251,7 +348,8 @@ class EntryCollator:
 
 class GroupedScorer(nn.Module):
     """Summed answer log-probs of every sequence of a batch of entries, as an (E, 1 + J) table
-    (`group_logprobs`: the tower and the prompt run once per entry).
+    (`group_logprobs`: the tower and the prompt run once per entry, and once more for a visual
+    dispreferred, which is scored on its own image x*).
 
     An nn.Module so that accelerate can wrap it (DDP, autocast); the parameters are the VLM's.
     """
@@ -273,21 +371,28 @@ def preference_loss(
     slots: Tensor,
     weights: Tensor,
     chosen_length: Tensor | None = None,
+    implicit_mask: Tensor | None = None,
 ) -> LossOutput:
     """The configured loss on (E, 1 + J) log-prob tables (chosen in column 0, dispreferred in rank order).
 
+    `implicit_mask` (E, J) leaves dispreferred out of MLPO's L_I (the visual one; None: none left
+    out). DPO with a visual dispreferred (`cfg.dispreferred` visual or both) is MMedPO's
+    D_t ∪ D_v: one weighted DPO pair per present dispreferred (the top textual one and the
+    visual one), i.e. MLPO's explicit term alone; textual DPO is the plain pair as before.
     With `cfg.nll_weight` > 0, `chosen_length` (E,) is required and the per-token NLL of the
     chosen answers is added (`with_nll`).
     """
-    if cfg.loss == "dpo":
+    if cfg.loss == "dpo" and cfg.dispreferred == "textual":
         out = dpo_loss(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], gamma=cfg.gamma,
                        weights=weights[:, 0] if cfg.weighted else None)
     else:
+        dpo = cfg.loss == "dpo"
         out = mlpo_loss(
             policy[:, 0], policy[:, 1:], reference[:, 0], reference[:, 1:], gamma=cfg.gamma,
-            explicit=cfg.explicit, implicit=cfg.implicit,
+            explicit=True if dpo else cfg.explicit, implicit=False if dpo else cfg.implicit,
             weights=weights if cfg.weighted else None,
             rejected_mask=slots[:, 1:] >= 0,
+            implicit_mask=implicit_mask,
         )
     if cfg.nll_weight > 0:
         if chosen_length is None:
@@ -340,9 +445,10 @@ class PreferenceTrainer:
         set_seed(cfg.seed)
         self.vlm = vlm
         self.entries = build_entries(vlm, rows, cfg)
-        cap = rejected_per_entry(cfg)
-        most = max(len(e.rejected) for e in self.entries)
-        self.n_rejected = most if cap is None else min(cap, most)
+        # `visual` mode leaves out the entries without a visual dispreferred (reported)
+        self.left_out = len(rows) - len(self.entries)
+        # build_entries kept at most the textual cap, plus the visual one: J = the most any entry has
+        self.n_rejected = max(len(e.rejected) for e in self.entries)
         if cfg.loss == "mlpo" and cfg.implicit and not cfg.explicit and self.n_rejected < 2:
             raise DataError("train: implicit-only MLPO needs entries with at least two dispreferred answers")
         self.peft_lm = apply_lora(vlm, cfg)
@@ -424,25 +530,26 @@ class PreferenceTrainer:
         tmp.replace(file)
         store.clear()  # only once the whole table is on disk
 
-    def _all_slots_and_weights(self) -> tuple[Tensor, Tensor]:
+    def _all_slots_and_weights(self) -> tuple[Tensor, Tensor, Tensor]:
+        """`slots` (N, 1 + J), `weights` and `implicit_mask` (N, J) of every entry, as the collator makes them."""
         device = self.accelerator.device
         slots = torch.full((len(self.entries), 1 + self.n_rejected), -1, dtype=torch.long, device=device)
-        weights = torch.ones(len(self.entries), self.n_rejected, device=device)
         for i, e in enumerate(self.entries):
             k = min(len(e.rejected), self.n_rejected)
             slots[i, : 1 + k] = torch.arange(1 + k)  # any non-negative value marks a present slot
-            weights[i, :k] = torch.tensor(e.weights[:k])
-        return slots, weights
+        weights, implicit_mask = entry_tables(self.entries, self.n_rejected)
+        return slots, weights.to(device), implicit_mask.to(device)
 
     def evaluate(self) -> dict[str, Any]:
         """The loss and reward metrics of the current policy over all entries (no gradient)."""
         if self.reference is None:
             self.compute_reference()
         policy = self.score(adapter=True)
-        slots, weights = self._all_slots_and_weights()
+        slots, weights, implicit_mask = self._all_slots_and_weights()
         lengths = torch.tensor([len(e.chosen) for e in self.entries], dtype=torch.float32, device=policy.device)
         with torch.no_grad():
-            return preference_loss(self.cfg, policy, self.reference, slots, weights, lengths).to_dict()
+            return preference_loss(self.cfg, policy, self.reference, slots, weights, lengths,
+                                   implicit_mask).to_dict()
 
     def train(self) -> dict[str, Any]:
         """Run the configured epochs; returns a summary for the stage report."""
@@ -493,7 +600,7 @@ class PreferenceTrainer:
                 with accelerator.accumulate(model):
                     policy = model(batch)
                     out = preference_loss(cfg, policy, reference[batch["entry"]], batch["slots"], batch["weights"],
-                                          batch["chosen_length"])
+                                          batch["chosen_length"], batch["implicit_mask"])
                     accelerator.backward(out.loss)
                     if accelerator.sync_gradients and cfg.max_grad_norm:
                         accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -531,6 +638,11 @@ class PreferenceTrainer:
             "rationale_entries": sum(e.augmented for e in self.entries),
             "plain_entries": sum(not e.augmented for e in self.entries),
             "rejected_per_entry": self.n_rejected,
+            # train.dispreferred (MMedPO §3.1): entries that trained on a visual pair (chosen answer
+            # under x*), and those left out for having none (`visual` mode only; 0 otherwise)
+            "dispreferred": cfg.dispreferred,
+            "visual_pairs": sum(e.visual for e in self.entries),
+            "entries_left_out": self.left_out,
             "epochs": cfg.epochs,
             "optimizer_steps": len(self.history),
             "trainable_parameters": sum(p.numel() for p in params),
