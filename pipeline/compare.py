@@ -41,6 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import DataError, InputNotFoundError
+from pipeline.evaluation import prediction_models
 from pipeline.metrics import summarize
 from pipeline.schema import PREDICTION_SCHEMA, read_rows
 from pipeline.statistics import (
@@ -368,12 +369,6 @@ def load_folder(folder: str | Path) -> dict[str, list[dict]]:
     if not files:
         raise DataError(f"{folder}: no prediction tables (*.parquet) in it")
     return {f.stem: read_rows(f, PREDICTION_SCHEMA) for f in files}
-
-
-def prediction_models(metrics: Mapping[str, Any]) -> list[str]:
-    """The model keys of an `evaluate` metrics report that have a prediction table (`sft`,
-    `sft_blind`, ...: the entries with question counts, not the deltas or the log-prob gaps)."""
-    return [k for k, v in metrics.items() if isinstance(v, Mapping) and "n_closed" in v and "n_open" in v]
 
 
 def rows_from_bytes(data: bytes, where: str) -> list[dict]:

@@ -312,6 +312,12 @@ def logprob_gap_report(
     return result
 
 
+def prediction_models(metrics: Mapping[str, Any]) -> list[str]:
+    """The model keys of a metrics report that have a prediction table (`sft`, `sft_blind`, ...:
+    the entries with question counts, not the deltas or the log-prob gaps)."""
+    return [k for k, v in metrics.items() if isinstance(v, Mapping) and "n_closed" in v and "n_open" in v]
+
+
 def combine_reports(names: Sequence[str], evaluations: Sequence[Mapping[str, Any]],
                     gaps: Mapping[str, Any]) -> dict[str, Any]:
     """The run's metrics report: every model's metrics (from the per-model `evaluate` reports),

@@ -13,9 +13,12 @@ depend on accidents of spelling rather than on the answer:
 1. Closed containment is word-level: the ground-truth token sequence must occur as a contiguous
    run of prediction tokens. LLaVA-Med tests the substring `gt in pred`, so "no" is found inside
    "nodule" or "normal", and "left" inside "cleft".
-2. LLaVA-Med counts a closed answer only when the prediction contains the substring "yes" or
-   "no" (again matched inside words). That gate is dropped: closed questions whose answer is
-   not yes/no ("left", "ct") are scored by containment like the rest.
+2. LLaVA-Med gates closed answers on the substring "yes" or "no" (matched inside words too): a
+   prediction without either scores 0, and one with either that misses the ground truth is
+   left out of the denominator altogether (nothing is appended), so wrong yes/no answers do not
+   count. That gate is dropped: every closed question counts, and those whose answer is not
+   yes/no ("left", "ct") are scored by containment like the rest. `pipeline.legacy_metrics`
+   reproduces the original for comparison with published numbers.
 3. Punctuation is always replaced by a space. The VQA normalizer deletes a mark from the whole
    string when it sits next to a space anywhere (or when any digit-grouping comma is present)
    and otherwise replaces it by a space, so "x-ray" normalized to "x ray" or "xray" depending on

@@ -393,6 +393,7 @@ def _(w, mp):
 def _evaluation_reports(*names: str) -> None:
     """`reports/evaluate/<name>.json` as `evaluate` writes them, for the `report` stage."""
     Path("reports/evaluate").mkdir(parents=True, exist_ok=True)
+    Path("reports/predictions").mkdir(parents=True, exist_ok=True)
     for name in names:
         metrics = {"closed_accuracy": 0.5, "open_recall": 0.5, "n_closed": 2, "n_open": 2}
         report = {name: metrics, f"{name}_blind": metrics,

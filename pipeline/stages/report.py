@@ -4,9 +4,12 @@ gaps.
 It reads the per-model reports of `evaluate` (one per `--evaluation`), computes every `--model`'s
 log-prob gaps on the preference entries (log p(ground truth) − log p(top-ranked dispreferred
 answer); a few batches per model), and writes one report with every model's metrics, its gap
-summary and the `<model>_minus_<first model>` deltas, the file `dvc metrics diff` compares. The
-gap histograms go to `--plots`, one CSV per modality (a DVC plot). Gap batches are kept under
-`--work-dir` as they finish, like `evaluate`'s.
+summary and the `<model>_minus_<first model>` deltas, the file `dvc metrics diff` compares. Each
+model entry (blind controls too) also gets `legacy`: LLaVA-Med's own `run_eval.py` numbers,
+quirks included, from the per-question predictions under `--predictions`
+(`pipeline.legacy_metrics`), to put beside published tables. The gap histograms go to `--plots`,
+one CSV per modality (a DVC plot). Gap batches are kept under `--work-dir` as they finish, like
+`evaluate`'s.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ def main(
                                           help="an `evaluate` metrics report; repeatable"),
     model: list[str] = typer.Option(..., "--model", help="NAME=FOLDER of an evaluated model, for its log-prob "
                                     "gaps; repeatable, the first is the baseline of the deltas"),
+    predictions: Path = input_option("folder of the per-question predictions of `evaluate` (<model>.parquet), "
+                                     "for the legacy (LLaVA-Med run_eval.py) metrics", "--predictions"),
     preferences: Path = input_option("scored preference entries, for the log-prob gaps (HSCR Fig. 4)",
                                      "--preferences"),
     plots: Path = output_option("folder of the log-prob gap histograms, one CSV per modality", "--plots"),
@@ -47,13 +52,14 @@ def main(
     timings: Path = timings_option(),
 ) -> None:
     from pipeline.errors import DataError
-    from pipeline.evaluation import EvaluateConfig, combine_reports, logprob_gap_report
+    from pipeline.evaluation import EvaluateConfig, combine_reports, logprob_gap_report, prediction_models
     from pipeline.fingerprint import file_digest, folder_digest
+    from pipeline.legacy_metrics import legacy_reports
     from pipeline.models.profiles import load_vlm
     from pipeline.params import load_config
     from pipeline.reporting import write_json
     from pipeline.resume import clear_all
-    from pipeline.schema import SCORED_SCHEMA, read_rows
+    from pipeline.schema import PREDICTION_SCHEMA, SCORED_SCHEMA, read_rows
 
     start = time.perf_counter()
     config = load_config(EvaluateConfig, params, "evaluate")
@@ -69,6 +75,9 @@ def main(
               "models": {name: folder_digest(folder) for name, folder in models}}
     gaps = logprob_gap_report(load_vlm, models, pref_rows, config.batch_size, work_dir, inputs)
     report = combine_reports([name for name, _ in models], evaluations, gaps.report)
+    tables = {key: read_rows(predictions / f"{key}.parquet", PREDICTION_SCHEMA) for key in prediction_models(report)}
+    for key, legacy in legacy_reports(tables).items():
+        report[key] = {**report[key], "legacy": legacy}
     plots.mkdir(parents=True, exist_ok=True)
     for stale in plots.glob("*.csv"):  # a modality no longer present must not linger in the plot
         stale.unlink()
