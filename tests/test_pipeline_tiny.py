@@ -126,3 +126,15 @@ def test_tiny_pipeline_end_to_end(tmp_path, monkeypatch):
         assert legacy["closed_counted"] <= legacy["n_closed"]
     assert sorted(p.stem for p in Path("reports/plots/logprob_gap").glob("*.csv")) == sorted(
         {r["modality"] for r in scored})
+    run("html_report")  # the offline page: every section, a chart per curve and modality, no URL
+    page = Path("reports/html/index.html").read_text(encoding="utf-8")
+    for section in ('id="run"', 'id="metrics"', 'id="plots"', 'id="preferences"', "<footer>"):
+        assert section in page
+    for key in ("sft", "sft_blind", "aligned", "aligned_blind"):
+        assert f"<tr><td><code>{key}</code></td>" in page
+    charts = [*Path("reports/live").glob("*/plots/metrics/**/*.tsv"), *Path("reports/plots/logprob_gap").glob("*.csv")]
+    assert page.count("<svg") == len(charts) and 'class="note"' not in page
+    shown = yaml.safe_load(Path("params.yaml").read_text())["html_report"]["entries"]
+    assert page.count('<article class="entry"') == min(len(scored), shown)
+    assert "<mark" in page and "<details><summary>transcript" in page and "data:image/png;base64," in page
+    assert "http://" not in page and "https://" not in page

@@ -65,3 +65,37 @@ def test_default_dvc_repro_and_incremental_reruns(tmp_path):
     assert "sample:" in status
     for stage in ("prepare", "sft", "mine"):
         assert f"{stage}:" not in status
+
+
+@pytest.mark.slow
+def test_html_report_renders_offline_in_headless_chromium(tmp_path, monkeypatch):
+    """The tiny pipeline's page, opened from disk in headless Chromium with every network request
+    refused (a proxy that does not exist, every host unresolvable): the DOM holds every section and
+    a screenshot is a real image, so the page needs nothing from a network."""
+    import subprocess
+
+    from tests.test_pipeline_tiny import run, save_tiny_judge, tiny_params
+
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("chromium is not on PATH (Debian: apt-get install chromium)")
+    save_tiny_judge(tmp_path / "models/judges/tiny")
+    for folder in ("models/base", "models/embedders", "data/raw"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params("models/judges/tiny")))
+    monkeypatch.chdir(tmp_path)
+    for stage in ("prepare", "sft", "mine", "sample", "rerank", "score", "train", "evaluate@sft",
+                  "evaluate@aligned", "report", "html_report"):
+        run(stage)
+    page = (tmp_path / "reports/html/index.html").as_uri()
+    offline = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--proxy-server=127.0.0.1:9",
+               "--host-resolver-rules=MAP * ~NOTFOUND", f"--user-data-dir={tmp_path / 'chromium'}"]
+    dom = subprocess.run([*offline, "--dump-dom", page], capture_output=True, text=True, timeout=180, check=True).stdout
+    for element in ('id="metrics"', 'id="plots"', 'id="preferences"', "<svg", "<mark", "<details>",
+                    'src="data:image/png;base64,', "<footer>"):
+        assert element in dom, element
+    assert "http://" not in dom.replace('xmlns="http://www.w3.org/2000/svg"', "")  # the parser adds the SVG namespace
+    shot = tmp_path / "report.png"
+    subprocess.run([*offline, f"--screenshot={shot}", "--window-size=1280,2000", page], capture_output=True,
+                   timeout=180, check=True)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
