@@ -162,6 +162,15 @@ def test_reference_logprobs_never_change_during_training():
     assert not torch.allclose(trainer.score(adapter=True), snapshot, atol=1e-3)
 
 
+def assert_only_lora_trained(vlm, frozen_before: dict, lora_before: dict) -> None:
+    """The LoRA adapters changed, and the SFT weights under them are untouched."""
+    assert any(not torch.equal(lora_before[n], p) for n, p in lora_parameters(vlm).items())
+    for name, p in vlm.model.named_parameters():
+        original = name.replace("base_model.model.", "").replace(".base_layer", "")
+        if "lora_" not in name:
+            assert torch.equal(p, frozen_before[original]), name
+
+
 def test_a_few_steps_change_lora_and_raise_the_reward_margin():
     vlm = tiny()
     frozen_before = {n: p.detach().clone() for n, p in vlm.model.named_parameters()}
@@ -170,12 +179,7 @@ def test_a_few_steps_change_lora_and_raise_the_reward_margin():
     before = trainer.evaluate()
     trainer.train()
     after = trainer.evaluate()
-    assert any(not torch.equal(lora_before[n], p) for n, p in lora_parameters(vlm).items())
-    # only the adapter trained: the SFT weights under it are untouched
-    for name, p in vlm.model.named_parameters():
-        original = name.replace("base_model.model.", "").replace(".base_layer", "")
-        if "lora_" not in name:
-            assert torch.equal(p, frozen_before[original]), name
+    assert_only_lora_trained(vlm, frozen_before, lora_before)
     assert abs(before["reward_margin"]) < 1e-4  # policy == reference at the start
     assert after["reward_margin"] > before["reward_margin"] + 1e-3
     assert after["loss"] < before["loss"]
