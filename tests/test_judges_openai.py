@@ -83,6 +83,11 @@ class ChatServer:
         self.served: Counter[str] = Counter()  # what each request got
         self.auth: set[str] = set()
         self.always_fail: set[str] = set()  # responses for which the server answers 500 forever
+        # Set on exit: a hanging handler must not outlive its test. One that wakes later and prints a
+        # traceback in its thread races the main thread's `ast.parse` (Python 3.11's traceback module
+        # parses source for its carets), which CPython 3.11.7 reports as "AST constructor recursion
+        # depth mismatch" in an unrelated test (cpython gh-106905).
+        self.closed = threading.Event()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -135,12 +140,14 @@ class ChatServer:
                 if fault == "401":  # a careless server that echoes the credentials it got
                     echo = json.dumps({"error": {"message": f"bad key {self.headers.get('Authorization')}"}})
                     return self._send(401, echo.encode())
-                if fault == "hang":
-                    time.sleep(server.hang_s)
+                if fault == "hang" and server.closed.wait(server.hang_s):
+                    return None  # the test is over: its client has gone
                 if fault == "bad_body":
                     return self._send(200, b'{"id": "x", "choices": [{"mess')
                 if fault == "malformed":
                     content = "Score: seven. Reason: it is plausible."
+                elif response not in (TABLE_A if body["model"] == "judge-a" else TABLE_B):
+                    return self._send(400, json.dumps({"error": {"message": f"no verdict for {response}"}}).encode())
                 else:
                     content = server.verdict(body["model"], user, response)
                 reply = {
@@ -173,6 +180,7 @@ class ChatServer:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.closed.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 
