@@ -146,10 +146,12 @@ class ChatServer:
                     return self._send(200, b'{"id": "x", "choices": [{"mess')
                 if fault == "malformed":
                     content = "Score: seven. Reason: it is plausible."
-                elif response not in (TABLE_A if body["model"] == "judge-a" else TABLE_B):
-                    return self._send(400, json.dumps({"error": {"message": f"no verdict for {response}"}}).encode())
                 else:
-                    content = server.verdict(body["model"], user, response)
+                    try:
+                        content = server.verdict(body["model"], user, response)
+                    except KeyError:  # answered, not raised: a traceback in this thread is what the exit avoids
+                        message = json.dumps({"error": {"message": f"no verdict for {response}"}})
+                        return self._send(400, message.encode())
                 reply = {
                     "id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": body["model"],
                     "choices": [{"index": 0, "finish_reason": "stop",
