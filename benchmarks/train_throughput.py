@@ -36,6 +36,7 @@ import typer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.shapes import build_llava_med_shape, is_shape  # noqa: E402
 from pipeline.batching import answer_logprobs, collate_sequences  # noqa: E402
 from pipeline.data.phantoms import generate_dataset  # noqa: E402
 from pipeline.losses import dpo_loss, mlpo_loss  # noqa: E402
@@ -81,7 +82,10 @@ def load_model(profile: str, rows: list[dict], device: torch.device) -> tuple[VL
             return load_vlm(sft, device=device, dtype=torch.float32), str(sft)
         sft = project_config(SFTConfig, "sft")
         return build_demo(sft.seed, sft.vision, sft.system_prompt), "demo (built, untrained)"
-    raise typer.BadParameter(f"--profile must be tiny or demo, got {profile!r}")
+    if is_shape(profile):  # random weights at LLaVA-Med v1.5's shape (benchmarks/shapes.py)
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        return build_llava_med_shape(profile, device, dtype), profile
+    raise typer.BadParameter(f"--profile must be tiny, demo or llava-med-7b[:layers=N], got {profile!r}")
 
 
 def pairwise_batches(vlm: VLM, rows: list[dict]) -> tuple[list, list, list]:
