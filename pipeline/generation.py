@@ -45,7 +45,7 @@ def greedy_generate_with_probs(
     tokens: list[list[int]] = [[] for _ in range(n)]
     probs: list[list[float]] = [[] for _ in range(n)]
     embed = vlm.input_embeddings
-    for _ in range(max_new_tokens):
+    for step_index in range(max_new_tokens):
         logits = out.logits[:, -1]
         next_ids = logits.argmax(-1)
         top_p = logits.float().softmax(-1).gather(-1, next_ids.unsqueeze(-1)).squeeze(-1)
@@ -55,8 +55,8 @@ def greedy_generate_with_probs(
             else:
                 tokens[b].append(int(next_ids[b]))
                 probs[b].append(float(top_p[b]))
-        if bool(finished.all()):
-            break
+        if bool(finished.all()) or step_index == max_new_tokens - 1:
+            break  # no forward whose logits nobody reads
         next_ids = next_ids.masked_fill(finished, vlm.pad_token_id)
         mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=mask.device)], dim=1)
         positions = positions + 1

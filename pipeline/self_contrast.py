@@ -242,7 +242,7 @@ def two_view_decode(vlm: VLM, images: list, questions: list[str], prefixes: list
     # (a weak model's dropped view can rank one first), only the end of turn.
     banned = _special_ids(vlm)
     banned = banned[(banned != vlm.eos_token_id) & (banned < out.logits.shape[-1])].to(device)
-    for _ in range(max_new_tokens):
+    for step_index in range(max_new_tokens):
         logits = out.logits[:, -1].float()
         full_logp = torch.log_softmax(logits[:n], -1)
         # the dropped view decides: the language prior speaks
@@ -253,8 +253,8 @@ def two_view_decode(vlm: VLM, images: list, questions: list[str], prefixes: list
             tokens[b].append(int(next_ids[b]))
             if int(next_ids[b]) == vlm.eos_token_id:
                 finished[b] = True
-        if bool(finished.all()):
-            break
+        if bool(finished.all()) or step_index == max_new_tokens - 1:
+            break  # no forward whose logits nobody reads
         step = next_ids.masked_fill(finished, vlm.pad_token_id).repeat(2)
         masks = torch.cat([masks, torch.ones((2 * n, 1), dtype=masks.dtype, device=device)], dim=1)
         positions = positions + 1
