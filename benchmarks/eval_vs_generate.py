@@ -19,8 +19,11 @@ The answers must be identical, question for question: the run fails at the first
   the same as transformers' `cumsum - 1` over the attention mask at every attended position, and a
   batch of one has no padding at all.
 
-FLOPs are counted (torch's FlopCounterMode, `benchmarks/machine.py`) on the first `batch_size`
-questions for both paths and scaled to the whole run, then set against the measured matmul peak.
+FLOPs are counted (torch's FlopCounterMode, `benchmarks/machine.py`): over the whole run for the
+batched path (its padding and early stops depend on the batches), on a seeded sample of 128
+questions for `generate` (each question's work is its own), then set against the measured matmul
+peak. LLaVA-Med's `model_vqa.py` samples at temperature 0.2 by default; the loop here is its
+greedy setting (`--temperature 0`), the one whose answers can be compared token for token.
 
     python benchmarks/eval_vs_generate.py [--model models/sft|demo|tiny] [--questions 64] [--threads 1]
 

@@ -18,10 +18,12 @@ import resource
 import sys
 import time
 from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,9 +90,27 @@ def matmul_peak(device: torch.device, dtype: torch.dtype | None = None, size: in
     return out
 
 
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
+                             **kwargs) -> int:
+    return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+# torch has FLOP formulas for the GPU attention kernels only: on a CPU, scaled_dot_product_attention
+# dispatches to these two ops, which it would count as 0. Same formulas as the GPU kernels (the
+# full score matrix, causal masking not subtracted), so CPU and GPU counts agree.
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,
+}
+
+
 def count_flops(fn: Callable[[], Any]) -> tuple[Any, int]:
     """Run `fn` once under torch's FLOP counter: its result and the FLOPs it dispatched."""
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
     with counter:
         result = fn()
     return result, int(counter.get_total_flops())
@@ -106,11 +126,19 @@ def utilization(flops: float, seconds: float, peak: dict) -> dict:
     return out
 
 
+def _peak_rss_mib() -> float:
+    """This process's own resident high-water mark (VmHWM). Not `ru_maxrss`: a spawned child's
+    starts from its parent's."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: an upper bound
+
+
 def _child(target: Callable[..., dict], args: tuple, results) -> None:
     try:
         out = target(*args)
-        # ru_maxrss is in KiB on Linux: the peak resident memory of this process, whole run.
-        out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        out["peak_rss_mib"] = _peak_rss_mib()
         results.put(("ok", out))
     except BaseException as err:  # hand any failure back to the parent, with its text
         import traceback
@@ -122,13 +150,23 @@ def run_isolated(target: Callable[..., dict], *args: Any) -> dict:
     """`target(*args)` in a fresh spawned process, so each method's peak memory is its own.
 
     `target` must be a module-level function returning a dict; `peak_rss_mib` is added. On a GPU,
-    targets report `torch.cuda.max_memory_allocated` themselves.
+    targets report `torch.cuda.max_memory_allocated` themselves. A child that dies without a
+    word (killed for memory) is an error, not a hang.
     """
+    import queue
+
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     process = context.Process(target=_child, args=(target, args, results))
     process.start()
-    status, payload = results.get()
+    while True:
+        try:
+            status, payload = results.get(timeout=5)
+            break
+        except queue.Empty:
+            if not process.is_alive():
+                raise RuntimeError(f"{getattr(target, '__name__', target)}'s process died (exit code "
+                                   f"{process.exitcode}; -9 is usually the out-of-memory killer)") from None
     process.join()
     if status != "ok":
         raise RuntimeError(f"{getattr(target, '__name__', target)} failed in its process:\n{payload}")
@@ -139,6 +177,6 @@ def save_run(name: str, key: str, report: dict, out: Path | None = None) -> Path
     """Merge `report` into reports/benchmarks/<name>.json under runs[key]; other runs are kept."""
     path = out or REPORTS / f"{name}.json"
     runs = read_json(path).get("runs", {}) if path.exists() else {}
-    runs[key] = report
+    runs[key] = {**report, "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     write_json(path, {"runs": dict(sorted(runs.items()))})
     return path

@@ -33,16 +33,17 @@ app = typer.Typer(add_completion=False)
 BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
 
 
-def _latest(name: str, device: str | None = None) -> tuple[str, dict] | None:
-    """The run of reports/benchmarks/<name>.json whose key says demo or models/sft (the real model)."""
+def _latest(name: str) -> tuple[str, dict] | None:
+    """The most recent run of reports/benchmarks/<name>.json on a real model (not `tiny`)."""
     path = REPORTS / f"{name}.json"
     if not path.exists():
         return None
     runs = json.loads(path.read_text())["runs"]
-    for key in sorted(runs, key=lambda k: ("tiny" in k, k)):
-        if device is None or key.endswith(f"/{device}"):
-            return key, runs[key]
-    return None
+    real = [k for k in runs if not k.startswith("tiny")]
+    if not real:
+        return None
+    key = max(real, key=lambda k: runs[k].get("measured_at", ""))
+    return key, runs[key]
 
 
 def _pct(x: float | None) -> str:
@@ -56,7 +57,7 @@ def summary_rows() -> list[list[str]]:
         key, r = trl
         res = r["results"]
         for name, label in (("dpo_j3", "DPO, J = 3 pairs/entry"), ("mlpo_vs_trl_all_ranked_pairs",
-                                                                     "MLPO vs TRL on all 6 ranked pairs")):
+                                                                     "MLPO vs TRL on all ranked pairs")):
             if name not in r["speedup_vs_trl"]:
                 continue
             s = r["speedup_vs_trl"][name]

@@ -621,7 +621,7 @@ def measure(profile: str, entries: int, rejected: int, batch_entries: int, epoch
             "Losses without the NLL term (train.nll_weight) on both sides (TRL's rpo_alpha is unset), "
             "unweighted (TRL has no per-response weights).",
             "ours_dpo averages its loss over pairs as TRL does; ours_mlpo sums an entry's 6 terms and "
-            "averages entries (HSCR), so its first-step loss is 6 log 2.",
+            "averages entries (HSCR), so its first-step loss is 6 x TRL's on the same 6 ranked pairs.",
             "Optimizers: ours torch.optim.AdamW, TRL its default adamw_torch_fused; both clip the gradient "
             "norm at 1.0; TRL shuffles its rows (its default), ours steps through entries in order.",
         ],

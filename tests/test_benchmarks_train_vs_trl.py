@@ -60,3 +60,17 @@ def test_tiny_run_compares_ours_and_trl(tmp_path):
     assert "peak_memory_ratio" in report and "targets" in report
     assert len(report["trl_cannot"]) >= 4
     assert report["matmul_peak"]["flop_per_second"] > 0
+
+
+def test_trl_prompts_that_differ_from_ours_stop_the_benchmark(tmp_path, monkeypatch):
+    """The token check is live: a TRL prompt that is not ours (here the image after the question)
+    must not be timed."""
+    import benchmarks.train_vs_trl as bench
+
+    def image_last(vlm, question):
+        messages = [{"role": "user", "content": question.strip() + "\n" + bench.IMAGE_TOKEN}]
+        return vlm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    monkeypatch.setattr(bench, "trl_prompt", image_last)
+    with pytest.raises(AssertionError, match="TRL prompt tokens differ from ours for row 0"):
+        bench.measure("tiny", 2, 3, 2, 1, "cpu", 1, ["trl_dpo"], in_process=True)
