@@ -83,7 +83,10 @@ from pipeline.training.preference import (  # noqa: E402
 )
 
 app = typer.Typer(add_completion=False)
-METHODS = ("ours_mlpo", "ours_dpo", "trl_dpo", "trl_dpo_mlpo_pairs")
+# trl_dpo_checkpointed: trl_dpo with TRL's default gradient checkpointing on (its memory as its
+# users get it); not in the default set, `--methods ours_dpo,trl_dpo_checkpointed` runs it.
+METHODS = ("ours_mlpo", "ours_dpo", "trl_dpo", "trl_dpo_mlpo_pairs", "trl_dpo_checkpointed")
+DEFAULT_METHODS = METHODS[:4]
 TARGET_SPEEDUP = 10.0
 TARGET_MEMORY_RATIO = 0.6
 
@@ -120,7 +123,7 @@ B_INIT_STD = 0.02
 
 def pairs_per_entry(method: str, j: int) -> int:
     """Preference pairs a method trains on per entry: J for DPO, J + J(J-1)/2 for MLPO's ranking."""
-    return j if method in ("ours_dpo", "trl_dpo") else j + j * (j - 1) // 2
+    return j if method in ("ours_dpo", "trl_dpo", "trl_dpo_checkpointed") else j + j * (j - 1) // 2
 
 
 def rss_mib() -> float:
@@ -331,7 +334,7 @@ def trl_rows(vlm: VLM, rows: list[dict], method: str) -> dict[str, list]:
         image = Image.open(io.BytesIO(row["image"])).convert("RGB")
         prompt = trl_prompt(vlm, row["question"])
         ranked = [row["answer"]] + [r["text"] for r in row["rejected"]]
-        if method == "trl_dpo":
+        if method in ("trl_dpo", "trl_dpo_checkpointed"):
             pairs = [(0, k) for k in range(1, len(ranked))]
         else:
             pairs = [(w, lose) for w in range(len(ranked)) for lose in range(w + 1, len(ranked))]
@@ -360,7 +363,8 @@ def lora_target_regex(cfg: PreferenceConfig) -> str:
     return r".*language_model.*\.(" + "|".join(re.escape(t) for t in cfg.lora_targets) + r")"
 
 
-def trl_config_changes(device: torch.device, batch: int, cfg: PreferenceConfig) -> dict[str, dict[str, Any]]:
+def trl_config_changes(device: torch.device, batch: int, cfg: PreferenceConfig,
+                       checkpointing: bool = False) -> dict[str, dict[str, Any]]:
     """Every DPOConfig value set here that differs from TRL's default (or is required), and why."""
     cuda = device.type == "cuda"
     changes = {
@@ -369,7 +373,8 @@ def trl_config_changes(device: torch.device, batch: int, cfg: PreferenceConfig) 
         "learning_rate": (cfg.lr, "ours (train.lr); TRL's default is 1e-6. No effect on speed"),
         "beta": (cfg.gamma, "our gamma (train.gamma); equals TRL's default 0.1"),
         "max_length": (None, "no truncation (default 1024): no image token or answer may be cut"),
-        "gradient_checkpointing": (False, "TRL's default is True; ours does not checkpoint"),
+        "gradient_checkpointing": (checkpointing, "TRL's default (True) in trl_dpo_checkpointed" if checkpointing else
+                                   "TRL's default is True; ours does not checkpoint (trl_dpo_checkpointed keeps it)"),
         "bf16": (cuda, "TRL's default is True; ours runs float32 on CPU and bf16 autocast on a GPU"),
         "use_cpu": (not cuda, "run on the CPU when the benchmark does"),
         "num_train_epochs": (1, "one epoch is what is timed"),
@@ -423,7 +428,7 @@ def run_trl(method: str, settings: dict) -> dict:
     batch_size = step_entries * per_entry
     data = trl_rows(vlm, rows, method)
     dataset = Dataset.from_dict(data)
-    changes = trl_config_changes(device, batch_size, cfg)
+    changes = trl_config_changes(device, batch_size, cfg, checkpointing=method == "trl_dpo_checkpointed")
     values = {k: v["value"] for k, v in changes.items() if k != "output_dir"}
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=lora_target_regex(cfg))
@@ -510,7 +515,7 @@ def compare(results: dict[str, dict], device: torch.device, profile: str) -> tup
     """speedup_vs_trl, peak_memory_ratio and the issue's targets (met / not met)."""
     memory_key = "cuda_max_memory_allocated_mib" if device.type == "cuda" else "peak_rss_mib"
     pairs = {"dpo_j3": ("ours_dpo", "trl_dpo"), "mlpo_vs_trl_all_ranked_pairs": ("ours_mlpo", "trl_dpo_mlpo_pairs"),
-             "mlpo_vs_trl_dpo": ("ours_mlpo", "trl_dpo")}
+             "mlpo_vs_trl_dpo": ("ours_mlpo", "trl_dpo"), "dpo_j3_trl_checkpointed": ("ours_dpo", "trl_dpo_checkpointed")}
     speedup, memory, targets = {}, {}, {}
     for name, (ours, trl) in pairs.items():
         if ours not in results or trl not in results:
@@ -530,7 +535,7 @@ def compare(results: dict[str, dict], device: torch.device, profile: str) -> tup
                 inc_o = o[memory_key] - o["rss_after_model_load_mib"]
                 inc_t = t[memory_key] - t["rss_after_model_load_mib"]
                 memory[name]["increment_over_model_load"] = inc_o / inc_t if inc_t > 0 else None
-        if name == "mlpo_vs_trl_dpo":
+        if name in ("mlpo_vs_trl_dpo", "dpo_j3_trl_checkpointed"):
             continue
         fast = speedup[name]["entries_per_second"] >= TARGET_SPEEDUP
         small = memory.get(name, {}).get("peak")
@@ -641,7 +646,7 @@ def main(
     threads: int = typer.Option(
         1, help="torch CPU threads in every process; 0 keeps torch's default. 1 by default because on a shared "
                 "machine torch's spinning worker threads make CPU timings erratic"),
-    methods: str = typer.Option(",".join(METHODS), help="comma-separated, from " + ", ".join(METHODS)),
+    methods: str = typer.Option(",".join(DEFAULT_METHODS), help="comma-separated, from " + ", ".join(METHODS)),
     in_process: bool = typer.Option(False, help="run the methods one after another in this process (tests): no "
                                                 "per-method peak memory"),
     out: Path = typer.Option(ROOT / "reports" / "benchmarks" / "train_vs_trl.json"),

@@ -18,7 +18,7 @@ if str(ROOT) not in sys.path:
 
 from typer.testing import CliRunner  # noqa: E402
 
-from benchmarks.train_vs_trl import METHODS, app  # noqa: E402
+from benchmarks.train_vs_trl import DEFAULT_METHODS, app  # noqa: E402
 
 
 def test_tiny_run_compares_ours_and_trl(tmp_path):
@@ -29,7 +29,7 @@ def test_tiny_run_compares_ours_and_trl(tmp_path):
     assert result.exit_code == 0, result.output + repr(result.exception)
     report = json.loads(out.read_text())["runs"]["tiny/cpu"]
 
-    assert set(report["results"]) == set(METHODS)
+    assert set(report["results"]) == set(DEFAULT_METHODS)
     assert report["pairs_per_entry"] == {"ours_mlpo": 6, "ours_dpo": 3, "trl_dpo": 3, "trl_dpo_mlpo_pairs": 6}
     for method, r in report["results"].items():
         assert r["pairs_per_entry"] == report["pairs_per_entry"][method]
