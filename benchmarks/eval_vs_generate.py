@@ -46,10 +46,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import (  # noqa: E402
     ROOT,
     count_flops,
-    device_name,
     matmul_peak,
     pick_device,
+    run_header,
     save_run,
+    speedup_verdict,
     synchronize,
     utilization,
 )
@@ -183,8 +184,6 @@ def check_identical(rows: list[dict], ours: list[str], theirs: list[str]) -> Non
 def run(model: str = "models/sft", questions: int | None = None, threads: int = 1, device: str = "auto",
         dtype: str = "auto", out: Path | None = None) -> dict:
     """Time both paths on the same rows, check their answers are identical, save and return the report."""
-    import transformers
-
     torch.set_num_threads(threads)
     dev = pick_device(device)
     rows, source = load_rows("test", questions)
@@ -214,11 +213,7 @@ def run(model: str = "models/sft", questions: int | None = None, threads: int = 
         "model": label,
         "rows": source,
         "questions": n,
-        "device": device_name(dev),
-        "dtype": str(vlm.dtype).replace("torch.", ""),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        **run_header(dev, vlm.dtype),
         "batch_size": cfg.batch_size,
         "max_new_tokens": cfg.max_new_tokens,
         "identical_predictions": True,
@@ -229,9 +224,7 @@ def run(model: str = "models/sft", questions: int | None = None, threads: int = 
                               "attention mask)", "batch_size": cfg.batch_size, **batched},
         "generate": {"method": "LlavaForConditionalGeneration.generate, one question at a time (LLaVA-Med "
                                "model_vqa.py), do_sample=False", "batch_size": 1, **generate},
-        "speedup": round(speedup, 2),
-        "speedup_target": SPEEDUP_TARGET,
-        "meets_target": speedup >= SPEEDUP_TARGET,
+        **speedup_verdict(speedup, SPEEDUP_TARGET),
     }
     save_run("eval_vs_generate", f"{label}/{dev.type}", report, out)
     return report

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import multiprocessing
 import platform
-import resource
 import sys
 import time
 from collections.abc import Callable
@@ -126,19 +125,35 @@ def utilization(flops: float, seconds: float, peak: dict) -> dict:
     return out
 
 
-def _peak_rss_mib() -> float:
-    """This process's own resident high-water mark (VmHWM). Not `ru_maxrss`: a spawned child's
-    starts from its parent's."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: an upper bound
+def proc_status_mib(field: str) -> float:
+    """A memory line of /proc/self/status (`VmRSS`: resident now, `VmHWM`: this process's own peak,
+    unlike `ru_maxrss`, which a spawned child starts at its parent's), in MiB; NaN off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def run_header(device: torch.device, dtype: torch.dtype) -> dict:
+    """What every report names about the run: device, dtype, threads, library versions."""
+    import transformers
+
+    return {"device": device_name(device), "dtype": str(dtype).replace("torch.", ""),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "transformers": transformers.__version__}
+
+
+def speedup_verdict(speedup: float, target: float) -> dict:
+    return {"speedup": round(speedup, 2), "speedup_target": target, "meets_target": speedup >= target}
 
 
 def _child(target: Callable[..., dict], args: tuple, results) -> None:
     try:
         out = target(*args)
-        out["peak_rss_mib"] = _peak_rss_mib()
+        out["peak_rss_mib"] = proc_status_mib("VmHWM")
         results.put(("ok", out))
     except BaseException as err:  # hand any failure back to the parent, with its text
         import traceback

@@ -48,7 +48,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from eval_vs_generate import load_model, load_rows, path_report, timed  # noqa: E402
-from machine import count_flops, device_name, matmul_peak, pick_device, save_run  # noqa: E402
+from machine import count_flops, matmul_peak, pick_device, run_header, save_run, speedup_verdict  # noqa: E402
 
 from pipeline.batching import collate_sequences, decode_image  # noqa: E402
 from pipeline.mask_strategies import MaskStrategy, two_view_embeddings  # noqa: E402
@@ -220,8 +220,6 @@ def _run_all(vlm: VLM, calls: list[dict], cfg: SampleConfig, path) -> list[tuple
 def run(model: str = "models/sft", entries: int = 32, batch_size: int | None = None, threads: int = 1,
         device: str = "auto", dtype: str = "auto", out: Path | None = None) -> dict:
     """Time both decoders on the same decode calls, check they agree, save and return the report."""
-    import transformers
-
     torch.set_num_threads(threads)
     dev = pick_device(device)
     rows, source = load_rows("train", entries)
@@ -254,11 +252,7 @@ def run(model: str = "models/sft", entries: int = 32, batch_size: int | None = N
         "decode_calls": len(calls),
         "candidates": sum(len(c["prefixes"]) for c in calls),
         "generated_tokens": tokens,
-        "device": device_name(dev),
-        "dtype": str(vlm.dtype).replace("torch.", ""),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        **run_header(dev, vlm.dtype),
         "batch_size": cfg.batch_size,
         "max_new_tokens": cfg.max_new_tokens,
         "mask_ratio": cfg.mask_ratio,
@@ -279,9 +273,7 @@ def run(model: str = "models/sft", entries: int = 32, batch_size: int | None = N
             "logits_processor": "DroppedViewPicks (custom LogitsProcessor)",
             "why_not_classifier_free_guidance": WHY_CUSTOM_PROCESSOR,
             **path_report(tokens, "tokens", theirs_s, theirs_flops / first_tokens, peak)},
-        "speedup": round(speedup, 2),
-        "speedup_target": SPEEDUP_TARGET,
-        "meets_target": speedup >= SPEEDUP_TARGET,
+        **speedup_verdict(speedup, SPEEDUP_TARGET),
     }
     save_run("sample_vs_generate", f"{label}/{dev.type}", report, out)
     return report

@@ -62,6 +62,7 @@ from benchmarks.machine import (  # noqa: E402
     device_name,
     matmul_peak,
     pick_device,
+    proc_status_mib,
     run_isolated,
     save_run,
     synchronize,
@@ -126,14 +127,6 @@ def pairs_per_entry(method: str, j: int) -> int:
     return j if method in ("ours_dpo", "trl_dpo", "trl_dpo_checkpointed") else j + j * (j - 1) // 2
 
 
-def rss_mib() -> float:
-    """This process's resident memory now (VmRSS), in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def seed_adapter(model: torch.nn.Module, seed: int) -> int:
     """Give every LoRA A and B matrix the same values whatever wraps it (ours: the language model;
     TRL: the whole VLM), keyed by the path from `layers.` on.
@@ -177,7 +170,7 @@ def _setup(settings: dict) -> tuple[VLM, list[dict], str, torch.device, float]:
     rows = make_rows(settings["entries"], settings["rejected"], seed=0)
     vlm, source = load_model(settings["profile"], rows, device)
     vlm.model.to(device)
-    return vlm, rows, source, device, rss_mib()
+    return vlm, rows, source, device, proc_status_mib("VmRSS")
 
 
 def _memory(device: torch.device, rss_after_load: float, rss_before_training: float,
@@ -214,7 +207,7 @@ def run_ours(method: str, settings: dict) -> dict:
     scheduler = warmup_cosine(optimizer, int(cfg.warmup_fraction * len(schedule)), len(schedule))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    rss_before_training = rss_mib()
+    rss_before_training = proc_status_mib("VmRSS")
     cuda_before = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
     def to_device(indices: list[int]) -> dict[str, torch.Tensor]:
@@ -444,7 +437,7 @@ def run_trl(method: str, settings: dict) -> dict:
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        rss_before_training = rss_mib()
+        rss_before_training = proc_status_mib("VmRSS")
         cuda_before = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
         # The first batch in dataset order (the same pairs as ours' first batch): token check,

@@ -26,20 +26,22 @@ def _module(name: str):
     return module
 
 
-@pytest.fixture
-def evg(monkeypatch):
-    module = _module("eval_vs_generate")
+def _with_small_peak(monkeypatch, name: str):
+    """The benchmark module `name`, its matmul-peak measurement shrunk to test size."""
+    module = _module(name)
     machine = _module("machine")
     monkeypatch.setattr(module, "matmul_peak", lambda device: machine.matmul_peak(device, size=128, repeats=1))
     return module
+
+
+@pytest.fixture
+def evg(monkeypatch):
+    return _with_small_peak(monkeypatch, "eval_vs_generate")
 
 
 @pytest.fixture
 def svg(monkeypatch):
-    module = _module("sample_vs_generate")
-    machine = _module("machine")
-    monkeypatch.setattr(module, "matmul_peak", lambda device: machine.matmul_peak(device, size=128, repeats=1))
-    return module
+    return _with_small_peak(monkeypatch, "sample_vs_generate")
 
 
 PATH_FIELDS = ("seconds", "flops", "achieved_flop_per_second", "fraction_of_measured_peak")
