@@ -57,7 +57,7 @@ from machine import (  # noqa: E402
 from shapes import build_llava_med_shape, is_shape  # noqa: E402
 
 from pipeline.batching import decode_image  # noqa: E402
-from pipeline.evaluation import EvaluateConfig, predict, predict_batch  # noqa: E402
+from pipeline.evaluation import EvaluateConfig, MaxNewTokens, predict  # noqa: E402
 from pipeline.models.vlm import VLM  # noqa: E402
 from pipeline.params import project_config  # noqa: E402
 
@@ -138,11 +138,11 @@ def path_report(count: int, unit: str, seconds: float, flops_per_item: float, pe
 
 
 @torch.no_grad()
-def generate_answers(vlm: VLM, rows: list[dict], max_new_tokens: int) -> list[str]:
+def generate_answers(vlm: VLM, rows: list[dict], max_new_tokens: MaxNewTokens) -> list[str]:
     """LLaVA-Med's loop: one question at a time through transformers' `generate`, greedy."""
     answers = []
     for row in rows:
-        prompt = vlm.prompt_ids(row["question"])
+        prompt = vlm.prompt_ids(row["question"], row["context"])
         input_ids = torch.tensor([prompt], device=vlm.device)
         image = row["image"]
         pixel_values = vlm.pixel_values([decode_image(image) if isinstance(image, bytes) else image])
@@ -150,7 +150,7 @@ def generate_answers(vlm: VLM, rows: list[dict], max_new_tokens: int) -> list[st
             input_ids=input_ids,
             pixel_values=pixel_values,
             attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=max_new_tokens.for_type(row["answer_type"]),
             do_sample=False,
             num_beams=1,
             eos_token_id=vlm.eos_token_id,
@@ -160,7 +160,7 @@ def generate_answers(vlm: VLM, rows: list[dict], max_new_tokens: int) -> list[st
     return answers
 
 
-def batched_answers(vlm: VLM, rows: list[dict], batch_size: int, max_new_tokens: int) -> list[str]:
+def batched_answers(vlm: VLM, rows: list[dict], batch_size: int, max_new_tokens: MaxNewTokens) -> list[str]:
     return predict(vlm, rows, batch_size, max_new_tokens, desc="batched")
 
 
@@ -192,7 +192,7 @@ def run(model: str = "models/sft", questions: int | None = None, threads: int = 
     peak = matmul_peak(dev)
 
     # warm-up: thread pools, kernels, the chat template
-    predict_batch(vlm, rows[:2], cfg.max_new_tokens)
+    predict(vlm, rows[:2], 2, cfg.max_new_tokens, desc="warm-up")
     generate_answers(vlm, rows[:1], cfg.max_new_tokens)
 
     ours, ours_s = timed(lambda: batched_answers(vlm, rows, cfg.batch_size, cfg.max_new_tokens), dev)
@@ -215,7 +215,7 @@ def run(model: str = "models/sft", questions: int | None = None, threads: int = 
         "questions": n,
         **run_header(dev, vlm.dtype),
         "batch_size": cfg.batch_size,
-        "max_new_tokens": cfg.max_new_tokens,
+        "max_new_tokens": cfg.max_new_tokens.to_dict(),
         "identical_predictions": True,
         "flops_counted_on": {"batched": f"all {n} questions",
                              "generate": f"a seeded random sample of {len(sample)} questions, scaled to {n}"},

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -54,6 +55,7 @@ from pipeline.batching import collate_sequences, decode_image  # noqa: E402
 from pipeline.mask_strategies import MaskStrategy, two_view_embeddings  # noqa: E402
 from pipeline.models.vlm import VLM  # noqa: E402
 from pipeline.params import project_config  # noqa: E402
+from pipeline.schema import Turn  # noqa: E402
 from pipeline.self_contrast import (  # noqa: E402
     SampleConfig,
     _special_ids,
@@ -104,9 +106,9 @@ def decode_calls(vlm: VLM, rows: list[dict], cfg: SampleConfig) -> list[dict]:
         batch_rows = rows[i:i + cfg.batch_size]
         seeds = [entry_seed(cfg.seed, r["id"]) for r in batch_rows]
         batch = collate_sequences(vlm, [r["image"] for r in batch_rows], [r["question"] for r in batch_rows],
-                                  [r["answer"] for r in batch_rows])
+                                  [r["answer"] for r in batch_rows], contexts=[r["context"] for r in batch_rows])
         logit_full, logit_drop = two_view_answer_logits(vlm, batch, cfg.mask_strategy, cfg.mask_ratio, seeds)
-        call: dict[str, list] = {"images": [], "questions": [], "prefixes": [], "dropped_seeds": []}
+        call: dict[str, list] = {"images": [], "questions": [], "contexts": [], "prefixes": [], "dropped_seeds": []}
         for b, row in enumerate(batch_rows):
             length, start = int(batch.answer_length[b]), int(batch.answer_start[b])
             answer = batch.input_ids[b, start:start + length].tolist()
@@ -117,6 +119,7 @@ def decode_calls(vlm: VLM, rows: list[dict], cfg: SampleConfig) -> list[dict]:
                     first = min(p for p, _ in replacements)
                     call["images"].append(row["image"])
                     call["questions"].append(row["question"])
+                    call["contexts"].append(row["context"])
                     call["prefixes"].append(apply_replacements(answer, replacements)[: first + 1])
                     call["dropped_seeds"].append(seeds[b])
         if call["prefixes"]:
@@ -129,7 +132,7 @@ def decode_calls(vlm: VLM, rows: list[dict], cfg: SampleConfig) -> list[dict]:
 
 def ours(vlm: VLM, call: dict, cfg: SampleConfig) -> tuple[list[list[int]], list[float]]:
     return two_view_decode(vlm, call["images"], call["questions"], call["prefixes"], call["dropped_seeds"],
-                           cfg.mask_ratio, cfg.max_new_tokens, cfg.mask_strategy)
+                           cfg.mask_ratio, cfg.max_new_tokens, cfg.mask_strategy, contexts=call["contexts"])
 
 
 class DroppedViewPicks(LogitsProcessor):
@@ -155,9 +158,10 @@ class DroppedViewPicks(LogitsProcessor):
 @torch.no_grad()
 def generate_two_view(vlm: VLM, images: list, questions: list[str], prefixes: list[list[int]],
                       dropped_seeds: list[int], mask_ratio: float, max_new_tokens: int,
-                      strategy: MaskStrategy) -> tuple[list[list[int]], list[float]]:
+                      strategy: MaskStrategy, *, contexts: Sequence[Sequence[Turn]]
+                      ) -> tuple[list[list[int]], list[float]]:
     """`two_view_decode`'s contract, through transformers' `generate` with `DroppedViewPicks`."""
-    rows = [vlm.prompt_ids(q) + p for q, p in zip(questions, prefixes, strict=True)]
+    rows = [vlm.prompt_ids(q, c) + p for q, c, p in zip(questions, contexts, prefixes, strict=True)]
     width, n = max(len(r) for r in rows), len(rows)
     input_ids = torch.full((n, width), vlm.pad_token_id, dtype=torch.long)
     mask = torch.zeros((n, width), dtype=torch.long)
@@ -190,7 +194,7 @@ def generate_two_view(vlm: VLM, images: list, questions: list[str], prefixes: li
 
 def theirs(vlm: VLM, call: dict, cfg: SampleConfig) -> tuple[list[list[int]], list[float]]:
     return generate_two_view(vlm, call["images"], call["questions"], call["prefixes"], call["dropped_seeds"],
-                             cfg.mask_ratio, cfg.max_new_tokens, cfg.mask_strategy)
+                             cfg.mask_ratio, cfg.max_new_tokens, cfg.mask_strategy, contexts=call["contexts"])
 
 
 def check_identical(calls: list[dict], ours_out: list[tuple], theirs_out: list[tuple]) -> None:

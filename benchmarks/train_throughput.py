@@ -88,19 +88,20 @@ def load_model(profile: str, rows: list[dict], device: torch.device) -> tuple[VL
     raise typer.BadParameter(f"--profile must be tiny, demo or llava-med-7b[:layers=N], got {profile!r}")
 
 
-def pairwise_batches(vlm: VLM, rows: list[dict]) -> tuple[list, list, list]:
-    """(images, questions, answers) of the chosen and rejected row of every pair, pair order kept."""
-    images, questions, chosen_ans, rejected_ans = [], [], [], []
+def pairwise_batches(vlm: VLM, rows: list[dict]) -> tuple[list, list, list, list]:
+    """(images, questions, answers, contexts) of the chosen and rejected row of every pair, pair order kept."""
+    images, questions, contexts, chosen_ans, rejected_ans = [], [], [], [], []
     for row in rows:
         ranked = [row["answer"]] + [r["text"] for r in row["rejected"]]
         for w in range(len(ranked)):
             for lose in range(w + 1, len(ranked)):
                 images.append(row["image"])
                 questions.append(row["question"])
+                contexts.append(row["context"])
                 chosen_ans.append(ranked[w])
                 rejected_ans.append(ranked[lose])
     # Chosen rows first, then rejected rows, in one forward (TRL's "concatenated forward").
-    return images * 2, questions * 2, chosen_ans + rejected_ans
+    return images * 2, questions * 2, chosen_ans + rejected_ans, contexts * 2
 
 
 class Runner:
@@ -127,8 +128,8 @@ class Runner:
         return float(out.loss.detach())
 
     def pairwise_logps(self, indices: list[int]) -> torch.Tensor:
-        images, questions, answers = pairwise_batches(self.vlm, [self.rows[i] for i in indices])
-        batch = collate_sequences(self.vlm, images, questions, answers)
+        images, questions, answers, contexts = pairwise_batches(self.vlm, [self.rows[i] for i in indices])
+        batch = collate_sequences(self.vlm, images, questions, answers, contexts=contexts)
         with self.autocast:
             logits = self.vlm.forward(batch.attention_mask, batch.input_ids, batch.pixel_values).logits
         return answer_logprobs(logits, batch.labels)
@@ -218,8 +219,8 @@ class Runner:
     def tokens_per_entry(self, method: str, indices: list[int]) -> float:
         """Positions the language model runs over, per entry."""
         if method == "pairwise":
-            images, questions, answers = pairwise_batches(self.vlm, [self.rows[i] for i in indices])
-            mask = collate_sequences(self.vlm, images, questions, answers).attention_mask
+            images, questions, answers, contexts = pairwise_batches(self.vlm, [self.rows[i] for i in indices])
+            mask = collate_sequences(self.vlm, images, questions, answers, contexts=contexts).attention_mask
             return float(mask.sum()) / len(indices)
         batch = self.collator(indices)
         prompt = batch["prompt_mask"] if method == "grouped_shared_prompt" else batch["prompt_mask"][batch["row_entry"]]

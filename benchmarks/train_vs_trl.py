@@ -46,6 +46,7 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext, redirect_stdout
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,7 @@ from benchmarks.train_throughput import load_model, make_rows  # noqa: E402
 from pipeline.losses import dpo_loss, mlpo_loss  # noqa: E402
 from pipeline.models.vlm import IMAGE_TOKEN, VLM  # noqa: E402
 from pipeline.params import project_config  # noqa: E402
+from pipeline.schema import Turn  # noqa: E402
 from pipeline.training.common import warmup_cosine  # noqa: E402
 from pipeline.training.preference import (  # noqa: E402
     EntryCollator,
@@ -306,11 +308,9 @@ def run_ours(method: str, settings: dict) -> dict:
 # ----- TRL ----------------------------------------------------------------------------------------
 
 
-def trl_prompt(vlm: VLM, question: str) -> str:
+def trl_prompt(vlm: VLM, question: str, context: Sequence[Turn]) -> str:
     """`VLM.prompt_ids`' chat text with ONE image placeholder: TRL's LlavaProcessor expands it."""
-    messages = [{"role": "user", "content": IMAGE_TOKEN + "\n" + question.strip()}]
-    if vlm.settings.system_prompt:
-        messages.insert(0, {"role": "system", "content": vlm.settings.system_prompt})
+    messages = vlm.prompt_messages(question, context, image_text=IMAGE_TOKEN)
     return vlm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
@@ -325,7 +325,7 @@ def trl_rows(vlm: VLM, rows: list[dict], method: str) -> dict[str, list]:
     data: dict[str, list] = {"images": [], "prompt": [], "chosen": [], "rejected": []}
     for row in rows:
         image = Image.open(io.BytesIO(row["image"])).convert("RGB")
-        prompt = trl_prompt(vlm, row["question"])
+        prompt = trl_prompt(vlm, row["question"], row["context"])
         ranked = [row["answer"]] + [r["text"] for r in row["rejected"]]
         if method in ("trl_dpo", "trl_dpo_checkpointed"):
             pairs = [(0, k) for k in range(1, len(ranked))]
@@ -394,7 +394,7 @@ def check_tokens(vlm: VLM, batch: dict, data: dict[str, list], rows: list[dict],
         prompt = ids[i][(attention[i] == 1) & (completion[i] == 0)].tolist()
         chosen = ids[i][completion[i] == 1].tolist()
         rejected = ids[half + i][completion[half + i] == 1].tolist()
-        want_prompt = vlm.prompt_ids(row["question"])
+        want_prompt = vlm.prompt_ids(row["question"], row["context"])
         if prompt != want_prompt:
             raise AssertionError(f"TRL prompt tokens differ from ours for row {i}: {prompt} vs {want_prompt}")
         for got, text in ((chosen, data["chosen"][i]), (rejected, data["rejected"][i])):

@@ -11,6 +11,7 @@ from PIL import Image
 
 from pipeline.data.images import decode_image
 from pipeline.models.vlm import VLM
+from pipeline.schema import Turn
 
 IGNORE_INDEX = -100
 
@@ -50,11 +51,17 @@ def collate_sequences(
     images: Sequence[bytes | Image.Image],
     questions: Sequence[str],
     answers: Sequence[str | Sequence[int]],
+    *,
+    contexts: Sequence[Sequence[Turn]],
 ) -> SequenceBatch:
-    """Batch (image, question, answer); an answer is text, or token ids (ending with EOS) as made by `sample`."""
+    """Batch (image, question, answer); an answer is text, or token ids (ending with EOS) as made by `sample`.
+
+    `contexts` holds each row's earlier turns (its `context` column, `[]` for a single-turn row):
+    they are part of the prompt, never of the labelled answer.
+    """
     rows = []
-    for question, answer in zip(questions, answers, strict=True):
-        prompt = vlm.prompt_ids(question)
+    for question, answer, context in zip(questions, answers, contexts, strict=True):
+        prompt = vlm.prompt_ids(question, context)
         answer_ids = vlm.answer_ids(answer) if isinstance(answer, str) else list(answer)
         rows.append((prompt, answer_ids))
     width = max(len(p) + len(a) for p, a in rows)
@@ -83,8 +90,12 @@ def collate_sequences(
     )
 
 
-def collate_prompts(vlm: VLM, images: Sequence[bytes | Image.Image], questions: Sequence[str]) -> PromptBatch:
-    prompts = [vlm.prompt_ids(q) for q in questions]
+def collate_prompts(vlm: VLM, images: Sequence[bytes | Image.Image], questions: Sequence[str],
+                    contexts: Sequence[Sequence[Turn]]) -> PromptBatch:
+    """Left-padded prompts of (image, question) rows, each after its earlier turns in `contexts`
+    (the rows' `context` column; an empty list for a single-turn row). Required: a multi-turn
+    row's prompt without its earlier turns is a different question."""
+    prompts = [vlm.prompt_ids(q, c) for q, c in zip(questions, contexts, strict=True)]
     width = max(len(p) for p in prompts)
     n = len(prompts)
     input_ids = torch.full((n, width), vlm.pad_token_id, dtype=torch.long)

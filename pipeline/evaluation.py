@@ -9,13 +9,20 @@ stage) runs batch by batch through `pipeline.resume`: every finished batch is ke
 stage's work folder, keyed by the model folder's bytes, the input's bytes, the config and the code
 version, so an interrupted run started again redoes only the unfinished batches.
 
+Answers are decoded in batches of one answer type, each with its type's cap
+(`evaluate.max_new_tokens.closed` / `.open`): an open answer needs more room than "yes", and
+greedy decoding stops at the end-of-turn token, so a larger cap changes only answers it would cut.
+
 The `evaluate` stage runs once per model (a DVC `foreach`), so an ablation that changes only the
 aligned model does not evaluate the unchanged SFT model again; the `report` stage combines the
-per-model reports into `reports/metrics.json` (`combine_reports`).
+per-model reports into `reports/metrics.json` (`combine_reports`). `lmms_eval_samples` writes the
+per-question predictions in lmms-eval's `--log_samples` layout for other tools (docs/evaluation.md).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,37 +36,97 @@ from pipeline.batching import collate_prompts
 from pipeline.errors import DataError
 from pipeline.fingerprint import code_version, fingerprint
 from pipeline.generation import greedy_generate
-from pipeline.metrics import score_prediction, summarize
+from pipeline.metrics import normalize_answer, score_prediction, summarize
 from pipeline.models.vlm import VLM
 from pipeline.params import Config
 from pipeline.resume import BatchRun, BatchStore, run_batches
+from pipeline.schema import ANSWER_TYPES
 from pipeline.visual_dropout import blind_mask
 
 HEADLINE = ("closed_accuracy", "open_recall")
+
+
+class MaxNewTokens(Config):
+    """`evaluate.max_new_tokens`: the cap on an answer's length per answer type, in tokens."""
+
+    closed: int = Field(ge=1, description="cap on the answer to a closed question (yes/no, one of a few words), "
+                        "in tokens")
+    open: int = Field(ge=1, description="cap on the answer to an open question (a word or a phrase), in tokens")
+
+    def for_type(self, answer_type: str) -> int:
+        """The cap of `answer_type` ("closed"/"open", any case, as `pipeline.metrics` reads it)."""
+        kind = answer_type.strip().lower()
+        if kind not in ANSWER_TYPES:
+            raise DataError(f"answer_type must be one of {ANSWER_TYPES} (any case), got {answer_type!r}")
+        return getattr(self, kind)
+
+
+# A new answer type in pipeline.schema needs its own decoding cap (and its key in params.yaml).
+if set(MaxNewTokens.model_fields) != set(ANSWER_TYPES):
+    raise RuntimeError(f"MaxNewTokens has limits for {sorted(MaxNewTokens.model_fields)}, but "
+                       f"pipeline.schema.ANSWER_TYPES is {ANSWER_TYPES}: give every answer type a limit")
 
 
 class EvaluateConfig(Config):
     """The `evaluate:` section."""
 
     batch_size: int = Field(ge=1, description="questions per generation batch (also the log-prob gap batch, in entries)")
-    max_new_tokens: int = Field(ge=1, description="cap on an answer's length, in tokens")
+    max_new_tokens: MaxNewTokens = Field(description="cap on an answer's length per answer type, in tokens; each "
+                                         "batch holds one answer type and decodes with its cap")
     max_rows: int | None = Field(ge=1, description="evaluate only the first N test rows (quick checks); null = all")
 
 
 def predict_batch(vlm: VLM, rows: list[dict], max_new_tokens: int, blind: bool = False) -> list[str]:
     """Greedy answers for one batch of rows (temperature 0, so the numbers are reproducible)."""
-    batch = collate_prompts(vlm, [r["image"] for r in rows], [r["question"] for r in rows])
+    batch = collate_prompts(vlm, [r["image"] for r in rows], [r["question"] for r in rows],
+                            [r["context"] for r in rows])
     mask = blind_mask(batch.attention_mask, batch.image_mask) if blind else None
     return [vlm.decode(ids) for ids in greedy_generate(vlm, batch, max_new_tokens, attention_mask=mask)]
 
 
-def predict(vlm: VLM, rows: list[dict], batch_size: int, max_new_tokens: int, blind: bool = False,
+def type_batches(rows: Sequence[Mapping[str, Any]], batch_size: int) -> list[list[int]]:
+    """The row indices cut into batches of one answer type each, so that every batch decodes with
+    its own type's cap: the rows of each type (in `ANSWER_TYPES` order) in input order, `batch_size`
+    at a time. The order is fixed by the input alone, so a resumed run cuts the same batches."""
+    groups: dict[str, list[int]] = {kind: [] for kind in ANSWER_TYPES}
+    for i, row in enumerate(rows):
+        kind = str(row["answer_type"]).strip().lower()
+        if kind not in groups:
+            raise DataError(f"row {row.get('id', i)!r}: answer_type must be one of {ANSWER_TYPES} (any case), "
+                            f"got {row['answer_type']!r}")
+        groups[kind].append(i)
+    return [indices[j : j + batch_size] for indices in groups.values() for j in range(0, len(indices), batch_size)]
+
+
+def batch_answer_type(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The one answer type of a batch cut by `type_batches`."""
+    kinds = {str(r["answer_type"]).strip().lower() for r in rows}
+    if len(kinds) != 1:
+        raise DataError(f"a generation batch mixes answer types {sorted(kinds)}: each needs its own cap")
+    return kinds.pop()
+
+
+def in_input_order(batches: Sequence[Sequence[int]], outputs: Sequence[Any]) -> list[Any]:
+    """`outputs`, one per index of `batches` in batch order, put back in the rows' input order."""
+    order = [i for batch in batches for i in batch]
+    if len(order) != len(outputs) or sorted(order) != list(range(len(order))):
+        raise DataError(f"{len(outputs)} outputs for batches over {len(order)} rows: not one output per row")
+    placed: list[Any] = [None] * len(order)
+    for i, out in zip(order, outputs, strict=True):
+        placed[i] = out
+    return placed
+
+
+def predict(vlm: VLM, rows: list[dict], batch_size: int, max_new_tokens: MaxNewTokens, blind: bool = False,
             desc: str = "evaluate") -> list[str]:
-    """Greedy answers for `rows`, `batch_size` at a time."""
-    predictions: list[str] = []
-    for i in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch"):
-        predictions.extend(predict_batch(vlm, rows[i : i + batch_size], max_new_tokens, blind))
-    return predictions
+    """Greedy answers for `rows` in input order, `batch_size` at a time, each batch of one answer
+    type decoded with that type's cap (`type_batches`), as `evaluate` answers."""
+    batches = type_batches(rows, batch_size)
+    answers: list[str] = []
+    for indices in tqdm(batches, desc=desc, unit="batch"):
+        batch = [rows[i] for i in indices]
+        answers.extend(predict_batch(vlm, batch, max_new_tokens.for_type(batch_answer_type(batch)), blind))
+    return in_input_order(batches, answers)
 
 
 def prediction_rows(name: str, rows: list[dict], predictions: list[str]) -> list[dict]:
@@ -77,6 +144,48 @@ def prediction_rows(name: str, rows: list[dict], predictions: list[str]) -> list
         }
         for r, p in zip(rows, predictions, strict=True)
     ]
+
+
+# lmms-eval's per-sample log (`--log_samples`: `<output>/<model>/<date>_samples_<task>.jsonl`), as
+# written by its release v0.7.2 (EvolvingLMMs-Lab/lmms-eval cb45ac4d: `evaluator.py` builds the
+# line, `loggers/evaluation_tracker.py` flattens and saves it), with the per-sample metric record
+# of its medical VQA task `slake` (`tasks/slake/utils.py`, `slake_process_results`).
+# docs/evaluation.md § Predictions for other tools maps every field.
+LMMS_EVAL_METRICS = HEADLINE  # lmms-eval gives every line every metric key of its task
+
+
+def lmms_eval_samples(predictions: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One lmms-eval `--log_samples` line per prediction row (`prediction_rows`), in their order.
+
+    `doc_id` is the row's position (lmms-eval's index of the document in its task); the metric
+    record under each metric key holds our strict score and the normalizations it compared.
+    """
+    lines = []
+    for doc_id, row in enumerate(predictions):
+        doc = {key: row[key] for key in ("id", "question", "answer", "answer_type", "modality", "question_type")}
+        record = {
+            "id": row["id"],
+            "prediction": row["prediction"],
+            "prediction_normalized": normalize_answer(row["prediction"]),
+            "target": row["answer"],
+            "target_normalized": normalize_answer(row["answer"]),
+            "answer_type": str(row["answer_type"]).strip().lower(),
+            "modality": row["modality"],
+            "content_type": row["question_type"],
+            "is_correct": row["score"] == 1.0,
+            "score": row["score"],
+        }
+        lines.append({
+            "doc_id": doc_id,
+            "target": str(row["answer"]),
+            "filtered_resps": row["prediction"],
+            "token_counts": [None],  # what lmms-eval writes for a backend that does not count tokens
+            # lmms-eval hashes its document as indented JSON (sha256); ours is the question's fields
+            "doc_hash": hashlib.sha256(json.dumps(doc, indent=2, ensure_ascii=False).encode("utf-8")).hexdigest(),
+            **{metric: dict(record) for metric in LMMS_EVAL_METRICS},
+            "input": row["question"],
+        })
+    return lines
 
 
 def model_metrics(name: str, predictions: dict[str, list[dict]]) -> dict[str, dict]:
@@ -118,7 +227,7 @@ def logprob_gap_batch(vlm: VLM, rows: list[dict]) -> list[float]:
 
     with torch.no_grad():
         batch = collate_groups(
-            vlm, [r["image"] for r in rows], [vlm.prompt_ids(r["question"]) for r in rows],
+            vlm, [r["image"] for r in rows], [vlm.prompt_ids(r["question"], r["context"]) for r in rows],
             [[vlm.answer_ids(r["answer"]), vlm.answer_ids(r["rejected"][0]["text"])] for r in rows],
         )
         table = group_logprobs(vlm, {k: v.to(vlm.device) for k, v in batch.items()}, share_prompt=True)
@@ -245,10 +354,11 @@ def evaluate_models(
 ) -> Evaluation:
     """Evaluate every (name, folder) model and its blind control on the test rows.
 
-    Returns each model's metrics (`model_metrics`), its prediction rows and its batch counts.
-    Finished batches are kept under `work_dir` (keys: `work_keys(models, cfg, inputs)`) and reused
-    by a restarted run; they stay there until the caller has written its outputs and calls
-    `pipeline.resume.clear_all(work_dir)`.
+    Returns each model's metrics (`model_metrics`, plus the `max_new_tokens` caps used), its
+    prediction rows (in the order of `rows`) and its batch counts. Each batch holds one answer type
+    (`type_batches`) and decodes with that type's cap. Finished batches are kept under `work_dir`
+    (keys: `work_keys(models, cfg, inputs)`) and reused by a restarted run; they stay there until
+    the caller has written its outputs and calls `pipeline.resume.clear_all(work_dir)`.
     """
     from pipeline.schema import PREDICTION_SCHEMA
 
@@ -256,19 +366,28 @@ def evaluate_models(
         rows = rows[: cfg.max_rows]
     keys = work_keys(models, cfg, inputs)
     every_key = {key for passes in keys.values() for key in passes.values()}
+    # One work item per batch (`run_batches` with a batch size of 1): the batches are cut per answer
+    # type, which consecutive slices of the rows would not respect.
+    batches = type_batches(rows, cfg.batch_size)
+    limits = cfg.max_new_tokens.to_dict()
     result = Evaluation(report={}, predictions={})
     for name, folder in models:
         vlm = _LazyModel(load, folder)
         work: dict[str, BatchRun] = {}
         for pass_, label, blind in (("predictions", name, False), ("blind", f"{name}_blind", True)):
-            def answer(batch: list[dict], vlm: _LazyModel = vlm, label: str = label, blind: bool = blind
+            def answer(item: list[list[int]], vlm: _LazyModel = vlm, label: str = label, blind: bool = blind
                        ) -> list[dict]:
-                return prediction_rows(label, batch, predict_batch(vlm(), batch, cfg.max_new_tokens, blind))
+                (indices,) = item
+                batch = [rows[i] for i in indices]
+                cap = cfg.max_new_tokens.for_type(batch_answer_type(batch))
+                return prediction_rows(label, batch, predict_batch(vlm(), batch, cap, blind))
 
             store = BatchStore(work_dir, keys[name][pass_], PREDICTION_SCHEMA, siblings=every_key)
-            work[pass_] = run_batches(rows, cfg.batch_size, answer, store, desc=f"evaluate {label}", clear=False)
-            result.predictions[label] = work[pass_].table.to_pylist()
+            work[pass_] = run_batches(batches, 1, answer, store, desc=f"evaluate {label}", clear=False)
+            result.predictions[label] = in_input_order(batches, work[pass_].table.to_pylist())
         metrics = model_metrics(name, result.predictions)
+        for label in (name, f"{name}_blind"):  # the caps the answers were decoded with, beside their scores
+            metrics[label]["max_new_tokens"] = dict(limits)
         result.report.update(metrics)
         result.work[name] = {p: _counts(r) for p, r in work.items()}
         vlm.vlm = None  # free it before the next model loads

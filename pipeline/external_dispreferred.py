@@ -80,6 +80,7 @@ from pipeline.judges.prompts import (
     read_prompt_file,
 )
 from pipeline.params import Config
+from pipeline.schema import VQA_NAMES
 
 if TYPE_CHECKING:
     from pipeline.models.vlm import VLM
@@ -398,8 +399,6 @@ def check_failed(answers: ExternalAnswers, config: ExternalSourceConfig) -> str 
 EXTERNAL_CODE = ("pipeline.external_dispreferred", "pipeline.self_contrast", "pipeline.grouped_scoring",
                  "pipeline.batching", "pipeline.models")
 
-_VQA_KEYS = ("id", "dataset", "split", "image", "question", "answer", "answer_type", "modality", "question_type")
-
 
 def external_batch(vlm: VLM, rows: Sequence[dict], texts: Sequence[Sequence[str]]) -> list[dict]:
     """CANDIDATES_SCHEMA rows for a batch: each entry's chosen answer and written answers tokenized
@@ -409,7 +408,8 @@ def external_batch(vlm: VLM, rows: Sequence[dict], texts: Sequence[Sequence[str]
     chosen = [vlm.answer_ids(row["answer"]) for row in rows]
     ids = [[vlm.answer_ids(t) for t in written] for written in texts]
     pairs = [(b, c) for b, c in enumerate(chosen)] + [(b, t) for b, entry in enumerate(ids) for t in entry]
-    logprobs = iter(score_candidates(vlm, [r["image"] for r in rows], [r["question"] for r in rows], pairs))
+    logprobs = iter(score_candidates(vlm, [r["image"] for r in rows], [r["question"] for r in rows], pairs,
+                                     contexts=[r["context"] for r in rows]))
     chosen_logprob = [next(logprobs) for _ in rows]
     out = []
     for b, row in enumerate(rows):
@@ -418,7 +418,7 @@ def external_batch(vlm: VLM, rows: Sequence[dict], texts: Sequence[Sequence[str]
              "replacement_tokens": [], "logprob": next(logprobs)}
             for level, (text, tokens) in enumerate(zip(texts[b], ids[b], strict=True), start=1)
         ]
-        out.append({**{key: row[key] for key in _VQA_KEYS}, "chosen_token_ids": chosen[b],
+        out.append({**{key: row[key] for key in VQA_NAMES}, "chosen_token_ids": chosen[b],
                     "chosen_logprob": chosen_logprob[b], "sensitivity": [], "candidates": candidates})
     return out
 

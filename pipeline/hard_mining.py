@@ -75,7 +75,8 @@ class Answered:
 
 def answer_batch(vlm: VLM, rows: Sequence[Mapping[str, Any]], max_new_tokens: int) -> list[dict]:
     """Greedy answers of one batch with token-level confidence, as plain rows (resumable parts)."""
-    batch = collate_prompts(vlm, [r["image"] for r in rows], [r["question"] for r in rows])
+    batch = collate_prompts(vlm, [r["image"] for r in rows], [r["question"] for r in rows],
+                            [r["context"] for r in rows])
     tokens, probs = greedy_generate_with_probs(vlm, batch, max_new_tokens)
     out = []
     for row, ids, p in zip(rows, tokens, probs, strict=True):

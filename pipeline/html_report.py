@@ -39,13 +39,16 @@ from dataclasses import dataclass
 from html.parser import HTMLParser
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import Field, PrivateAttr, ValidationInfo, model_validator
 
 from pipeline.errors import DataError
 from pipeline.params import Config
 from pipeline.statistics import MCNEMAR
+
+if TYPE_CHECKING:
+    from pipeline.evaluation import MaxNewTokens
 
 # What defines a run, shown in the page's header: the source of the data, the SFT model, how
 # preferences were made and how the aligned model was trained (the keys the sweeps vary).
@@ -97,10 +100,10 @@ class HtmlReportConfig(Config):
         missing = [dotted for label, dotted in self.reads.items() if label not in context]
         if missing:
             raise ValueError(f"needs {', '.join(missing)} of params.yaml (the page's header and the models' answers)")
-        for label, dotted in ANSWER_KEYS.items():
-            value = context[label]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{dotted}` must be an integer >= 1 (got {value!r})")
+        value = context["batch_size"]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{ANSWER_KEYS['batch_size']}` must be an integer >= 1 (got {value!r})")
+        _caps(context["max_new_tokens"])
         self._context = {label: context[label] for label in self.reads}
         return self
 
@@ -114,14 +117,27 @@ class HtmlReportConfig(Config):
         return self._context["batch_size"]
 
     @property
-    def answer_max_new_tokens(self) -> int:
-        """`evaluate.max_new_tokens`: cap on an answer's length, in tokens."""
-        return self._context["max_new_tokens"]
+    def answer_max_new_tokens(self) -> MaxNewTokens:
+        """`evaluate.max_new_tokens`: cap on an answer's length per answer type, in tokens."""
+        return _caps(self._context["max_new_tokens"])
 
     @property
     def run_facts(self) -> dict[str, Any]:
         """The values of RUN_KEYS, for the header."""
         return {key: self._context[key] for key in RUN_KEYS}
+
+
+def _caps(value: Any) -> MaxNewTokens:
+    """`evaluate.max_new_tokens` as read from params.yaml, validated as `evaluate` validates it."""
+    from pydantic import ValidationError
+
+    from pipeline.evaluation import MaxNewTokens
+
+    try:
+        return MaxNewTokens.model_validate(value)
+    except ValidationError:
+        raise ValueError(f"`{ANSWER_KEYS['max_new_tokens']}` must map every answer type to an integer >= 1 "
+                         f"(got {value!r})") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,21 +361,18 @@ Answers = dict[str, dict[str, list[str]]]  # model → "image" | "blind" → one
 
 
 def model_answers(load: Callable[[str], Any], models: Sequence[tuple[str, str]], rows: Sequence[Mapping[str, Any]],
-                  batch_size: int, max_new_tokens: int) -> Answers:
+                  batch_size: int, max_new_tokens: MaxNewTokens) -> Answers:
     """Each model's greedy answers to `rows`, with the image and blind (every visual token
-    masked), as `evaluate` decodes them; each model is loaded once and dropped before the next."""
-    from pipeline.evaluation import predict_batch
+    masked), as `evaluate` decodes them (batches of one answer type, each with its cap); each
+    model is loaded once and dropped before the next."""
+    from pipeline.evaluation import predict
 
+    entries = [dict(r) for r in rows]
     answers: Answers = {}
     for name, folder in models:
         vlm = load(folder)
-        seen: list[str] = []
-        blind: list[str] = []
-        for i in range(0, len(rows), batch_size):
-            batch = [dict(r) for r in rows[i : i + batch_size]]
-            seen += predict_batch(vlm, batch, max_new_tokens, blind=False)
-            blind += predict_batch(vlm, batch, max_new_tokens, blind=True)
-        answers[name] = {"image": seen, "blind": blind}
+        answers[name] = {"image": predict(vlm, entries, batch_size, max_new_tokens, blind=False, desc=name),
+                         "blind": predict(vlm, entries, batch_size, max_new_tokens, blind=True, desc=f"{name} blind")}
         del vlm
     return answers
 

@@ -214,3 +214,61 @@ def summarize(rows: list[dict]) -> dict:
     out["by_modality"] = _by(rows, "modality")
     out["by_question_type"] = _by(rows, "question_type")
     return out
+
+
+# ----- degenerate predictions -------------------------------------------------------------------
+# A model that answers nothing, or one string, to most questions of a type has collapsed: its
+# accuracy then measures how often that string is the answer, not what it sees. Fixed thresholds,
+# not params: they flag a collapse (a decoding cap that cuts every answer, a broken checkpoint, a
+# blind control stuck on its prior), not a weak model, and a report must not be able to silence them.
+MOSTLY_EMPTY_SHARE = 0.5  # flagged above this share of empty predictions of a type
+CONSTANT_SHARE = 0.9  # flagged above this share of one (non-empty) prediction of a type ...
+MIN_DISTINCT_ANSWERS = 2  # ... whose reference answers take at least this many values
+
+
+def degeneracy(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per answer type, how degenerate one model's predictions are (keys: answer_type, answer,
+    prediction), compared after `normalize_answer`, the normalization the metrics score.
+
+    `empty_share`: the share of predictions that normalize to nothing; `top_prediction`,
+    `top_share`: the most frequent non-empty normalized prediction (ties: the first in sort order)
+    and its share of all the type's items; `distinct_answers`: distinct normalized reference
+    answers. `mostly_empty`: `empty_share` > `MOSTLY_EMPTY_SHARE`; `constant`: `top_share` >
+    `CONSTANT_SHARE` where the references take at least `MIN_DISTINCT_ANSWERS` values (a constant
+    answer is no collapse where every reference is that answer); `flagged`: either. Every type of
+    `ANSWER_TYPES` is reported; one without items has `n` 0, null shares and no flag.
+    """
+    groups: dict[str, list[Mapping[str, Any]]] = {kind: [] for kind in ANSWER_TYPES}
+    for row in rows:
+        kind = str(row["answer_type"]).strip().lower()
+        if kind not in groups:
+            raise ValueError(f"answer_type must be one of {ANSWER_TYPES}, got {row['answer_type']!r}")
+        groups[kind].append(row)
+    out: dict[str, dict[str, Any]] = {}
+    for kind, items in groups.items():
+        n = len(items)
+        predictions = Counter(normalize_answer(str(r["prediction"])) for r in items)
+        empty = predictions.pop("", 0)
+        top, top_count = min(predictions.items(), key=lambda kv: (-kv[1], kv[0])) if predictions else (None, 0)
+        distinct = len({normalize_answer(str(r["answer"])) for r in items})
+        empty_share = empty / n if n else None
+        top_share = top_count / n if n else None
+        mostly_empty = empty_share is not None and empty_share > MOSTLY_EMPTY_SHARE
+        constant = top_share is not None and distinct >= MIN_DISTINCT_ANSWERS and top_share > CONSTANT_SHARE
+        out[kind] = {"n": n, "empty_share": empty_share, "top_prediction": top, "top_share": top_share,
+                     "distinct_answers": distinct, "mostly_empty": mostly_empty, "constant": constant,
+                     "flagged": mostly_empty or constant}
+    return out
+
+
+def degeneracy_warnings(model: str, report: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """One line per flagged answer type of a `degeneracy` report of `model`."""
+    lines = []
+    for kind, entry in report.items():
+        if entry["mostly_empty"]:
+            lines.append(f"{model}: {100 * entry['empty_share']:.1f}% of its {entry['n']} {kind} predictions are "
+                         f"empty (after normalization)")
+        if entry["constant"]:
+            lines.append(f"{model}: {100 * entry['top_share']:.1f}% of its {entry['n']} {kind} predictions are "
+                         f"{entry['top_prediction']!r}, against {entry['distinct_answers']} distinct reference answers")
+    return lines

@@ -30,7 +30,7 @@ PARAMS_FILE = "params.yaml"
 
 # The top-level keys of params.yaml: one section per stage, plus the few scalars kept at the top
 # so that `dvc exp run -S mask_ratio=0.5` stays short. A key outside this set is a typo.
-SECTIONS = ("prepare", "sft", "mine", "sample", "rerank", "score", "train", "evaluate", "html_report")
+SECTIONS = ("prepare", "sft", "mine", "sample", "rerank", "score", "train", "evaluate", "judged_eval", "html_report")
 TOP_LEVEL_SCALARS = ("mask_ratio",)
 
 # The config class of each section, imported on demand (`section_class`).
@@ -43,6 +43,7 @@ SECTION_CONFIGS = {
     "score": "pipeline.judges.panel:ScoreConfig",
     "train": "pipeline.training.preference:PreferenceConfig",
     "evaluate": "pipeline.evaluation:EvaluateConfig",
+    "judged_eval": "pipeline.judged_evaluation:JudgedEvalConfig",
     "html_report": "pipeline.html_report:HtmlReportConfig",
 }
 

@@ -8,6 +8,7 @@ user's notebook, agrees on column names and types.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypedDict
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -15,6 +16,20 @@ import pyarrow.parquet as pq
 from pipeline.errors import DataError, InputNotFoundError
 
 ANSWER_TYPES = ("closed", "open")
+
+
+class Turn(TypedDict):
+    """One earlier question/answer pair of an entry's conversation (an item of its `context`)."""
+
+    question: str
+    answer: str
+
+
+# The earlier turns of a multi-turn conversation, oldest first, that the entry's question follows:
+# `VLM.prompt_ids` renders them as real user/assistant turns before the question. Always a list,
+# empty for a single-turn entry (docs/data-formats.md#multi-turn-conversations).
+TURN_TYPE = pa.struct([pa.field("question", pa.string()), pa.field("answer", pa.string())])
+CONTEXT_TYPE = pa.list_(TURN_TYPE)
 
 # One VQA entry: the unit of `data/prepared/{train,test}.parquet` and `data/pool.parquet`.
 VQA_FIELDS = [
@@ -27,8 +42,10 @@ VQA_FIELDS = [
     pa.field("answer_type", pa.string(), nullable=False),  # "closed" | "open"
     pa.field("modality", pa.string(), nullable=False),
     pa.field("question_type", pa.string(), nullable=False),
+    pa.field("context", CONTEXT_TYPE, nullable=False),  # earlier turns; [] for a single-turn entry
 ]
 VQA_SCHEMA = pa.schema(VQA_FIELDS)
+VQA_NAMES = tuple(f.name for f in VQA_FIELDS)  # the columns every later artifact carries over from its entry
 
 # `data/prepared/lesions.parquet`: where the lesion is, for the entries whose dataset says so (the
 # phantom's drawn lesions, your masks or boxes); MMedPO's visual dispreference noises it.

@@ -43,6 +43,7 @@ from pipeline.mask_strategies import MaskStrategy, two_view_embeddings
 from pipeline.models.vlm import VLM, position_ids_from_mask
 from pipeline.params import Config
 from pipeline.resume import BatchRun, BatchStore, run_batches
+from pipeline.schema import VQA_NAMES, Turn
 from pipeline.visual_dispreference import VisualDispreferenceConfig
 
 
@@ -212,14 +213,15 @@ def apply_replacements(answer: list[int], replacements: list[tuple[int, int]]) -
 @torch.no_grad()
 def two_view_decode(vlm: VLM, images: list, questions: list[str], prefixes: list[list[int]],
                     dropped_seeds: list[int], mask_ratio: float, max_new_tokens: int,
-                    strategy: MaskStrategy) -> tuple[list[list[int]], list[float]]:
+                    strategy: MaskStrategy, *, contexts: Sequence[Sequence[Turn]]
+                    ) -> tuple[list[list[int]], list[float]]:
     """Continue each answer prefix greedily under the dropped view, scoring under the full view.
 
     Rows of both views are stacked in one batch with their own KV-cache rows. Returns the
     continuations (EOS appended when reached) and the full-view log-probability of each
-    continuation's tokens, EOS included.
+    continuation's tokens, EOS included. `contexts` holds each row's earlier turns (`[]`: none).
     """
-    rows = [vlm.prompt_ids(q) + p for q, p in zip(questions, prefixes, strict=True)]
+    rows = [vlm.prompt_ids(q, c) + p for q, c, p in zip(questions, contexts, prefixes, strict=True)]
     width = max(len(r) for r in rows)
     n = len(rows)
     device = vlm.device
@@ -264,9 +266,10 @@ def two_view_decode(vlm: VLM, images: list, questions: list[str], prefixes: list
 
 
 @torch.no_grad()
-def score_candidates(vlm: VLM, images: list, questions: list[str], candidates: list[tuple[int, list[int]]]
-                     ) -> list[float]:
-    """log p(candidate | full image, question) for (entry index, token ids) pairs, in their order.
+def score_candidates(vlm: VLM, images: list, questions: list[str], candidates: list[tuple[int, list[int]]],
+                     *, contexts: Sequence[Sequence[Turn]]) -> list[float]:
+    """log p(candidate | full image, question) for (entry index, token ids) pairs, in their order;
+    each entry's question comes after its earlier turns in `contexts` (`[]`: none).
 
     The entry's prompt and image run once and its candidates share the prompt's KV cache
     (pipeline/grouped_scoring.py): with one-word answers that is ~4x fewer tokens than a full row
@@ -279,8 +282,8 @@ def score_candidates(vlm: VLM, images: list, questions: list[str], candidates: l
     for b, ids in candidates:
         where.append((group_of[b], len(answers[group_of[b]])))
         answers[group_of[b]].append(ids)
-    batch = collate_groups(vlm, [images[b] for b in entries], [vlm.prompt_ids(questions[b]) for b in entries],
-                           answers)
+    batch = collate_groups(vlm, [images[b] for b in entries],
+                           [vlm.prompt_ids(questions[b], contexts[b]) for b in entries], answers)
     # Candidates always share their entry's prompt cache here (sampling has no switch for it).
     table = group_logprobs(vlm, {k: v.to(vlm.device) for k, v in batch.items()}, share_prompt=True).tolist()
     return [table[g][k] for g, k in where]
@@ -292,7 +295,8 @@ def sample_batch(vlm: VLM, rows: list[dict], cfg: SampleConfig) -> list[dict]:
     seeds = [entry_seed(cfg.seed, r["id"]) for r in rows]
     images = [r["image"] for r in rows]
     questions = [r["question"] for r in rows]
-    batch = collate_sequences(vlm, images, questions, [r["answer"] for r in rows])
+    contexts = [r["context"] for r in rows]
+    batch = collate_sequences(vlm, images, questions, [r["answer"] for r in rows], contexts=contexts)
     logit_full, logit_drop = two_view_answer_logits(vlm, batch, cfg.mask_strategy, cfg.mask_ratio, seeds)
     special = _special_ids(vlm)
     surface = _surface_form(vlm)
@@ -321,7 +325,7 @@ def sample_batch(vlm: VLM, rows: list[dict], cfg: SampleConfig) -> list[dict]:
             decode_seeds.append(seeds[b])
         cont, cont_logp = two_view_decode(vlm, [images[b] for b, *_ in flat], [questions[b] for b, *_ in flat],
                                           prefixes, decode_seeds, cfg.mask_ratio, cfg.max_new_tokens,
-                                          cfg.mask_strategy)
+                                          cfg.mask_strategy, contexts=[contexts[b] for b, *_ in flat])
         new_flat = []
         for (b, _ids, replacements, level), prefix, tail in zip(flat, prefixes, cont, strict=True):
             first = min(p for p, _ in replacements)
@@ -331,7 +335,7 @@ def sample_batch(vlm: VLM, rows: list[dict], cfg: SampleConfig) -> list[dict]:
             new_flat.append((b, ids, [(p, t) for p, t in replacements if p == first], level))
         flat = new_flat
     if flat:
-        logprobs = score_candidates(vlm, images, questions, [(b, ids) for b, ids, _, _ in flat])
+        logprobs = score_candidates(vlm, images, questions, [(b, ids) for b, ids, _, _ in flat], contexts=contexts)
 
     results = []
     for b, row in enumerate(rows):
@@ -349,8 +353,7 @@ def sample_batch(vlm: VLM, rows: list[dict], cfg: SampleConfig) -> list[dict]:
                 "logprob": lp,
             })
         results.append({
-            **{k: row[k] for k in ("id", "dataset", "split", "image", "question", "answer", "answer_type",
-                                   "modality", "question_type")},
+            **{k: row[k] for k in VQA_NAMES},
             "chosen_token_ids": answers[b],
             "chosen_logprob": chosen_logprob[b],
             "sensitivity": plans[b].sensitivity,

@@ -120,7 +120,7 @@ def token_saliency(vlm: VLM, rows: Sequence[dict]) -> torch.Tensor:
     from pipeline.grouped_scoring import embed_with_features
 
     batch = collate_sequences(vlm, [r["image"] for r in rows], [r["question"] for r in rows],
-                              [r["answer"] for r in rows])
+                              [r["answer"] for r in rows], contexts=[r["context"] for r in rows])
     device = vlm.device
     with torch.no_grad():
         features = vlm.image_features(batch.pixel_values.to(device, vlm.dtype))

@@ -44,6 +44,7 @@ def make_rows(n: int, seed: int = 0, size: int = 32) -> list[dict]:
                 "answer_type": "closed",
                 "modality": "ct",
                 "question_type": "presence",
+                "context": [],
             }
         )
     return rows

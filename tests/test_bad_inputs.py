@@ -120,9 +120,9 @@ def _set(params: dict, dotted: str, value: Any) -> None:
         node[last] = value
 
 
-def _png(path: Path) -> None:
+def _png(path: Path, value: int = 90) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.full((8, 8, 3), 90, dtype=np.uint8), mode="RGB").save(path)
+    Image.fromarray(np.full((8, 8, 3), value, dtype=np.uint8), mode="RGB").save(path)
 
 
 def _item(qid: str, **changes: Any) -> dict:
@@ -179,14 +179,16 @@ class Workspace:
             _set(self.params, dotted, value)
 
     def files_source(self, train: list[dict] | None = None) -> None:
-        """`prepare.source: files` with 3 good questions per split (or `train`) under data/raw."""
-        split = {"format": None, "image_root": "images"}
+        """`prepare.source: files` with 3 good questions per split (or `train`) under data/raw; the test
+        questions are about their own image (t.png), so the splits do not leak."""
+        split = {"format": None, "image_root": "images", "where": None}
         self.set(**{"prepare.source": "files", "prepare.files.root": "data/raw",
                     "prepare.files.train": {"path": "train.json", **split},
                     "prepare.files.test": {"path": "test.json", **split}})
         _png(Path("data/raw/images/a.png"))
+        _png(Path("data/raw/images/t.png"), value=170)
         self.question_file("data/raw/train.json", json.dumps(train or [_item(f"q{i}") for i in range(3)]))
-        self.question_file("data/raw/test.json", json.dumps([_item(f"t{i}") for i in range(3)]))
+        self.question_file("data/raw/test.json", json.dumps([_item(f"t{i}", image="t.png") for i in range(3)]))
 
     @staticmethod
     def question_file(path: str, text: str | bytes) -> None:
@@ -395,7 +397,10 @@ def _evaluation_reports(*names: str) -> None:
     Path("reports/evaluate").mkdir(parents=True, exist_ok=True)
     Path("reports/predictions").mkdir(parents=True, exist_ok=True)
     for name in names:
-        metrics = {"closed_accuracy": 0.5, "open_recall": 0.5, "n_closed": 2, "n_open": 2}
+        healthy = {"n": 2, "empty_share": 0.0, "top_prediction": "yes", "top_share": 0.5, "distinct_answers": 2,
+                   "mostly_empty": False, "constant": False, "flagged": False}
+        metrics = {"closed_accuracy": 0.5, "open_recall": 0.5, "n_closed": 2, "n_open": 2,
+                   "degenerate": {"closed": healthy, "open": healthy}}
         report = {name: metrics, f"{name}_blind": metrics,
                   f"{name}_image_reliance": {"closed_accuracy": 0.0, "open_recall": 0.0}}
         Path(f"reports/evaluate/{name}.json").write_text(json.dumps(report))
@@ -479,6 +484,25 @@ def _(w, mp):
 @scenario("duplicate-ids")
 def _(w, mp):
     w.files_source(train=[_item("q0"), _item("q1"), _item("q0")])
+
+
+@scenario("train-test-leakage")
+def _(w, mp):
+    w.files_source()
+    w.question_file("data/raw/test.json", json.dumps([_item(f"t{i}") for i in range(3)]))  # train's image
+
+
+@scenario("train-test-leakage-allowed")
+def _(w, mp):
+    w.files_source()
+    w.question_file("data/raw/test.json", json.dumps([_item(f"t{i}") for i in range(3)]))
+    w.set(**{"prepare.files.allow_leakage": True})
+
+
+@scenario("where-field-missing")
+def _(w, mp):
+    w.files_source()
+    w.set(**{"prepare.files.test.where": {"field": "phrase_type", "values": ["test_freeform"]}})
 
 
 @scenario("truncated-safetensors")
@@ -671,6 +695,8 @@ def _(w, mp):
 CHECKS: dict[str, Callable[[str], None]] = {
     "judge-api-key-in-params": lambda output: _assert(SECRET not in output, "the key is echoed"),
     "skip-bad": lambda output: _check_skipped_report(),
+    "train-test-leakage-allowed": lambda output: _assert(
+        json.loads(Path("reports/prepare.json").read_text())["leakage"]["image"]["test_rows"] == 3, "not reported"),
     "json-with-bom": lambda output: _assert(
         [r["row"] for r in json.loads(Path("reports/prepare_skipped.json").read_text())] == [], "rows skipped"),
 }

@@ -51,7 +51,7 @@ def test_data_errors_are_pipeline_errors_and_still_value_errors() -> None:
 def test_missing_input_file_is_input_not_found_naming_the_path(tmp_path: Path, images: Path) -> None:
     missing = tmp_path / "raw" / "train.json"
     with pytest.raises(InputNotFoundError) as err:
-        ingest(missing, None, images, "train", "x", skip_bad=False)
+        ingest(missing, None, images, "train", "x", skip_bad=False, turns="first")
     assert isinstance(err.value, FileNotFoundError)
     assert str(err.value) == (
         f"{missing}: file not found; check the path (prepare.files in params.yaml) and that the "
@@ -106,11 +106,12 @@ def test_read_table_schema_mismatch_says_what_to_do(tmp_path: Path) -> None:
 def test_json_and_jsonl_with_a_utf8_bom_are_read(tmp_path: Path, images: Path) -> None:
     src_json = tmp_path / "bom.json"
     src_json.write_bytes(BOM + json.dumps([item(0), item(1)]).encode())
-    assert [r["id"] for r in ingest(src_json, None, images, "train", "x", skip_bad=False).rows] == ["q0", "q1"]
+    rows = ingest(src_json, None, images, "train", "x", skip_bad=False, turns="first").rows
+    assert [r["id"] for r in rows] == ["q0", "q1"]
 
     src_jsonl = tmp_path / "bom.jsonl"
     src_jsonl.write_bytes(BOM + jsonl([item(0), item(1)]).encode())
-    result = ingest(src_jsonl, None, images, "train", "x", skip_bad=False)
+    result = ingest(src_jsonl, None, images, "train", "x", skip_bad=False, turns="first")
     assert [r["id"] for r in result.rows] == ["q0", "q1"] and result.skipped == []
 
 
@@ -149,7 +150,7 @@ def test_empty_text_file_says_it_is_empty(
     src.write_bytes(content)
     for skip_bad in (False, True):
         with pytest.raises(IngestError) as err:
-            ingest(src, None, images, "train", "x", skip_bad=skip_bad)
+            ingest(src, None, images, "train", "x", skip_bad=skip_bad, turns="first")
         assert str(err.value) == f"{src}: the file is empty; {expected}"
 
 
@@ -157,20 +158,20 @@ def test_empty_json_list_and_parquet_without_rows_say_they_have_no_rows(tmp_path
     src = tmp_path / "list.json"
     src.write_text("[ ]\n")
     with pytest.raises(IngestError) as err:
-        ingest(src, None, images, "train", "x", skip_bad=True)
+        ingest(src, None, images, "train", "x", skip_bad=True, turns="first")
     assert str(err.value) == f"{src}: the file has no rows (an empty JSON list); {JSON_EXPECTED}"
 
     zero = tmp_path / "zero.parquet"
     zero.write_bytes(b"")
     with pytest.raises(IngestError) as err:
-        ingest(zero, None, images, "train", "x", skip_bad=False)
+        ingest(zero, None, images, "train", "x", skip_bad=False, turns="first")
     assert str(err.value) == f"{zero}: the file is empty (0 bytes); {PARQUET_EXPECTED}"
 
     no_rows = tmp_path / "no_rows.parquet"
     pq.write_table(pa.table({"image": pa.array([], pa.string()), "question": pa.array([], pa.string()),
                              "answer": pa.array([], pa.string())}), no_rows)
     with pytest.raises(IngestError) as err:
-        ingest(no_rows, None, images, "train", "x", skip_bad=False)
+        ingest(no_rows, None, images, "train", "x", skip_bad=False, turns="first")
     assert str(err.value) == f"{no_rows}: the file has no rows; {PARQUET_EXPECTED}"
 
 
@@ -185,13 +186,13 @@ def test_truncated_jsonl_line_names_file_line_and_column(tmp_path: Path, images:
     # line 1, a blank line 2 (still counted), line 3, the cut-off line 4
     src.write_text(json.dumps(item(0)) + "\n\n" + json.dumps(item(1)) + "\n" + truncated)
     with pytest.raises(IngestError) as err:
-        ingest(src, None, images, "train", "x", skip_bad=False)
+        ingest(src, None, images, "train", "x", skip_bad=False, turns="first")
     msg = str(err.value)
     assert msg.startswith(f"{src}: 1 of 3 rows are bad; fix them, or set skip_bad: true")
     assert "  invalid row: 1 rows, e.g. line 4, column 27: invalid JSON (Unterminated string starting at)" in msg
 
     # skip_bad keeps today's behaviour: a bad line is a bad row, skipped and reported
-    result = ingest(src, None, images, "train", "x", skip_bad=True)
+    result = ingest(src, None, images, "train", "x", skip_bad=True, turns="first")
     assert [r["id"] for r in result.rows] == ["q0", "q1"]
     assert result.skipped == [
         {
@@ -210,7 +211,7 @@ def test_jsonl_column_is_within_the_line_and_unicode_separators_do_not_split_lin
     src = tmp_path / "data.jsonl"
     first = json.dumps(item(0, question="Left\u2028lung?"), ensure_ascii=False)
     src.write_bytes(BOM + (first + "\n" + '{"qid": "q1", "answer": yes}\n').encode())
-    result = ingest(src, None, images, "train", "x", skip_bad=True)
+    result = ingest(src, None, images, "train", "x", skip_bad=True, turns="first")
     assert [r["question"] for r in result.rows] == ["Left\u2028lung?"]
     assert result.skipped[0]["row"] == "line 2"
     assert result.skipped[0]["reason"] == "invalid row: line 2, column 25: invalid JSON (Expecting value)"
@@ -220,7 +221,7 @@ def test_malformed_json_file_names_line_and_column(tmp_path: Path, images: Path)
     src = tmp_path / "data.json"
     src.write_text('[\n  {"qid": "q0", "image": "a.png",\n   "question": "Is it?" "answer": "yes"}\n]\n')
     with pytest.raises(IngestError) as err:
-        ingest(src, None, images, "train", "x", skip_bad=True)
+        ingest(src, None, images, "train", "x", skip_bad=True, turns="first")
     assert str(err.value) == (
         f"{src}: line 3, column 25: invalid JSON (Expecting ',' delimiter); fix the file (is it truncated?)"
     )
@@ -228,7 +229,7 @@ def test_malformed_json_file_names_line_and_column(tmp_path: Path, images: Path)
     cut = tmp_path / "cut.json"
     cut.write_text(json.dumps([item(0), item(1)], indent=1)[:40])
     with pytest.raises(IngestError, match=r"cut.json: line \d+, column \d+: invalid JSON \(.*is it truncated"):
-        ingest(cut, None, images, "train", "x", skip_bad=False)
+        ingest(cut, None, images, "train", "x", skip_bad=False, turns="first")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,7 +242,7 @@ def test_skipped_holds_every_bad_row_as_a_report_ready_dict(tmp_path: Path, imag
     items.append(item(28, image="absent.png", question=""))  # two problems in one row
     src = tmp_path / "train.json"
     src.write_text(json.dumps(items))
-    result = ingest(src, None, images, "train", "x", skip_bad=True)
+    result = ingest(src, None, images, "train", "x", skip_bad=True, turns="first")
     assert [r["id"] for r in result.rows] == ["q0", "q1", "q2"]
     assert len(result.skipped) == 26
     assert result.skipped[0] == {"file": str(src), "row": "index 3", "id": "q3", "reason": "empty answer: no answer text"}
@@ -256,7 +257,7 @@ def test_skipped_holds_every_bad_row_as_a_report_ready_dict(tmp_path: Path, imag
 def test_skipped_ids_are_none_when_the_file_has_no_ids(tmp_path: Path, images: Path) -> None:
     src = tmp_path / "t.parquet"
     pq.write_table(pa.table({"image": ["a.png", "gone.png"], "question": ["q?", "q?"], "answer": ["a", "b"]}), src)
-    result = ingest(src, None, images, "train", "x", skip_bad=True)
+    result = ingest(src, None, images, "train", "x", skip_bad=True, turns="first")
     assert [r["id"] for r in result.rows] == ["train-000000"]
     assert result.skipped == [
         {"file": str(src), "row": "row 1", "id": None, "reason": f"missing image: {images / 'gone.png'} not found"}

@@ -61,7 +61,8 @@ def test_eval_vs_generate_identical_on_tiny(evg, tmp_path):
 
 def test_eval_vs_generate_fails_on_a_different_baseline(evg, tmp_path, monkeypatch):
     real = evg.generate_answers
-    monkeypatch.setattr(evg, "generate_answers", lambda vlm, rows, max_new_tokens: real(vlm, rows, 1))
+    monkeypatch.setattr(evg, "generate_answers",
+                        lambda vlm, rows, max_new_tokens: real(vlm, rows, evg.MaxNewTokens(closed=1, open=1)))
     with pytest.raises(evg.PredictionMismatch, match=r"predictions differ on question \d+ .*generate"):
         evg.run(model="tiny", questions=4, threads=1, device="cpu", out=tmp_path / "x.json")
     assert not (tmp_path / "x.json").exists()
@@ -82,8 +83,8 @@ def test_sample_vs_generate_identical_on_tiny(svg, tmp_path):
 def test_sample_vs_generate_fails_on_a_different_baseline(svg, tmp_path, monkeypatch):
     real = svg.generate_two_view
 
-    def shorter(vlm, images, questions, prefixes, seeds, mask_ratio, max_new_tokens, strategy):
-        return real(vlm, images, questions, prefixes, seeds, mask_ratio, 1, strategy)
+    def shorter(vlm, images, questions, prefixes, seeds, mask_ratio, max_new_tokens, strategy, *, contexts):
+        return real(vlm, images, questions, prefixes, seeds, mask_ratio, 1, strategy, contexts=contexts)
 
     monkeypatch.setattr(svg, "generate_two_view", shorter)
     with pytest.raises(svg.ContinuationMismatch, match=r"continuations differ at decode call \d+, candidate \d+ .*generate"):

@@ -67,7 +67,7 @@ def test_trl_prompts_that_differ_from_ours_stop_the_benchmark(tmp_path, monkeypa
     must not be timed."""
     import benchmarks.train_vs_trl as bench
 
-    def image_last(vlm, question):
+    def image_last(vlm, question, context):
         messages = [{"role": "user", "content": question.strip() + "\n" + bench.IMAGE_TOKEN}]
         return vlm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 

@@ -64,7 +64,12 @@ def write_dataset(root: Path, answers: list[str]) -> None:
         items.append({"qid": f"q{i}", "image": f"img{i}.png", "question": f"is there a lesion {i}?",
                       "answer": answer, "answer_type": "CLOSED", "modality": "ct"})
     (root / "train.json").write_text(json.dumps(items))
-    (root / "test.json").write_text(json.dumps(items[:2]))
+    tests = []  # about images of their own: `prepare` refuses a test split that leaks into train
+    for i, answer in enumerate(answers[:2]):
+        Image.new("RGB", (16, 16), (40, 40 * i, 200)).save(root / "images" / f"test{i}.png")
+        tests.append({"qid": f"t{i}", "image": f"test{i}.png", "question": f"is there a lesion {i}?",
+                      "answer": answer, "answer_type": "CLOSED", "modality": "ct"})
+    (root / "test.json").write_text(json.dumps(tests))
 
 
 @pytest.mark.slow

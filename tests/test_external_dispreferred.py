@@ -199,7 +199,8 @@ def test_rows_follow_the_candidates_contract(tmp_path, tiny_vlm):
             assert cand["positions"] == cand["original_tokens"] == cand["replacement_tokens"] == []
         # log p_sft(. | full image, question): the scorer self-sampling uses
         pairs = [(0, row["chosen_token_ids"])] + [(0, c["token_ids"]) for c in row["candidates"]]
-        direct = score_candidates(tiny_vlm, [source["image"]], [source["question"]], pairs)
+        direct = score_candidates(tiny_vlm, [source["image"]], [source["question"]], pairs,
+                                  contexts=[source["context"]])
         assert [row["chosen_logprob"]] + [c["logprob"] for c in row["candidates"]] == pytest.approx(direct, abs=1e-5)
     # the chosen log-prob means what it means for self-sampling
     selfcfg = project_config(SampleConfig, "sample", k=2, batch_size=8)

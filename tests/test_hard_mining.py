@@ -35,7 +35,8 @@ def _cfg(**changes) -> HardMiningConfig:
 def _rows(n: int, cells: list[tuple[str, str, str]] | None = None) -> list[dict]:
     cells = cells or [("closed", "ct", "presence")]
     return [{"id": f"e{i:03d}", "question": f"q{i}", "answer": "yes", "answer_type": cells[i % len(cells)][0],
-             "modality": cells[i % len(cells)][1], "question_type": cells[i % len(cells)][2]} for i in range(n)]
+             "modality": cells[i % len(cells)][1], "question_type": cells[i % len(cells)][2], "context": []}
+            for i in range(n)]
 
 
 def _answers(n: int, wrong=(), unsure=()) -> list[dict]:
@@ -123,7 +124,7 @@ def test_hard_entries_come_before_neighbours_within_a_cell():
 def test_greedy_probabilities_belong_to_the_greedy_tokens(tiny_vlm, rows):
     from pipeline.batching import collate_prompts
 
-    batch = collate_prompts(tiny_vlm, [r["image"] for r in rows[:4]], [r["question"] for r in rows[:4]])
+    batch = collate_prompts(tiny_vlm, [r["image"] for r in rows[:4]], [r["question"] for r in rows[:4]], [[]] * 4)
     tokens, probs = greedy_generate_with_probs(tiny_vlm, batch, 3)
     assert tokens == greedy_generate(tiny_vlm, batch, 3)
     assert [len(p) for p in probs] == [len(t) for t in tokens]

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import DataError, ParamsError
+from pipeline.evaluation import MaxNewTokens
 from pipeline.html_report import (
     HtmlReportConfig,
     PlotGroup,
@@ -85,6 +86,7 @@ def scored_rows() -> list[dict]:
             "id": f"e{i}", "dataset": "unit", "split": "train", "image": png((40 * i, 90, 90)),
             "question": question, "answer": "the lesion is small", "answer_type": "open", "modality": "ct",
             "question_type": "size",
+            "context": [],
             "rejected": [{"text": "the lesion is large", "similarity": 0.8, "level": 1, "logprob": -2.0}],
             "judgements": [judgement],
             "rationale": {"text": "it measures 4 mm", "judge": "radiologist", "prompt_version": "1", "cache_key": "k"},
@@ -248,7 +250,8 @@ def test_model_answers_with_and_without_the_image(tiny_vlm, rows):
         loaded.append(folder)
         return tiny_vlm
 
-    answers = model_answers(load, [("sft", "models/sft"), ("aligned", "models/aligned")], rows[:5], 2, 3)
+    answers = model_answers(load, [("sft", "models/sft"), ("aligned", "models/aligned")], rows[:5], 2,
+                            MaxNewTokens(closed=3, open=3))
     assert loaded == ["models/sft", "models/aligned"]  # each model loaded once
     assert set(answers) == {"sft", "aligned"}
     assert all(len(a["image"]) == len(a["blind"]) == 5 for a in answers.values())
@@ -258,12 +261,12 @@ def test_the_config_reads_the_evaluate_settings_and_the_run_keys():
     params = load_params(project_params_path())
     cfg = section_config(HtmlReportConfig, params, "html_report")
     assert cfg.answer_batch_size == params["evaluate"]["batch_size"]
-    assert cfg.answer_max_new_tokens == params["evaluate"]["max_new_tokens"]
+    assert cfg.answer_max_new_tokens.to_dict() == params["evaluate"]["max_new_tokens"]
     assert cfg.run_facts["train.loss"] == params["train"]["loss"] and cfg.run_facts["mask_ratio"] == params["mask_ratio"]
     copy = cfg.replace(entries=3)
     assert copy.entries == 3 and copy.answer_max_new_tokens == cfg.answer_max_new_tokens
-    params["evaluate"]["max_new_tokens"] = 0
-    with pytest.raises(ParamsError, match="`evaluate.max_new_tokens` must be an integer >= 1"):
+    params["evaluate"]["max_new_tokens"] = {"closed": 0, "open": 16}
+    with pytest.raises(ParamsError, match="`evaluate.max_new_tokens` must map every answer type to an integer >= 1"):
         section_config(HtmlReportConfig, params, "html_report")
 
 

@@ -363,6 +363,7 @@ def ranked_rows(texts_per_row: Sequence[Sequence[str]]) -> list[dict]:
     return [
         {"id": f"e{i}", "dataset": "unit", "split": "train", "image": png(), "question": f"question {i}?",
          "answer": f"reference {i}", "answer_type": "open", "modality": "ct", "question_type": "presence",
+         "context": [],
          "rejected": [{"text": t, "similarity": 0.9 - 0.1 * j, "level": j + 1, "logprob": -1.0 - j}
                       for j, t in enumerate(texts)]}
         for i, texts in enumerate(texts_per_row)

@@ -52,6 +52,7 @@ def ranked_rows(texts_per_row: list[list[str]]) -> list[dict]:
     return [
         {"id": f"e{i}", "dataset": "unit", "split": "train", "image": png, "question": f"question {i}?",
          "answer": f"reference {i}", "answer_type": "open", "modality": "ct", "question_type": "presence",
+         "context": [],
          "rejected": [{"text": t, "similarity": 0.5, "level": j + 1, "logprob": -1.0} for j, t in enumerate(texts)]}
         for i, texts in enumerate(texts_per_row)
     ]

@@ -21,7 +21,7 @@ from tests.test_self_contrast import _rows, sample_config
 
 def _batch(vlm, rows, n=3):
     return collate_sequences(vlm, [r["image"] for r in rows[:n]], [r["question"] for r in rows[:n]],
-                             ["yes", "no", "left lung"][:n])
+                             ["yes", "no", "left lung"][:n], contexts=[r["context"] for r in rows[:n]])
 
 
 def _views(vlm, batch, strategy, ratio, seeds):
@@ -133,7 +133,7 @@ def test_each_strategy_is_seeded_per_entry(tiny_vlm, rows, strategy):
     assert torch.equal(drop, again)
     assert not torch.allclose(drop, other)
     # an entry's degraded view does not depend on the batch it is in
-    alone = collate_sequences(tiny_vlm, [rows[1]["image"]], [rows[1]["question"]], ["no"])
+    alone = collate_sequences(tiny_vlm, [rows[1]["image"]], [rows[1]["question"]], ["no"], contexts=[[]])
     _, drop_alone = two_view_answer_logits(tiny_vlm, alone, strategy, 0.5, [1])
     length = int(alone.answer_length[0])
     torch.testing.assert_close(drop_alone[0, :length], drop[1, :length], atol=1e-5, rtol=1e-4)
@@ -161,7 +161,7 @@ def test_decode_continues_under_the_chosen_strategy(tiny_vlm, rows, monkeypatch)
 
     monkeypatch.setattr(self_contrast, "two_view_embeddings", spy)
     for strategy in MASK_STRATEGIES:
-        tokens, _ = two_view_decode(tiny_vlm, *args, strategy)
+        tokens, _ = two_view_decode(tiny_vlm, *args, strategy, contexts=[r["context"] for r in rows])
         assert seen[-1] == (strategy, 0.7, [1, 2, 3, 4])
         assert all(t and all(i != tiny_vlm.image_token_id for i in t) for t in tokens)
 

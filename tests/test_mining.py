@@ -42,6 +42,7 @@ def vqa_rows(n: int) -> list[dict]:
             "answer_type": "closed" if i % 2 else "open",
             "modality": MODALITIES[i % 3],
             "question_type": "presence",
+            "context": [],
         }
         for i in range(n)
     ]

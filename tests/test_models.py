@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from pipeline.batching import collate_prompts, collate_sequences
+from pipeline.batching import IGNORE_INDEX, collate_prompts, collate_sequences
 from pipeline.generation import greedy_generate
-from pipeline.models.profiles import load_vlm
-from pipeline.models.vlm import position_ids_from_mask
+from pipeline.models.profiles import build_tiny, load_vlm
+from pipeline.models.vlm import IMAGE_TOKEN, position_ids_from_mask
 from pipeline.visual_dropout import blind_mask, drop_visual_tokens
+from tests.conftest import make_rows
 
 
 def test_tiny_profile_is_small_llava(tiny_vlm):
@@ -23,15 +25,80 @@ def test_prompt_expands_image_placeholder(tiny_vlm):
     assert tiny_vlm.answer_ids("yes")[-1] == tiny_vlm.eos_token_id
 
 
+def _single_turn_ids(vlm, question):
+    """`VLM.prompt_ids` as it was before multi-turn contexts: one user message, image first."""
+    content = IMAGE_TOKEN * vlm.settings.num_image_tokens + "\n" + question.strip()
+    messages = [{"role": "user", "content": content}]
+    if vlm.settings.system_prompt:
+        messages.insert(0, {"role": "system", "content": vlm.settings.system_prompt})
+    text = vlm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return vlm.tokenizer.encode(text, add_special_tokens=False)
+
+
+CONTEXT = [{"question": "what modality is this ?", "answer": "ct"},
+           {"question": "is there a mass ?", "answer": "yes , in the liver"}]
+WORDS = ["where is it ?", "left lobe", "you are a radiologist ."] + [t[k] for t in CONTEXT for k in t]
+
+
+@pytest.mark.parametrize("system_prompt", [None, "you are a radiologist ."])
+def test_prompt_without_context_is_the_single_turn_prompt(system_prompt):
+    vlm = build_tiny(WORDS, seed=0, system_prompt=system_prompt)
+    for question in ("where is it ?", "  is there a mass ? "):
+        assert vlm.prompt_ids(question) == _single_turn_ids(vlm, question)
+        assert vlm.prompt_ids(question, []) == vlm.prompt_ids(question, ())
+
+
+@pytest.mark.parametrize("system_prompt", [None, "you are a radiologist ."])
+def test_prompt_renders_context_as_earlier_chat_turns(system_prompt):
+    vlm = build_tiny(WORDS, seed=0, system_prompt=system_prompt)
+    ids = vlm.prompt_ids("where is it ?", CONTEXT)
+    n_image = vlm.settings.num_image_tokens
+    tokens = vlm.tokenizer.convert_ids_to_tokens(ids)
+    # the turns as ChatML messages, in order; the image opens the first user message only
+    turns = " ".join(tokens).replace("<image> " * n_image, "<image>*n ").split("<|im_end|>")
+    expected = ([f"<|im_start|> system {system_prompt}"] if system_prompt else []) + [
+        "<|im_start|> user <image>*n what modality is this ?",
+        "<|im_start|> assistant ct",
+        "<|im_start|> user is there a mass ?",
+        "<|im_start|> assistant yes , in the liver",
+        "<|im_start|> user where is it ?",
+        "<|im_start|> assistant",
+    ]
+    assert [t.strip() for t in turns] == expected
+    assert sum(i == vlm.image_token_id for i in ids) == n_image
+    # the single-turn prompt of the first question is where the multi-turn prompt starts
+    first = _single_turn_ids(vlm, CONTEXT[0]["question"])[:-2]  # without the generation prompt
+    assert ids[: len(first)] == first
+    with pytest.raises(ValueError, match="image tokens"):
+        vlm.prompt_ids("where is it ?", [{"question": "<image> again ?", "answer": "ct"}])
+
+
+def test_sequences_label_only_the_last_answer_after_the_context():
+    vlm = build_tiny(WORDS, seed=0)
+    images = [make_rows(1)[0]["image"]] * 2
+    batch = collate_sequences(vlm, images, ["where is it ?"] * 2, ["left lobe"] * 2, contexts=[CONTEXT, []])
+    for b, context in enumerate((CONTEXT, [])):
+        prompt = vlm.prompt_ids("where is it ?", context)
+        assert int(batch.answer_start[b]) == len(prompt)
+        assert batch.input_ids[b, : len(prompt)].tolist() == prompt
+        labelled = batch.labels[b][batch.labels[b] != IGNORE_INDEX].tolist()
+        assert labelled == vlm.answer_ids("left lobe")
+    prompts = collate_prompts(vlm, images, ["where is it ?"] * 2, [CONTEXT, []])
+    width = prompts.input_ids.shape[1]
+    assert prompts.input_ids[0].tolist() == vlm.prompt_ids("where is it ?", CONTEXT)  # the longest: no padding
+    short = vlm.prompt_ids("where is it ?")
+    assert prompts.input_ids[1, width - len(short):].tolist() == short
+
+
 def test_save_load_round_trip_gives_same_logits(tiny_vlm, rows, tmp_path):
     batch = collate_sequences(tiny_vlm, [r["image"] for r in rows[:3]], [r["question"] for r in rows[:3]],
-                              [r["answer"] for r in rows[:3]])
+                              [r["answer"] for r in rows[:3]], contexts=[r["context"] for r in rows[:3]])
     before = tiny_vlm.forward(batch.attention_mask, batch.input_ids, batch.pixel_values).logits
     tiny_vlm.save(tmp_path / "m")
     loaded = load_vlm(tmp_path / "m", device="cpu", dtype=torch.float32)
     assert loaded.settings == tiny_vlm.settings
     batch2 = collate_sequences(loaded, [r["image"] for r in rows[:3]], [r["question"] for r in rows[:3]],
-                               [r["answer"] for r in rows[:3]])
+                               [r["answer"] for r in rows[:3]], contexts=[r["context"] for r in rows[:3]])
     assert torch.equal(batch.input_ids, batch2.input_ids)
     after = loaded.forward(batch2.attention_mask, batch2.input_ids, batch2.pixel_values).logits
     torch.testing.assert_close(before, after)
@@ -66,7 +133,7 @@ def test_saved_config_names_the_folder_it_was_loaded_from_not_a_machine_path(tin
 
 def test_dropout_by_masking_equals_removing_visual_tokens(tiny_vlm, rows):
     batch = collate_sequences(tiny_vlm, [r["image"] for r in rows[:4]], [r["question"] for r in rows[:4]],
-                              ["yes", "no", "left lung", "no"])
+                              ["yes", "no", "left lung", "no"], contexts=[r["context"] for r in rows[:4]])
     dropped = drop_visual_tokens(batch.attention_mask, batch.image_mask, 0.7, seeds=[1, 2, 3, 4])
     masked = tiny_vlm.forward(dropped, batch.input_ids, batch.pixel_values).logits
     for b, (ref, keep) in enumerate(_removed_logits(tiny_vlm, batch, dropped)):
@@ -74,7 +141,7 @@ def test_dropout_by_masking_equals_removing_visual_tokens(tiny_vlm, rows):
 
 
 def test_dropout_counts_seeds_and_ratio_zero(tiny_vlm, rows):
-    batch = collate_prompts(tiny_vlm, [r["image"] for r in rows[:3]], [r["question"] for r in rows[:3]])
+    batch = collate_prompts(tiny_vlm, [r["image"] for r in rows[:3]], [r["question"] for r in rows[:3]], [[]] * 3)
     n_visual = tiny_vlm.settings.num_image_tokens
     same = drop_visual_tokens(batch.attention_mask, batch.image_mask, 0.0, seeds=[0, 1, 2])
     assert torch.equal(same, batch.attention_mask)
@@ -93,14 +160,14 @@ def test_dropout_counts_seeds_and_ratio_zero(tiny_vlm, rows):
 def test_blind_answers_ignore_the_image(tiny_vlm, rows):
     questions = [rows[0]["question"]] * 2
     images = [rows[0]["image"], rows[1]["image"]]
-    batch = collate_prompts(tiny_vlm, images, questions)
+    batch = collate_prompts(tiny_vlm, images, questions, [[]] * len(questions))
     blind = greedy_generate(tiny_vlm, batch, 5, attention_mask=blind_mask(batch.attention_mask, batch.image_mask))
     assert blind[0] == blind[1]
 
 
 def test_cached_greedy_matches_no_cache_reference(tiny_vlm, rows):
     batch = collate_prompts(tiny_vlm, [r["image"] for r in rows[:4]],
-                            [r["question"] for r in rows[:3]] + ["is there ?"])
+                            [r["question"] for r in rows[:3]] + ["is there ?"], [[]] * 4)
     got = greedy_generate(tiny_vlm, batch, 6)
     embeds = tiny_vlm.embed(batch.input_ids, batch.pixel_values)
     for b in range(4):

@@ -249,7 +249,9 @@ def test_no_library_function_defaults_a_param():
     collect(PARAMS)
     # keys that name structure, not values
     names -= {"model", "name", "role", "backend", "path", "format", "train", "test", "files", "phantom", "judges",
-              "weights", "request_retry", "vision"}
+              "weights", "request_retry", "vision",
+              "closed", "open",  # answer types (evaluate.max_new_tokens.<type>): `closed=` flags a question
+              "where"}  # prepare.files.<split>.where, a row filter (a mapping); `where=` elsewhere names a place
     found = []
     for file in sorted((REPO / "pipeline").rglob("*.py")):
         if file.name == "params.py":
@@ -274,6 +276,7 @@ def test_no_library_function_defaults_a_param():
     ("score.request_retry.max_retries=2", "    max_retries: 2"),
     ("train.max_rejected=null", "  max_rejected:"),
     ("evaluate.max_rows=10", "  max_rows: 10"),
+    ("evaluate.max_new_tokens.open=24", "  max_new_tokens: {closed: 5, open: 24}"),
 ])
 def test_dvc_exp_run_set_param_changes_only_that_line(tmp_path, override, line):
     """`dvc exp run -S` rewrites params.yaml with its own YAML writer (dvc.utils.hydra.apply_overrides,

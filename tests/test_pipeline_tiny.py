@@ -34,7 +34,7 @@ def tiny_params(judge_dir: str) -> dict:
     params["score"]["max_unscored"] = 1.0  # the random judge answers garbage: every response ends unscored
     params["score"]["prompts"] = str(REPO / "pipeline/judges/prompts.yaml")
     params["train"].update(epochs=1, batch_size=4, grad_accum=1)
-    params["evaluate"].update(batch_size=16, max_new_tokens=4)
+    params["evaluate"].update(batch_size=16, max_new_tokens={"closed": 4, "open": 4})
     return params
 
 
@@ -124,6 +124,11 @@ def test_tiny_pipeline_end_to_end(tmp_path, monkeypatch):
         legacy = metrics[key]["legacy"]
         assert legacy["n_closed"] == metrics[key]["n_closed"] and legacy["n_open"] == metrics[key]["n_open"]
         assert legacy["closed_counted"] <= legacy["n_closed"]
+        # evaluate's degenerate-prediction check and decoding caps reach the run's report
+        assert set(metrics[key]["degenerate"]) == {"closed", "open"}
+        assert metrics[key]["max_new_tokens"] == {"closed": 4, "open": 4}
+        samples = Path(f"reports/predictions/{key}_samples.jsonl").read_text(encoding="utf-8").splitlines()
+        assert len(samples) == 32 and json.loads(samples[0])["doc_id"] == 0
     assert sorted(p.stem for p in Path("reports/plots/logprob_gap").glob("*.csv")) == sorted(
         {r["modality"] for r in scored})
     run("html_report")  # the offline page: every section, a chart per curve and modality, no URL

@@ -101,6 +101,15 @@ def test_entries_take_rank_order_and_judge_weights():
     assert build_entries(vlm, rows, config(weighted=False))[0].weights == [1.0, 1.0, 1.0]
 
 
+def test_entry_prompts_follow_their_context():
+    vlm = tiny()
+    rows = scored_rows(2)
+    rows[1]["context"] = [{"question": rows[0]["question"], "answer": "yes"}]
+    entries = build_entries(vlm, rows, config())
+    assert entries[0].prompt == vlm.prompt_ids(rows[0]["question"])
+    assert entries[1].prompt == vlm.prompt_ids(rows[1]["question"], rows[1]["context"]) != entries[0].prompt
+
+
 def test_missing_weight_is_an_error_when_weighted():
     vlm = tiny()
     rows = scored_rows(2)
@@ -127,7 +136,7 @@ def test_grouped_logprobs_equal_scoring_each_sequence_alone(share_prompt):
         for i, row in enumerate(rows):
             answers = [row["answer"]] + [r["text"] for r in row["rejected"]]
             for k, answer in enumerate(answers):
-                batch = collate_sequences(vlm, [row["image"]], [row["question"]], [answer])
+                batch = collate_sequences(vlm, [row["image"]], [row["question"]], [answer], contexts=[row["context"]])
                 logits = vlm.forward(batch.attention_mask, batch.input_ids, batch.pixel_values).logits
                 separate[i, k] = answer_logprobs(logits, batch.labels)[0]
     torch.testing.assert_close(table, separate, atol=1e-4, rtol=1e-5)

@@ -147,6 +147,7 @@ def candidate_rows() -> list[dict]:
             "answer_type": "open",
             "modality": "xray",
             "question_type": "finding",
+            "context": [],
             "chosen_token_ids": [1, 2],
             "chosen_logprob": -0.5,
             "sensitivity": [0.1, 0.2],

@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 ARGS = stage_commands()["evaluate@aligned"]
 WORK = Path(ARGS[ARGS.index("--work-dir") + 1])
 TIMINGS = Path(ARGS[ARGS.index("--timings") + 1])
-OUTPUTS = [Path(ARGS[ARGS.index(flag) + 1]) for flag in ("--output", "--metrics")]
+OUTPUTS = [Path(ARGS[ARGS.index(flag) + 1]) for flag in ("--output", "--log-samples", "--metrics")]
 N_TEST, BATCH = 24, 2  # 12 + 12 batches: the predictions and the blind control
 
 
@@ -62,7 +62,7 @@ def make_workspace(root: Path) -> None:
     for seed, spec in enumerate(a for flag, a in zip(ARGS, ARGS[1:], strict=False) if flag == "--model"):
         build_tiny(texts, seed=seed).save(root / spec.partition("=")[2])
     params = load_params(project_params_path())
-    params["evaluate"].update(batch_size=BATCH, max_new_tokens=4, max_rows=None)
+    params["evaluate"].update(batch_size=BATCH, max_new_tokens={"closed": 4, "open": 4}, max_rows=None)
     (root / args["--params"]).write_text(yaml.safe_dump(params, sort_keys=False))
 
 
@@ -127,6 +127,7 @@ def test_evaluate_killed_and_restarted_matches_an_uninterrupted_run(tmp_path):
     clean_files, resumed_files = output_bytes(clean), output_bytes(killed)
     assert sorted(resumed_files) == sorted(clean_files)
     assert sum(f.endswith(".parquet") for f in clean_files) == 2 and any(f.endswith(".json") for f in clean_files)
+    assert sum(f.endswith("_samples.jsonl") for f in clean_files) == 2
     for name, data in clean_files.items():
         assert resumed_files[name] == data, f"{name} differs from the uninterrupted run"
 
@@ -168,7 +169,8 @@ MODELS = [("sft", "models/sft"), ("aligned", "models/aligned")]
 
 
 def test_evaluation_keys_follow_model_input_and_config(tmp_path, monkeypatch, tiny_vlm, rows):
-    cfg = project_config(EvaluateConfig, "evaluate", batch_size=4, max_new_tokens=3, max_rows=None)
+    cfg = project_config(EvaluateConfig, "evaluate", batch_size=4, max_new_tokens={"closed": 3, "open": 3},
+                         max_rows=None)
     inputs = {"input": "test-digest", "models": {"sft": "a", "aligned": "b"}}
     loads: list[str] = []
 
@@ -197,7 +199,7 @@ def test_evaluation_keys_follow_model_input_and_config(tmp_path, monkeypatch, ti
     changes = [
         ({"models": {"sft": "a", "aligned": "retrained"}}, None, {"aligned"}),
         ({"input": "another-test-split"}, None, {"sft", "aligned"}),
-        ({}, cfg.model_copy(update={"max_new_tokens": 4}), {"sft", "aligned"}),
+        ({}, cfg.replace(max_new_tokens={"closed": 4, "open": 3}), {"sft", "aligned"}),
     ]
     for change, new_cfg, affected in changes:
         new_inputs = {**inputs, **change}
@@ -267,7 +269,8 @@ def test_logprob_gap_equals_scoring_each_full_sequence(tiny_vlm, rows):
     gaps = evaluation.logprob_gap_batch(tiny_vlm, entries)
     with torch.no_grad():
         batch = collate_sequences(tiny_vlm, [r["image"] for r in entries] * 2, [r["question"] for r in entries] * 2,
-                                  [r["answer"] for r in entries] + [r["rejected"][0]["text"] for r in entries])
+                                  [r["answer"] for r in entries] + [r["rejected"][0]["text"] for r in entries],
+                                  contexts=[r["context"] for r in entries] * 2)
         logp = answer_logprobs(tiny_vlm.forward(batch.attention_mask, batch.input_ids, batch.pixel_values).logits,
                                batch.labels)
     assert gaps == pytest.approx((logp[:6] - logp[6:]).tolist(), abs=1e-4)

@@ -33,7 +33,7 @@ def _rows(rows):
 
 def test_mask_ratio_zero_gives_identical_views(tiny_vlm, rows):
     batch = collate_sequences(tiny_vlm, [r["image"] for r in rows[:3]], [r["question"] for r in rows[:3]],
-                              ["yes", "no", "left lung"])
+                              ["yes", "no", "left lung"], contexts=[r["context"] for r in rows[:3]])
     for strategy in MASK_STRATEGIES:
         full, dropped = two_view_answer_logits(tiny_vlm, batch, strategy, 0.0, [0, 1, 2])
         torch.testing.assert_close(full, dropped, rtol=0, atol=0, msg=strategy)
@@ -43,7 +43,7 @@ def test_mask_ratio_zero_gives_identical_views(tiny_vlm, rows):
 
 def test_two_view_logits_match_separate_forwards(tiny_vlm, rows):
     batch = collate_sequences(tiny_vlm, [r["image"] for r in rows[:2]], [r["question"] for r in rows[:2]],
-                              ["left lung", "no"])
+                              ["left lung", "no"], contexts=[r["context"] for r in rows[:2]])
     dropped = drop_visual_tokens(batch.attention_mask, batch.image_mask, 0.7, [3, 4])
     full, drop = two_view_answer_logits(tiny_vlm, batch, "token", 0.7, [3, 4])
     for mask, got in ((batch.attention_mask, full), (dropped, drop)):
@@ -89,7 +89,7 @@ def test_candidate_logprob_is_full_image_score(tiny_vlm, rows):
     checked = 0
     for r in out:
         for c in r["candidates"]:
-            batch = collate_sequences(tiny_vlm, [r["image"]], [r["question"]], [c["token_ids"]])
+            batch = collate_sequences(tiny_vlm, [r["image"]], [r["question"]], [c["token_ids"]], contexts=[r["context"]])
             logits = tiny_vlm.forward(batch.attention_mask, batch.input_ids, batch.pixel_values).logits
             start = int(batch.answer_start[0])
             logp = torch.log_softmax(logits[0, start - 1:-1], -1).gather(
@@ -97,6 +97,30 @@ def test_candidate_logprob_is_full_image_score(tiny_vlm, rows):
             assert abs(float(logp) - c["logprob"]) < 1e-4
             checked += 1
     assert checked >= 8  # several entries, several candidates each, answers of different lengths
+
+
+@torch.no_grad()
+def test_candidates_are_scored_after_their_entrys_context(tiny_vlm, rows):
+    # A later question of a conversation is asked after its earlier turns, in sampling as everywhere.
+    entries = _rows(rows)
+    context = [{"question": "is there a lesion in the left lung ?", "answer": "no"}]
+    entries[0]["context"] = entries[2]["context"] = context
+    for mode in ("replace", "decode"):
+        out = sample_batch(tiny_vlm, entries, sample_config(k=3, mode=mode))
+        assert [r["context"] for r in out] == [e["context"] for e in entries]
+        moved = 0
+        for r in out:
+            for c in r["candidates"]:
+                scores = {}
+                for key, ctx in (("own", r["context"]), ("none", [])):
+                    batch = collate_sequences(tiny_vlm, [r["image"]], [r["question"]], [c["token_ids"]], contexts=[ctx])
+                    logits = tiny_vlm.forward(batch.attention_mask, batch.input_ids, batch.pixel_values).logits
+                    start = int(batch.answer_start[0])
+                    scores[key] = float(torch.log_softmax(logits[0, start - 1:-1], -1).gather(
+                        -1, batch.input_ids[0, start:].unsqueeze(-1)).sum())
+                assert abs(scores["own"] - c["logprob"]) < 1e-4, mode
+                moved += r["context"] != [] and abs(scores["none"] - c["logprob"]) > 1e-3
+        assert moved > 0, mode  # the context changed the scores: it was in the prompt
 
 
 def test_sampling_builds_no_autograd_graph(tiny_vlm, rows, monkeypatch):
@@ -131,7 +155,7 @@ def _reference_decode(vlm, image, question, prefix, seed, ratio, max_new):
     """No cache, one sequence at a time: rerun the whole sequence for every token."""
     from pipeline.batching import collate_prompts
 
-    batch = collate_prompts(vlm, [image], [question])
+    batch = collate_prompts(vlm, [image], [question], [[]])
     ids = batch.input_ids[0].tolist() + prefix
     image_mask = torch.tensor(ids) == vlm.image_token_id
     dropped = drop_visual_tokens(torch.ones(1, len(ids), dtype=torch.long), image_mask.unsqueeze(0), ratio, [seed])
@@ -159,7 +183,7 @@ def test_two_view_decode_matches_no_cache_reference(tiny_vlm, rows):
     prefixes = [tiny_vlm.answer_ids(r["answer"])[:1] for r in rows]
     seeds = [entry_seed(0, r["id"]) for r in rows]
     got, got_lp = two_view_decode(tiny_vlm, [r["image"] for r in rows], [r["question"] for r in rows],
-                                  prefixes, seeds, 0.7, 6, "token")
+                                  prefixes, seeds, 0.7, 6, "token", contexts=[r["context"] for r in rows])
     for b, r in enumerate(rows):
         ref, ref_lp = _reference_decode(tiny_vlm, r["image"], r["question"], prefixes[b], seeds[b], 0.7, 6)
         assert got[b] == ref

@@ -43,7 +43,7 @@ def test_default_dvc_repro_and_incremental_reruns(tmp_path):
 
     # An `evaluate` param reruns only the evaluations (and `report`, if one changed).
     params = yaml.safe_load((work / "params.yaml").read_text())
-    params["evaluate"]["max_new_tokens"] += 1
+    params["evaluate"]["max_new_tokens"]["open"] += 1
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = sh("dvc repro", work)
     assert "Running stage 'evaluate@sft'" in out and "Running stage 'evaluate@aligned'" in out

@@ -113,7 +113,7 @@ def test_files_accept_a_lesion_mask_or_boxes(tmp_path):
         {**base, "qid": "b", "lesion_boxes": [[0, 0, 10, 5], [30, 20, 40, 30]]},
         {**base, "qid": "n"},
     ])
-    result = ingest(source, fmt=None, image_root=tmp_path / "images", split="train", dataset="unit", skip_bad=False)
+    result = ingest(source, fmt=None, image_root=tmp_path / "images", split="train", dataset="unit", skip_bad=False, turns="first")
     by_id = {r["id"]: r for r in result.rows}
     mask = region_from_mask(by_id["m"]["lesion_mask"], (40, 30))
     assert mask.sum() == 10 * 7 and mask[5:12, 5:15].all() and by_id["m"]["lesion_source"] == "mask"
@@ -130,7 +130,7 @@ def test_files_accept_a_lesion_mask_or_boxes(tmp_path):
 def test_a_bad_lesion_annotation_is_a_bad_row(tmp_path, item, message):
     source = _write_item_file(tmp_path, [{"qid": "x", "image": "a.png", "question": "q?", "answer": "yes", **item}])
     with pytest.raises(Exception, match="bad lesion annotation") as error:
-        ingest(source, fmt=None, image_root=tmp_path / "images", split="train", dataset="unit", skip_bad=False)
+        ingest(source, fmt=None, image_root=tmp_path / "images", split="train", dataset="unit", skip_bad=False, turns="first")
     assert message in str(error.value)
 
 

@@ -4,7 +4,8 @@ Accepted inputs (see docs/data-formats.md for the full field list):
 
 * LLaVA-Med style JSON (a list of objects) or JSONL (one object per line), with images as files
   resolved against an `image_root` directory; questions either as flat fields or as a LLaVA
-  ``conversations`` pair.
+  ``conversations`` list of alternating human/gpt turns (one entry per record with
+  ``turns="first"``, one per question with ``turns="all"``, the earlier turns as its ``context``).
 * Parquet as dataset hubs publish it, with images embedded (a ``{bytes, path}`` struct or a binary
   column) or referenced by path.
 
@@ -25,7 +26,7 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, Literal, TypedDict
 
 import pyarrow.parquet as pq
 
@@ -61,6 +62,10 @@ ANSWER_TYPE_MAP = {
 YES_NO = ("yes", "no")
 
 MAX_LISTED = 5  # rows named per problem in an error message
+MAX_VALUES_LISTED = 20  # values of a `where` field named in an error message
+
+Turns = Literal["first", "all"]
+TURNS = ("first", "all")
 
 # What each format should hold, for messages about empty files.
 _FIELDS_HINT = "each with an image, a question and an answer (see docs/data-formats.md)"
@@ -84,12 +89,27 @@ class SkippedRow(TypedDict):
     reason: str  # every problem of the row, "kind: detail; kind: detail"
 
 
+@dataclass(frozen=True)
+class RowFilter:
+    """Keep only the records whose `field` is one of `values` (compared as text, exactly)."""
+
+    field: str
+    values: tuple[str, ...]
+
+
 @dataclass
 class IngestResult:
-    """VQA_SCHEMA rows (images as PNG bytes, ids unique) and every skipped row with its reasons."""
+    """VQA_SCHEMA rows (images as PNG bytes, ids unique) and every skipped row with its reasons.
+
+    `excluded`: records left out because `where` does not select them (not bad rows);
+    `turns_left_out`: question/answer pairs after the first of a conversation, not made into
+    entries because ``turns="first"``.
+    """
 
     rows: list[dict[str, Any]]
     skipped: list[SkippedRow] = field(default_factory=list)
+    excluded: int = 0
+    turns_left_out: int = 0
 
 
 @dataclass
@@ -126,6 +146,9 @@ def ingest(
     split: str,
     dataset: str,
     skip_bad: bool,
+    *,
+    turns: Turns,
+    where: RowFilter | None = None,
 ) -> IngestResult:
     """Read a VQA file into VQA_SCHEMA rows with PNG-encoded images.
 
@@ -135,8 +158,17 @@ def ingest(
     naming the file and the offending rows for any bad row unless `skip_bad` (then every skipped
     row is in `IngestResult.skipped`), and always for duplicate ids, an empty file or when no row
     is left; `InputNotFoundError` when `source` or `image_root` does not exist.
+
+    A LLaVA ``conversations`` record gives one entry (its first question, ``turns="first"``) or one
+    per question (``turns="all"``: the k-th, k >= 1, has id ``<id>-t<k>`` and the k earlier pairs
+    as its `context`). Records that share an ``id`` (LLaVA-Med's instruction files, where ``id``
+    names the image) are told apart by their order: the n-th, n >= 1, gets ``<id>-r<n>``.
+    `where` keeps only the records it selects (`IngestResult.excluded` counts the others); a field
+    that no record has, or a value that none has, is an error.
     """
     source = Path(source)
+    if turns not in TURNS:
+        raise IngestError(f"{source}: turns must be one of {list(TURNS)}, got {turns!r} (prepare.files.turns)")
     if not split or not dataset:
         raise IngestError(
             f"{source}: `split` and `dataset` must be non-empty (got {split!r}, {dataset!r}); "
@@ -169,17 +201,24 @@ def ingest(
     _check_structure(source, keys)
     has_ids = any(k in keys for k in ID_FIELDS)
     has_answer_types = ANSWER_TYPE_FIELD in keys
+    excluded = 0
+    if where is not None:
+        records, excluded = _select(source, records, keys, where, split)
 
-    ids = [_row_id(r, has_ids, split) for r in records]
-    _check_duplicates(source, records, ids)
+    file_ids = [_row_id(r, has_ids, split) for r in records]
+    ids = _record_ids(source, records, file_ids)
 
     rows: list[dict[str, Any]] = []
     issues: list[_Issue] = []
     skipped: list[SkippedRow] = []
     cache: dict[str, bytes | str] = {}
-    for record, row_id in zip(records, ids, strict=True):
-        label = f"{row_id} ({record.where})" if isinstance(row_id, str) else record.where
-        row, row_issues = _build_row(record, row_id, label, root, split, dataset, has_answer_types, cache)
+    turns_left_out = 0
+    entry_at: dict[str, str] = {}  # entry id -> where it comes from, to catch a suffixed id that collides
+    for record, row_id, file_id in zip(records, ids, file_ids, strict=True):
+        label = f"{file_id} ({record.where})" if isinstance(file_id, str) else record.where
+        entries, row_issues, left_out = _build_entries(
+            record, row_id, label, root, split, dataset, has_answer_types, turns, where, cache
+        )
         # Drop the raw record (it may hold image bytes) as soon as it is converted.
         record.data = None
         if row_issues:
@@ -188,12 +227,22 @@ def ingest(
                 SkippedRow(
                     file=str(source),
                     row=record.where,
-                    id=row_id if has_ids else None,  # generated ids are not in the file
+                    id=file_id if has_ids else None,  # generated ids are not in the file
                     reason="; ".join(f"{i.kind}: {i.detail}" for i in row_issues),
                 )
             )
-        else:
-            rows.append(row)
+            continue
+        for k, entry in enumerate(entries):
+            at = record.where if k == 0 else f"question {k} of the conversation at {record.where}"
+            if entry["id"] in entry_at:
+                raise IngestError(
+                    f"{source}: entry id {entry['id']!r} is given twice: to {entry_at[entry['id']]} and to {at} "
+                    "(ids `<id>-t<k>` and `<id>-r<n>` are made for later questions of a conversation and for "
+                    "records sharing an id); rename the id in the file"
+                )
+            entry_at[entry["id"]] = at
+        rows.extend(entries)
+        turns_left_out += left_out
 
     if issues and not skip_bad:
         raise IngestError(
@@ -205,7 +254,7 @@ def ingest(
             f"{source}: no usable rows: all {len(records)} rows are bad; fix the file (is `image_root` "
             f"right?):\n{_summarize(issues)}"
         )
-    return IngestResult(rows=rows, skipped=skipped)
+    return IngestResult(rows=rows, skipped=skipped, excluded=excluded, turns_left_out=turns_left_out)
 
 
 def _read_records(source: Path, fmt: str) -> Iterator[_Record]:
@@ -332,19 +381,71 @@ def _row_id(record: _Record, has_ids: bool, split: str) -> str | None:
     return text or None
 
 
-def _check_duplicates(source: Path, records: list[_Record], ids: list[str | None]) -> None:
-    where: dict[str, list[str]] = {}
-    for record, row_id in zip(records, ids, strict=True):
+def _select(source: Path, records: list[_Record], keys: set[str], where: RowFilter, split: str
+            ) -> tuple[list[_Record], int]:
+    """The records `where` selects, plus those it cannot judge (unparseable, or without the field:
+    kept so they are reported as bad rows), and how many it leaves out."""
+    param = f"prepare.files.{split}.where"
+    if where.field not in keys:
+        raise IngestError(
+            f"{source}: `where` selects rows on the field {where.field!r}, which no row has; fields found: "
+            f"{sorted(keys)}; set {param}.field to one of them (or {param}: null)"
+        )
+    found = {text for r in records if r.data is not None
+             for text in [_text(r.data.get(where.field))] if text is not None}
+    unknown = [v for v in where.values if v not in found]
+    if unknown:
+        shown = sorted(found)[:MAX_VALUES_LISTED]
+        more = f" and {len(found) - MAX_VALUES_LISTED} more" if len(found) > MAX_VALUES_LISTED else ""
+        raise IngestError(
+            f"{source}: `where` keeps rows whose {where.field!r} is one of {list(where.values)}, but no row has "
+            f"{unknown}; values found: {shown}{more}; fix {param}.values (values are compared exactly, as text)"
+        )
+    wanted = set(where.values)
+    kept = []
+    for record in records:
+        value = None if record.data is None else _text(record.data.get(where.field))
+        if value is None or value in wanted:
+            kept.append(record)
+    return kept, len(records) - len(kept)
+
+
+def _shares_image_id(record: _Record) -> bool:
+    """Whether the record's id is LLaVA's `id` of a conversation: the id of its image, which several
+    conversations about one image share (LLaVA-Med's instruction files)."""
+    data = record.data
+    return (data is not None and data.get(CONVERSATION_FIELD) is not None
+            and all(data.get(name) is None for name in ID_FIELDS if name != "id"))
+
+
+def _record_ids(source: Path, records: list[_Record], ids: list[str | None]) -> list[str | None]:
+    """Each record's id: the file's, with `-r<n>` added to the n-th (n >= 1, in file order) of the
+    conversations that share an image id. Any other repeated id is an error (skip_bad or not)."""
+    where: dict[str, list[int]] = {}
+    for i, row_id in enumerate(ids):
         if row_id is not None:
-            where.setdefault(row_id, []).append(record.where)
-    dups = {k: v for k, v in where.items() if len(v) > 1}
+            where.setdefault(row_id, []).append(i)
+    out = list(ids)
+    dups = {}
+    for row_id, positions in where.items():
+        if len(positions) == 1:
+            continue
+        group = [records[i] for i in positions]
+        images = [_first(r.data, IMAGE_FIELDS) if r.data is not None else None for r in group]
+        if all(_shares_image_id(r) for r in group) and all(image == images[0] for image in images):
+            for n, i in enumerate(positions[1:], start=1):
+                out[i] = f"{row_id}-r{n}"
+        else:
+            dups[row_id] = [records[i].where for i in positions]
     if dups:
         shown = "; ".join(f"{k!r} at {', '.join(v)}" for k, v in list(dups.items())[:MAX_LISTED])
         more = f"; and {len(dups) - MAX_LISTED} more" if len(dups) > MAX_LISTED else ""
         raise IngestError(
             f"{source}: {len(dups)} duplicate ids (ids must be unique; skip_bad does not skip these): "
-            f"{shown}{more}; fix or remove the duplicates"
+            f"{shown}{more}; fix or remove the duplicates (only LLaVA `conversations` records about the same "
+            "image may share an `id`, their image's)"
         )
+    return out
 
 
 def _text(value: Any) -> str | None:
@@ -360,28 +461,62 @@ def _text(value: Any) -> str | None:
     return None
 
 
-def _conversation(data: dict[str, Any]) -> tuple[Any, Any, str | None]:
-    """(question, answer, problem) from a LLaVA `conversations` list of one human and one gpt turn."""
+def _conversation_pairs(data: dict[str, Any]) -> tuple[list[tuple[Any, Any]] | None, str | None]:
+    """The (question, answer) pairs of a LLaVA `conversations` list, in order, or the problem that
+    makes it unusable: turns must alternate human, gpt, ... from a human turn to a gpt turn, and
+    only the first human turn may carry the image placeholder. (None, None) without the field."""
     turns = data.get(CONVERSATION_FIELD)
     if turns is None:
-        return None, None, None
+        return None, None
     if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
-        return None, None, f"`{CONVERSATION_FIELD}` must be a list of {{from, value}} objects"
-    human = [t.get("value") for t in turns if str(t.get("from", "")).lower() in HUMAN_ROLES]
-    gpt = [t.get("value") for t in turns if str(t.get("from", "")).lower() in GPT_ROLES]
-    if len(human) != 1 or len(gpt) != 1:
-        return (
-            None,
-            None,
-            (
-                f"`{CONVERSATION_FIELD}` has {len(human)} human and {len(gpt)} gpt turns; "
-                "a VQA row needs exactly one of each"
-            ),
-        )
-    return human[0], gpt[0], None
+        return None, f"`{CONVERSATION_FIELD}` must be a list of {{from, value}} objects"
+    if not turns:
+        return None, f"`{CONVERSATION_FIELD}` is empty"
+    for i, turn in enumerate(turns):
+        role = str(turn.get("from", "")).strip().lower()
+        kind = "human" if role in HUMAN_ROLES else "gpt" if role in GPT_ROLES else None
+        if kind is None:
+            return None, (f"`{CONVERSATION_FIELD}[{i}]` is from {turn.get('from')!r}; expected one of "
+                          f"{[*HUMAN_ROLES, *GPT_ROLES]}")
+        expected = "human" if i % 2 == 0 else "gpt"
+        if kind != expected:
+            return None, (f"`{CONVERSATION_FIELD}[{i}]` is a {kind} turn where a {expected} turn was expected; "
+                          "turns must alternate human, gpt, human, gpt, ... starting with human")
+        value = turn.get("value")
+        if i > 0 and isinstance(value, str) and IMAGE_PLACEHOLDER in value:
+            return None, (f"`{CONVERSATION_FIELD}[{i}]` has the image placeholder {IMAGE_PLACEHOLDER}; only the "
+                          "first human turn may (the image belongs to the first question)")
+    if len(turns) % 2:
+        return None, (f"`{CONVERSATION_FIELD}` ends on a human turn ({CONVERSATION_FIELD}[{len(turns) - 1}]) "
+                      "that no gpt turn answers")
+    return [(turns[i].get("value"), turns[i + 1].get("value")) for i in range(0, len(turns), 2)], None
 
 
-def _build_row(
+def _qa_pairs(data: dict[str, Any], bad: Callable[[str, str], None]) -> list[tuple[Any, Any]]:
+    """The record's raw (question, answer) pairs: the flat fields, else the conversation's pairs; a
+    conversation of one pair fills in whichever flat field is missing."""
+    raw_q = _first(data, QUESTION_FIELDS)
+    raw_a = _first(data, ANSWER_FIELDS)
+    if raw_q is not None and raw_a is not None:
+        return [(raw_q, raw_a)]
+    pairs, problem = _conversation_pairs(data)
+    if problem:
+        bad("invalid row", problem)
+        return []
+    if pairs is None:
+        return [(raw_q, raw_a)]
+    if len(pairs) == 1:
+        conv_q, conv_a = pairs[0]
+        return [(conv_q if raw_q is None else raw_q, conv_a if raw_a is None else raw_a)]
+    if raw_q is not None or raw_a is not None:
+        name = "question" if raw_q is not None else "answer"
+        bad("invalid row", f"a flat {name} field beside a `{CONVERSATION_FIELD}` of {len(pairs)} questions: "
+            "which one is it? Keep either the flat fields or the conversation")
+        return []
+    return pairs
+
+
+def _build_entries(
     record: _Record,
     row_id: str | None,
     label: str,
@@ -389,11 +524,15 @@ def _build_row(
     split: str,
     dataset: str,
     has_answer_types: bool,
+    turns: Turns,
+    where: RowFilter | None,
     cache: dict[str, bytes | str],
-) -> tuple[dict[str, Any], list[_Issue]]:
+) -> tuple[list[dict[str, Any]], list[_Issue], int]:
+    """The record's entries (one per question used), its problems, and how many of its questions
+    `turns` leaves out. A record is good or bad as a whole, whatever `turns` uses of it."""
     if record.data is None:
         # A problem that names its own position ("line 3, column 17: ...") needs no label.
-        return {}, [_Issue("invalid row", "" if record.located else label, record.problem or "unparseable")]
+        return [], [_Issue("invalid row", "" if record.located else label, record.problem or "unparseable")], 0
     data = record.data
     issues: list[_Issue] = []
 
@@ -402,28 +541,29 @@ def _build_row(
 
     if row_id is None:
         bad("missing id", f"none of {list(ID_FIELDS)} is set")
+    if where is not None and _text(data.get(where.field)) is None:
+        bad("missing filter field", f"`where` selects on {where.field!r}, which this row does not set as text "
+            f"({data.get(where.field)!r})")
 
-    conv_q, conv_a, conv_problem = _conversation(data)
-    raw_q = _first(data, QUESTION_FIELDS)
-    raw_a = _first(data, ANSWER_FIELDS)
-    if conv_problem and (raw_q is None or raw_a is None):
-        bad("invalid row", conv_problem)
-    raw_q = conv_q if raw_q is None else raw_q
-    raw_a = conv_a if raw_a is None else raw_a
+    raw_pairs = _qa_pairs(data, bad)
+    multi = len(raw_pairs) > 1
+    pairs: list[tuple[str, str]] = []
+    for k, (raw_q, raw_a) in enumerate(raw_pairs):
+        at = f" in {CONVERSATION_FIELD}[{2 * k}]" if multi else ""
+        question = _text(raw_q)
+        if question is not None:
+            question = question.replace(IMAGE_PLACEHOLDER, "").strip()
+        if not question:
+            bad("empty question",
+                ("no question text" if raw_q is None or question == "" else f"not text: {raw_q!r}") + at)
+        at = f" in {CONVERSATION_FIELD}[{2 * k + 1}]" if multi else ""
+        answer = _text(raw_a)
+        if not answer:
+            bad("empty answer", ("no answer text" if raw_a is None or answer == "" else f"not text: {raw_a!r}") + at)
+        pairs.append((question or "", answer or ""))
+    used = pairs if turns == "all" else pairs[:1]
 
-    question = _text(raw_q)
-    if question is not None:
-        question = question.replace(IMAGE_PLACEHOLDER, "").strip()
-    if not question:
-        bad(
-            "empty question",
-            "no question text" if raw_q is None or question == "" else f"not text: {raw_q!r}",
-        )
-    answer = _text(raw_a)
-    if not answer:
-        bad("empty answer", "no answer text" if raw_a is None or answer == "" else f"not text: {raw_a!r}")
-
-    answer_type = None
+    answer_types: list[str | None] = []
     if has_answer_types:
         raw_type = data.get(ANSWER_TYPE_FIELD)
         answer_type = ANSWER_TYPE_MAP.get(str(raw_type).strip().lower()) if raw_type is not None else None
@@ -432,8 +572,13 @@ def _build_row(
             bad("missing answer type", f"the file has `{ANSWER_TYPE_FIELD}`, but not this row")
         elif answer_type is None:
             bad("unknown answer type", f"{raw_type!r} (expected one of {sorted(ANSWER_TYPE_MAP)})")
-    elif answer:
-        answer_type = infer_answer_type(answer)
+        elif len(used) > 1:
+            bad("ambiguous answer type", f"one `{ANSWER_TYPE_FIELD}` ({raw_type!r}) for a conversation of "
+                f"{len(used)} questions, each made an entry (turns: all); remove the field to have each "
+                "answer's type inferred, or use turns: first")
+        answer_types = [answer_type] * len(used)
+    else:
+        answer_types = [infer_answer_type(answer) if answer else None for _, answer in used]
 
     modality = _optional(data, MODALITY_FIELDS, bad)
     question_type = _optional(data, QUESTION_TYPE_FIELDS, bad)
@@ -448,21 +593,25 @@ def _build_row(
             issues.append(_Issue(lesion.kind, label, lesion.detail))
 
     if issues:
-        return {}, issues
-    row = {
-        "id": row_id,
-        "dataset": dataset,
-        "split": split,
-        "image": image,
-        "question": question,
-        "answer": answer,
-        "answer_type": answer_type,
-        "modality": modality,
-        "question_type": question_type,
-    }
-    if lesion is not None:
-        row["lesion_mask"], row["lesion_source"] = lesion
-    return row, []
+        return [], issues, 0
+    entries = []
+    for k, ((question, answer), answer_type) in enumerate(zip(used, answer_types, strict=True)):
+        row = {
+            "id": row_id if k == 0 else f"{row_id}-t{k}",
+            "dataset": dataset,
+            "split": split,
+            "image": image,
+            "question": question,
+            "answer": answer,
+            "answer_type": answer_type,
+            "modality": modality,
+            "question_type": question_type,
+            "context": [{"question": q, "answer": a} for q, a in pairs[:k]],
+        }
+        if lesion is not None:
+            row["lesion_mask"], row["lesion_source"] = lesion
+        entries.append(row)
+    return entries, [], len(pairs) - len(used)
 
 
 def _lesion_png(data: dict[str, Any], image: bytes, root: Path, cache: dict[str, bytes | str]

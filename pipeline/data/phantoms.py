@@ -607,6 +607,7 @@ def generate_split(
                 "answer_type": template.answer_type,
                 "modality": template.modality,
                 "question_type": template.question_type,
+                "context": [],  # every phantom question is single-turn
             }
         )
     return rows

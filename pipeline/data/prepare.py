@@ -42,6 +42,14 @@ def _inside_root(value: str | None) -> str | None:
     return value
 
 
+class RowFilterConfig(Config):
+    """Keep only the rows of a question file whose `field` has one of `values` (docs/data-formats.md)."""
+
+    field: str = Field(min_length=1, description="the field of the question file to select on (VQA-RAD: phrase_type)")
+    values: list[str] = Field(min_length=1, description="the values kept, compared exactly as text (e.g. "
+                              "[test_freeform, test_para])")
+
+
 class FileSplitConfig(Config):
     """One split of the user's data."""
 
@@ -49,6 +57,8 @@ class FileSplitConfig(Config):
     format: Literal["json", "jsonl", "parquet"] | None = Field(description="null: from the file's suffix")
     image_root: str | None = Field(description="folder image paths are resolved against, relative to files.root; "
                                    "null: the folder of the question file")
+    where: RowFilterConfig | None = Field(description="null: every row of the file; else only the rows it selects, "
+                                          "so train and test can share one file (VQA-RAD's combined JSON)")
 
     _check_path = field_validator("path", "image_root")(_inside_root)
 
@@ -59,6 +69,10 @@ class FilesConfig(Config):
     root: str = Field(min_length=1, description="folder holding every input file; a dep of `prepare` in dvc.yaml")
     dataset: str = Field(min_length=1, description="dataset name recorded in every row (vqa-rad, slake, ...)")
     skip_bad: bool = Field(description="leave out unusable rows (each listed in the skipped-rows report) instead of failing")
+    turns: Literal["first", "all"] = Field(description="multi-turn conversations: first: the first question of each; "
+                                           "all: one entry per question, the earlier turns as its context")
+    allow_leakage: bool = Field(description="accept a test split that shares images or (question, image) pairs "
+                                "with train (found either way, reported in reports/prepare.json)")
     train: FileSplitConfig = Field(description="the training split")
     test: FileSplitConfig = Field(description="the test split")
 
@@ -99,7 +113,14 @@ def prepare_splits(cfg: PrepareConfig) -> tuple[dict[str, list[dict]], list[dict
     Train rows that carry a lesion annotation (the phantom's drawn lesions; a `lesion_mask` or
     `lesion_boxes` field in your files) keep it in `splits["lesions"]` (LESION_SCHEMA rows), not
     in the VQA rows, so the train split's bytes do not depend on it.
+
+    The report's `leakage` says which test rows share an image, or a question about the same
+    image, with train (`pipeline.data.leakage`); such splits are a `LeakageError` unless
+    `files.allow_leakage` (source: files; the phantom benchmark never leaks, and a leak would be
+    its bug).
     """
+    from pipeline.data.leakage import check_leakage, find_leakage, leakage_report
+
     report: dict[str, Any] = {"source": cfg.source}
     skipped: list[dict] = []
     if cfg.source == "phantom":
@@ -110,7 +131,7 @@ def prepare_splits(cfg: PrepareConfig) -> tuple[dict[str, list[dict]], list[dict
                                        image_size=ph.image_size, lesion_masks=True)
         splits = {"train": train, "test": test}
     else:
-        from pipeline.data.ingest import ingest
+        from pipeline.data.ingest import RowFilter, ingest
 
         files = cfg.files
         root = Path(files.root)
@@ -119,14 +140,21 @@ def prepare_splits(cfg: PrepareConfig) -> tuple[dict[str, list[dict]], list[dict
         splits = {}
         for split in SPLITS:
             spec: FileSplitConfig = getattr(files, split)
+            where = None if spec.where is None else RowFilter(spec.where.field, tuple(spec.where.values))
             result = ingest(
                 root / spec.path, fmt=spec.format,
                 image_root=root / spec.image_root if spec.image_root is not None else None,
-                split=split, dataset=files.dataset, skip_bad=files.skip_bad,
+                split=split, dataset=files.dataset, skip_bad=files.skip_bad, turns=files.turns, where=where,
             )
             skipped.extend({"split": split, **row} for row in result.skipped)
             report[f"{split}_skipped"] = len(result.skipped)
+            report[f"{split}_excluded_by_where"] = result.excluded
+            report[f"{split}_turns_left_out"] = result.turns_left_out
             splits[split] = result.rows
+    leakage = find_leakage(splits["train"], splits["test"])
+    allowed = cfg.source == "files" and cfg.files.allow_leakage
+    report["leakage"] = leakage_report(leakage, allowed)
+    check_leakage(leakage, allowed, cfg.source)
     splits["lesions"] = split_lesions(splits["train"])
     for row in splits["test"]:  # the test split is only answered, never noised
         row.pop("lesion_mask", None)

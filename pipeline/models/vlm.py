@@ -10,12 +10,15 @@ and run several views of one batch in one call.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 from transformers import PreTrainedModel
+
+from pipeline.schema import Turn
 
 IMAGE_TOKEN = "<image>"
 SETTINGS_FILE = "medalign.json"
@@ -111,19 +114,40 @@ class VLM:
         return next(self.model.parameters()).dtype
 
     # ----- text
-    def prompt_ids(self, question: str) -> list[int]:
-        """Chat-formatted prompt with the image placeholder expanded, ending where the answer starts."""
-        content = IMAGE_TOKEN * self.settings.num_image_tokens + "\n" + question.strip()
-        messages = [{"role": "user", "content": content}]
+    def prompt_messages(self, question: str, context: Sequence[Turn] = (), image_text: str | None = None
+                        ) -> list[dict[str, str]]:
+        """The chat messages of a prompt: the system prompt (if any), then each earlier turn of
+        `context` as a user and an assistant message, then `question`. The image (`image_text`,
+        by default one placeholder per visual token) opens the FIRST user message, where LLaVA puts
+        it; later questions refer back to it."""
+        image = IMAGE_TOKEN * self.settings.num_image_tokens if image_text is None else image_text
+        questions = [turn["question"] for turn in context] + [question]
+        answers = [turn["answer"] for turn in context]
+        messages = []
         if self.settings.system_prompt:
-            messages.insert(0, {"role": "system", "content": self.settings.system_prompt})
+            messages.append({"role": "system", "content": self.settings.system_prompt})
+        for k, text in enumerate(questions):
+            content = image + "\n" + text.strip() if k == 0 else text.strip()
+            messages.append({"role": "user", "content": content})
+            if k < len(answers):
+                messages.append({"role": "assistant", "content": answers[k].strip()})
+        return messages
+
+    def prompt_ids(self, question: str, context: Sequence[Turn] = ()) -> list[int]:
+        """Chat-formatted prompt with the image placeholder expanded, ending where the answer starts.
+
+        `context` is the entry's earlier turns (its `context` column), rendered as real chat turns
+        before `question` (`prompt_messages`); with none, the prompt is the single-turn one.
+        """
+        messages = self.prompt_messages(question, context)
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         n_image = sum(1 for i in ids if i == self.image_token_id)
         if n_image != self.settings.num_image_tokens:
             raise ValueError(
                 f"prompt has {n_image} image tokens, expected {self.settings.num_image_tokens}: "
-                "the tokenizer does not keep the image placeholder as one token"
+                "the tokenizer does not keep the image placeholder as one token, or a question or "
+                f"answer of the conversation contains {IMAGE_TOKEN!r}"
             )
         return ids
 

@@ -6,11 +6,17 @@ reports into `reports/metrics.json`. Each model's predictions and blind predicti
 under `--work-dir` batch by batch as they finish, keyed by the content of the model folder and the
 input, the config and the code version; an interrupted run started again redoes only the
 unfinished batches (`pipeline.resume`), and the batches reused and computed go to the `--timings`
-report.
+report. Each batch holds one answer type and decodes with its `evaluate.max_new_tokens` cap.
+
+A model (or blind control) whose predictions of an answer type are mostly empty, or one string,
+gets a loud warning on stderr and `degenerate` in its metrics (`pipeline.metrics.degeneracy`).
+The predictions are also written as lmms-eval `--log_samples` JSONL under `--log-samples`
+(docs/evaluation.md § Predictions for other tools).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -36,12 +42,15 @@ def main(
     model: list[str] = typer.Option(..., "--model", help="NAME=FOLDER of a model to evaluate; repeatable"),
     output: Path = output_option("folder of per-question predictions: <name>.parquet and <name>_blind.parquet "
                                  "per model"),
+    log_samples: Path = output_option("folder of the per-question predictions as lmms-eval `--log_samples` JSONL: "
+                                      "<name>_samples.jsonl and <name>_blind_samples.jsonl per model", "--log-samples"),
     metrics: Path = metrics_option(),
     work_dir: Path = output_option("scratch folder of finished batches (resume); not a DVC output", "--work-dir"),
     timings: Path = timings_option(),
 ) -> None:
-    from pipeline.evaluation import EvaluateConfig, evaluate_models
+    from pipeline.evaluation import EvaluateConfig, evaluate_models, lmms_eval_samples
     from pipeline.fingerprint import file_digest, folder_digest
+    from pipeline.metrics import degeneracy
     from pipeline.models.profiles import load_vlm
     from pipeline.params import load_config
     from pipeline.reporting import write_json
@@ -63,7 +72,10 @@ def main(
     inputs = {"input": file_digest(input), "models": {name: folder_digest(folder) for name, folder in models}}
     done = evaluate_models(load_vlm, models, rows, config, work_dir, inputs, on_model=progress)
     for key, pred_rows in done.predictions.items():
+        done.report[key]["degenerate"] = degeneracy(pred_rows)
+        warn_degenerate(key, done.report[key]["degenerate"])
         write_rows(pred_rows, output / f"{key}.parquet", PREDICTION_SCHEMA)
+        write_jsonl(log_samples / f"{key}_samples.jsonl", lmms_eval_samples(pred_rows))
     write_json(metrics, done.report)
     passes = [p for per_model in done.work.values() for p in per_model.values()]
     total = {k: sum(p[k] for p in passes) for k in ("batches", "reused", "computed")}
@@ -90,6 +102,24 @@ def model_specs(specs: list[str]) -> list[tuple[str, str]]:
         check_model_folder(Path(folder))
         models.append((name, folder))
     return models
+
+
+def warn_degenerate(model: str, report: dict) -> None:
+    """Print each flagged answer type of a `degeneracy` report loudly on stderr."""
+    from pipeline.metrics import degeneracy_warnings
+
+    for line in degeneracy_warnings(model, report):
+        typer.secho(f"WARNING: degenerate predictions: {line}", err=True, fg=typer.colors.RED, bold=True)
+
+
+def write_jsonl(path: Path, lines: list[dict]) -> None:
+    """Write one JSON object per line, atomically (a temporary name, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for line in lines:
+            f.write(json.dumps(line, ensure_ascii=False) + "\n")
+    tmp.replace(path)
 
 
 def _pct(x: float | None) -> str:

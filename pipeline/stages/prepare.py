@@ -35,6 +35,11 @@ def main(
     if skipped_rows:
         typer.echo(f"prepare: skipped {len(skipped_rows)} bad rows (files.skip_bad: true); "
                    f"each one and its reason: {skipped}", err=True)
+    leakage = report["leakage"]
+    if leakage["allowed"] and (leakage["image"]["test_rows"] or leakage["question"]["test_rows"]):
+        typer.echo(f"prepare: kept a leaking test split (files.allow_leakage: true): {leakage['image']['test_rows']} "
+                   f"test rows on train images, {leakage['question']['test_rows']} repeating a train question "
+                   f"about the same image; examples under `leakage` in {metrics}", err=True)
     typer.echo(f"prepare: {len(splits['train'])} train rows, {len(splits['test'])} test rows -> {output}")
 
 

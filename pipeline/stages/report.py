@@ -9,7 +9,8 @@ model entry (blind controls too) also gets `legacy`: LLaVA-Med's own `run_eval.p
 quirks included, from the per-question predictions under `--predictions`
 (`pipeline.legacy_metrics`), to put beside published tables. The gap histograms go to `--plots`,
 one CSV per modality (a DVC plot). Gap batches are kept under `--work-dir` as they finish, like
-`evaluate`'s.
+`evaluate`'s. Every `degenerate` answer type `evaluate` recorded (predictions mostly empty, or
+one string) is warned about again at the end, loudly on stderr: it is the last thing a run prints.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pipeline.stages._cli import (
     stage_app,
     timings_option,
 )
-from pipeline.stages.evaluate import model_specs
+from pipeline.stages.evaluate import model_specs, warn_degenerate
 
 app = stage_app(__doc__)
 
@@ -70,6 +71,10 @@ def main(
             evaluations.append(json.loads(path.read_text()))
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: not valid JSON ({e}); is it an `evaluate` metrics report?") from e
+        missing = [key for key in prediction_models(evaluations[-1]) if "degenerate" not in evaluations[-1][key]]
+        if missing:  # checked before any model loads
+            raise DataError(f"{path}: no `degenerate` entry for {missing}: written by an older `evaluate`; "
+                            "run it again")
     pref_rows = read_rows(preferences, SCORED_SCHEMA)
     inputs = {"preferences": file_digest(preferences),
               "models": {name: folder_digest(folder) for name, folder in models}}
@@ -93,6 +98,8 @@ def main(
         delta = report[f"{name}_minus_{names[0]}"]
         typer.echo(f"report: {name} − {names[0]}: closed {_signed(delta['closed_accuracy'])}, "
                    f"open {_signed(delta['open_recall'])}")
+    for key in tables:
+        warn_degenerate(key, report[key]["degenerate"])
 
 
 def _write_csv(path: Path, table: list[dict]) -> None:

@@ -285,7 +285,7 @@ def build_entries(vlm: VLM, rows: list[dict], cfg: PreferenceConfig) -> list[Pre
             PreferenceEntry(
                 id=str(rid),
                 image=row["image"],
-                prompt=vlm.prompt_ids(row["question"]),
+                prompt=vlm.prompt_ids(row["question"], row["context"]),
                 chosen=chosen_ids,
                 rejected=rejected_ids,
                 weights=weights,

@@ -292,7 +292,7 @@ def train_llava(vlm: VLM, rows: list[dict], cfg: SFTConfig, run: SFTRun, tower_t
         for i in range(start_i if epoch == start_epoch else 0, len(order), cfg.batch_size):
             chunk = [rows[j] for j in order[i : i + cfg.batch_size]]
             batch = collate_sequences(vlm, [r["image"] for r in chunk], [r["question"] for r in chunk],
-                                      [r["answer"] for r in chunk])
+                                      [r["answer"] for r in chunk], contexts=[r["context"] for r in chunk])
             # A frozen tower builds no graph; gradients reach the projector and the adapters.
             out = vlm.forward(batch.attention_mask, batch.input_ids, batch.pixel_values)
             logits = out.logits[:, :-1].float()

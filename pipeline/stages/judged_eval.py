@@ -1,0 +1,83 @@
+"""`judged_eval` stage: an LLM judge scores each model's free-text answers against the references on
+LLaVA-Med's relative-score protocol (HSCR Table 2; docs/evaluation.md § "LLM-judged evaluation").
+
+Reads `<predictions>/<model>.parquet` of every `--model` (the same items for each), writes the
+scores per model, answer type and modality to `--metrics` and one JSON line per model and item, with
+the messages sent and every raw reply, to `--transcripts`. Every reply is kept in `--cache` the
+moment it arrives (resume; a rerun asks nothing twice). With `judged_eval.enabled: false` it writes
+`{"enabled": false}` and an empty transcripts file, and loads nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from pipeline.errors import ParamsError
+from pipeline.judged_evaluation import (
+    JudgedEvalConfig,
+    disabled_metrics,
+    evaluate_models,
+    load_judged_eval_prompts,
+)
+from pipeline.params import load_config
+from pipeline.reporting import write_json
+from pipeline.schema import PREDICTION_SCHEMA, read_rows, require_rows
+from pipeline.stages._cli import input_option, metrics_option, output_option, params_option, run, stage_app
+
+app = stage_app(__doc__)
+
+
+def _write_transcripts(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", encoding="utf-8") as out:
+        for row in rows:
+            out.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+@app.command(help=__doc__)
+def main(
+    params: Path = params_option("judged_eval"),
+    predictions: Path = input_option("folder of <model>.parquet predictions (the evaluate stage's)", "--predictions"),
+    model: list[str] = typer.Option(..., "--model", help="a model whose predictions are judged (repeat; the "
+                                    "first one's items are sampled)"),
+    model_root: Path = input_option("folder that holds local judge models (a dep of this stage)", "--model-root"),
+    cache: Path = output_option("the judge response cache (SQLite; resume); not a DVC output", "--cache"),
+    metrics: Path = metrics_option(),
+    transcripts: Path = output_option("one JSON line per model and item: scores, messages, raw replies",
+                                      "--transcripts"),
+) -> None:
+    config = load_config(JudgedEvalConfig, params, "judged_eval")
+    if not config.enabled:
+        write_json(metrics, disabled_metrics())
+        _write_transcripts(transcripts, [])
+        typer.echo("judged_eval: off (judged_eval.enabled: false)")
+        return
+    from pipeline.judges.backends.hf import PACKAGED
+    from pipeline.judges.cache import ResponseCache
+    from pipeline.judges.judge import build_judges
+    from pipeline.models.sources import check_model_source
+
+    if config.judge.backend == "hf":
+        check_model_source(config.judge.model, "judged_eval.judge.model", model_root, packaged=[PACKAGED])
+    prompts = load_judged_eval_prompts(config.prompts)
+    if config.judge.role not in prompts.roles:
+        raise ParamsError(f"judged_eval.judge.role {config.judge.role!r} is not a role of {config.prompts} "
+                                 f"(roles: {sorted(prompts.roles)})")
+    rows = {name: require_rows(read_rows(predictions / f"{name}.parquet", PREDICTION_SCHEMA),
+                               predictions / f"{name}.parquet") for name in model}
+    with ResponseCache(cache) as store:
+        (judge,) = build_judges([config.judge], store, {"judged_eval": prompts.version}, config.request_retry)
+        result, lines = evaluate_models(judge, prompts, config, rows)
+    write_json(metrics, result)
+    _write_transcripts(transcripts, lines)
+    scores = ", ".join(f"{name} {summary['overall']['relative_score']}" for name, summary in result["models"].items())
+    typer.echo(f"judged_eval: {result['items']} items per model, relative score {scores} -> {metrics}")
+
+
+if __name__ == "__main__":
+    run(app)
