@@ -13,6 +13,12 @@ Answers are decoded in batches of one answer type, each with its type's cap
 (`evaluate.max_new_tokens.closed` / `.open`): an open answer needs more room than "yes", and
 greedy decoding stops at the end-of-turn token, so a larger cap changes only answers it would cut.
 
+Report generation (docs/evaluation.md § Report generation): every model, and its blind control,
+also writes a report for each row of the report-generation benchmark(s) (`data/prepared/
+reports.parquet`: the phantom's, and/or the user's IU-Xray / MIMIC-CXR), greedy, capped at
+`evaluate.report_max_new_tokens`, resumable like the answers; the reports are scored per benchmark
+with BLEU-1..4, ROUGE-L and METEOR (`pipeline.report_metrics`) under `<model>_report_generation`.
+
 The `evaluate` stage runs once per model (a DVC `foreach`), so an ablation that changes only the
 aligned model does not evaluate the unchanged SFT model again; the `report` stage combines the
 per-model reports into `reports/metrics.json` (`combine_reports`). `lmms_eval_samples` writes the
@@ -73,7 +79,10 @@ class EvaluateConfig(Config):
     batch_size: int = Field(ge=1, description="questions per generation batch (also the log-prob gap batch, in entries)")
     max_new_tokens: MaxNewTokens = Field(description="cap on an answer's length per answer type, in tokens; each "
                                          "batch holds one answer type and decodes with its cap")
-    max_rows: int | None = Field(ge=1, description="evaluate only the first N test rows (quick checks); null = all")
+    report_max_new_tokens: int = Field(ge=1, description="cap on a generated report's length, in tokens (the "
+                                       "report-generation benchmark: data/prepared/reports.parquet)")
+    max_rows: int | None = Field(ge=1, description="evaluate only the first N test rows and the first N report "
+                                 "rows (quick checks); null = all")
 
 
 def predict_batch(vlm: VLM, rows: list[dict], max_new_tokens: int, blind: bool = False) -> list[str]:
@@ -82,6 +91,55 @@ def predict_batch(vlm: VLM, rows: list[dict], max_new_tokens: int, blind: bool =
                             [r["context"] for r in rows])
     mask = blind_mask(batch.attention_mask, batch.image_mask) if blind else None
     return [vlm.decode(ids) for ids in greedy_generate(vlm, batch, max_new_tokens, attention_mask=mask)]
+
+
+def predict_report_batch(vlm: VLM, rows: list[dict], max_new_tokens: int, blind: bool = False) -> list[str]:
+    """Greedy reports for one batch of report-benchmark rows (REPORT_SCHEMA: `prompt`, no earlier turns)."""
+    batch = collate_prompts(vlm, [r["image"] for r in rows], [r["prompt"] for r in rows], [[] for _ in rows])
+    mask = blind_mask(batch.attention_mask, batch.image_mask) if blind else None
+    return [vlm.decode(ids) for ids in greedy_generate(vlm, batch, max_new_tokens, attention_mask=mask)]
+
+
+def report_prediction_rows(name: str, rows: list[dict], predictions: list[str]) -> list[dict]:
+    """REPORT_PREDICTION_SCHEMA rows, unscored (`score_reports` fills `rouge_l` and `meteor`)."""
+    return [{"id": r["id"], "model": name, "dataset": r["dataset"], "modality": r["modality"], "prompt": r["prompt"],
+             "report": r["report"], "prediction": p, "rouge_l": None, "meteor": None}
+            for r, p in zip(rows, predictions, strict=True)]
+
+
+def score_reports(predictions: list[dict], cleaning: Mapping[str, str]) -> tuple[list[dict], dict[str, dict]]:
+    """Per benchmark (`dataset`), BLEU-1..4, ROUGE-L and METEOR of the predicted reports against
+    their references (`pipeline.report_metrics.report_scores`, with the benchmark's R2Gen cleaner
+    from `cleaning`), plus its report count `n`; and the rows with their per-report ROUGE-L and METEOR."""
+    from pipeline.report_metrics import report_scores
+
+    scored = [dict(r) for r in predictions]
+    groups: dict[str, list[int]] = {}
+    for i, row in enumerate(scored):
+        groups.setdefault(row["dataset"], []).append(i)
+    out: dict[str, dict] = {}
+    for dataset in sorted(groups):  # sorted so that reports diff cleanly between runs
+        idx = groups[dataset]
+        if dataset not in cleaning:
+            raise DataError(f"report benchmark {dataset!r} has no text cleaner (its rows' `cleaning`)")
+        done = report_scores([scored[i]["prediction"] for i in idx], [scored[i]["report"] for i in idx],
+                             dataset=cleaning[dataset])
+        for j, i in enumerate(idx):
+            for metric, values in done.per_item.items():
+                scored[i][metric] = values[j]
+        out[dataset] = {**done.scores, "n": len(idx)}
+    return scored, out
+
+
+def report_cleaning(rows: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """The R2Gen cleaner of each benchmark of the report rows; a benchmark with two is an error."""
+    cleaning: dict[str, set[str]] = {}
+    for row in rows:
+        cleaning.setdefault(row["dataset"], set()).add(row["cleaning"])
+    mixed = {d: sorted(c) for d, c in cleaning.items() if len(c) > 1}
+    if mixed:
+        raise DataError(f"report benchmarks with rows of different `cleaning`: {mixed}; one cleaner per benchmark")
+    return {d: c.pop() for d, c in cleaning.items()}
 
 
 def type_batches(rows: Sequence[Mapping[str, Any]], batch_size: int) -> list[list[int]]:
@@ -278,13 +336,16 @@ GAP_SCHEMA = pa.schema([pa.field("id", pa.string(), nullable=False), pa.field("g
 @dataclass
 class Evaluation:
     """What `evaluate_models` returns: the metrics per model key (`sft`, `sft_blind`,
-    `sft_image_reliance`, ...), the prediction rows per model key, and per model and pass how many
+    `sft_image_reliance`, `sft_report_generation`, ...), the prediction rows per model key, the
+    generated reports per model key, and per model and pass how many
     batches there were, how many were reused from an interrupted run and how many were computed
     (`{"sft": {"predictions": {"batches": 5, "reused": 3, "computed": 2}, ...}}`)."""
 
     report: dict[str, Any]
     predictions: dict[str, list[dict]]
     work: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
+    # Per model key (`sft`, `sft_blind`), its generated reports (REPORT_PREDICTION_SCHEMA rows, scored).
+    report_predictions: dict[str, list[dict]] = field(default_factory=dict)
 
 
 @dataclass
@@ -314,6 +375,18 @@ def work_keys(models: Sequence[tuple[str, str]], cfg: EvaluateConfig, inputs: Ma
     shared = _shared_key_parts(cfg.to_dict())
     return {name: {pass_: fingerprint("evaluate", pass_, name, inputs["input"], inputs["models"][name], *shared)
                    for pass_ in ("predictions", "blind")}
+            for name, _ in models}
+
+
+def report_work_keys(models: Sequence[tuple[str, str]], cfg: EvaluateConfig, inputs: Mapping[str, Any]
+                     ) -> dict[str, dict[str, str]]:
+    """The resume key of every model's report passes: `{name: {"reports": key, "reports_blind": key}}`;
+    `inputs` holds `{"reports": <report benchmark digest>, "models": {name: <model folder digest>}}`."""
+    if "reports" not in inputs:
+        raise ValueError("inputs has no `reports` digest: the report rows' resume keys need it")
+    shared = _shared_key_parts(cfg.to_dict())
+    return {name: {pass_: fingerprint("evaluate", pass_, name, inputs["reports"], inputs["models"][name], *shared)
+                   for pass_ in ("reports", "reports_blind")}
             for name, _ in models}
 
 
@@ -351,8 +424,15 @@ def evaluate_models(
     work_dir: str | Path,
     inputs: Mapping[str, Any],
     on_model: Callable[[str, dict[str, dict]], None] | None = None,
+    report_rows: Sequence[dict] = (),
 ) -> Evaluation:
     """Evaluate every (name, folder) model and its blind control on the test rows.
+
+    With `report_rows` (REPORT_SCHEMA rows; `inputs["reports"]` is their digest), each also writes
+    a report per row, `cfg.batch_size` at a time, capped at `cfg.report_max_new_tokens`, kept and
+    reused like the answers (keys: `report_work_keys`), scored per benchmark (`score_reports`)
+    under `<name>_report_generation` / `<name>_blind_report_generation`. When the test rows hold
+    several `dataset` values, each model key also gets `by_dataset`: its metrics per dataset.
 
     Returns each model's metrics (`model_metrics`, plus the `max_new_tokens` caps used), its
     prediction rows (in the order of `rows`) and its batch counts. Each batch holds one answer type
@@ -360,12 +440,17 @@ def evaluate_models(
     (keys: `work_keys(models, cfg, inputs)`) and reused by a restarted run; they stay there until
     the caller has written its outputs and calls `pipeline.resume.clear_all(work_dir)`.
     """
-    from pipeline.schema import PREDICTION_SCHEMA
+    from pipeline.schema import PREDICTION_SCHEMA, REPORT_PREDICTION_SCHEMA
 
     if cfg.max_rows is not None:
         rows = rows[: cfg.max_rows]
     keys = work_keys(models, cfg, inputs)
     every_key = {key for passes in keys.values() for key in passes.values()}
+    report_rows = list(report_rows[: cfg.max_rows] if cfg.max_rows is not None else report_rows)
+    report_keys = report_work_keys(models, cfg, inputs) if report_rows else {}
+    every_key |= {key for passes in report_keys.values() for key in passes.values()}
+    cleaning = report_cleaning(report_rows)
+    datasets = [r["dataset"] for r in rows]
     # One work item per batch (`run_batches` with a batch size of 1): the batches are cut per answer
     # type, which consecutive slices of the rows would not respect.
     batches = type_batches(rows, cfg.batch_size)
@@ -388,6 +473,24 @@ def evaluate_models(
         metrics = model_metrics(name, result.predictions)
         for label in (name, f"{name}_blind"):  # the caps the answers were decoded with, beside their scores
             metrics[label]["max_new_tokens"] = dict(limits)
+            if len(set(datasets)) > 1:  # only then: a one-dataset report keeps exactly its keys
+                metrics[label]["by_dataset"] = {
+                    d: summarize([p for p, pd in zip(result.predictions[label], datasets, strict=True) if pd == d])
+                    for d in sorted(set(datasets))}
+        if report_rows:
+            for pass_, label, blind in (("reports", name, False), ("reports_blind", f"{name}_blind", True)):
+                def write(batch: list[dict], vlm: _LazyModel = vlm, label: str = label, blind: bool = blind
+                          ) -> list[dict]:
+                    return report_prediction_rows(
+                        label, batch, predict_report_batch(vlm(), batch, cfg.report_max_new_tokens, blind))
+
+                store = BatchStore(work_dir, report_keys[name][pass_], REPORT_PREDICTION_SCHEMA, siblings=every_key)
+                work[pass_] = run_batches(report_rows, cfg.batch_size, write, store, desc=f"reports {label}",
+                                          clear=False)
+                scored, scores = score_reports(work[pass_].table.to_pylist(), cleaning)
+                result.report_predictions[label] = scored
+                metrics[f"{label}_report_generation"] = {
+                    d: {**s, "max_new_tokens": cfg.report_max_new_tokens} for d, s in scores.items()}
         result.report.update(metrics)
         result.work[name] = {p: _counts(r) for p, r in work.items()}
         vlm.vlm = None  # free it before the next model loads
@@ -439,8 +542,10 @@ def prediction_models(metrics: Mapping[str, Any]) -> list[str]:
 
 def combine_reports(names: Sequence[str], evaluations: Sequence[Mapping[str, Any]],
                     gaps: Mapping[str, Any]) -> dict[str, Any]:
-    """The run's metrics report: every model's metrics (from the per-model `evaluate` reports),
-    its log-prob gap summary, and `<model>_minus_<names[0]>` deltas for every other model.
+    """The run's metrics report: every model's metrics (from the per-model `evaluate` reports, its
+    `<model>_report_generation` scores included), its log-prob gap summary, and
+    `<model>_minus_<names[0]>` deltas for every other model (and, where both generated reports,
+    `report_generation_deltas: {<model>_minus_<names[0]>: {<benchmark>: {metric: delta}}}`).
 
     Each name must have its metrics in exactly one of `evaluations`; a key in two is an error
     (two reports of the same model would silently overwrite each other).
@@ -456,6 +561,24 @@ def combine_reports(names: Sequence[str], evaluations: Sequence[Mapping[str, Any
         raise DataError(f"no metrics for model(s) {missing} in the evaluation reports (they have "
                          f"{sorted(k for k in report if not k.endswith(('_blind', '_image_reliance')))})")
     report.update(gaps)
+    generation: dict[str, dict] = {}
     for name in names[1:]:
         report[f"{name}_minus_{names[0]}"] = deltas(report, name, names[0])
+        delta = report_generation_deltas(report, name, names[0])
+        if delta:
+            generation[f"{name}_minus_{names[0]}"] = delta
+    # One key of its own (no top-level `_minus_` key): readers of the VQA deltas (the html page's
+    # table) take every `*_minus_*` entry to hold VQA metrics.
+    if generation:
+        report["report_generation_deltas"] = generation
     return report
+
+
+def report_generation_deltas(metrics: Mapping[str, Any], model: str, baseline: str) -> dict[str, dict[str, float]]:
+    """`model` minus `baseline` on every report metric of every benchmark both were scored on
+    (`<name>_report_generation`); empty when either has none."""
+    from pipeline.report_metrics import METRICS
+
+    ours = metrics.get(f"{model}_report_generation", {})
+    theirs = metrics.get(f"{baseline}_report_generation", {})
+    return {bench: {m: ours[bench][m] - theirs[bench][m] for m in METRICS} for bench in sorted(ours.keys() & theirs)}

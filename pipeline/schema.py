@@ -170,6 +170,39 @@ PREDICTION_SCHEMA = pa.schema(
 )
 
 
+# `data/prepared/reports.parquet`: the report-generation benchmark(s), one row per case; never
+# trained on (docs/benchmark.md § Report generation). A case of several images (IU-Xray's frontal
+# and lateral views) keeps its first image: the models here take one image per prompt.
+REPORT_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("dataset", pa.string(), nullable=False),  # the benchmark: its metrics are keyed by it
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("image", pa.binary(), nullable=False),  # encoded PNG/JPEG bytes: the case's first image
+        pa.field("prompt", pa.string(), nullable=False),  # the instruction the model answers
+        pa.field("report", pa.string(), nullable=False),  # the reference report
+        pa.field("modality", pa.string(), nullable=False),
+        # R2Gen's text cleaner the metrics apply (pipeline.report_metrics.DATASETS): iu_xray | mimic_cxr
+        pa.field("cleaning", pa.string(), nullable=False),
+    ]
+)
+
+# `reports/report_predictions/*.parquet`: one row per generated report, with its per-report scores.
+REPORT_PREDICTION_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("model", pa.string(), nullable=False),  # e.g. "sft", "sft_blind"
+        pa.field("dataset", pa.string(), nullable=False),
+        pa.field("modality", pa.string()),
+        pa.field("prompt", pa.string()),
+        pa.field("report", pa.string()),  # the reference
+        pa.field("prediction", pa.string()),
+        pa.field("rouge_l", pa.float64()),  # per-report ROUGE-L (the benchmark's score is their mean)
+        pa.field("meteor", pa.float64()),  # per-report METEOR (the benchmark's is the corpus score)
+    ]
+)
+
+
 class SchemaError(DataError):
     """An artifact does not match the schema a stage expects."""
 

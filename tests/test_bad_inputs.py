@@ -35,6 +35,7 @@ from pipeline.schema import (
     LESION_SCHEMA,
     POOL_SCHEMA,
     RANKED_SCHEMA,
+    REPORT_SCHEMA,
     SCORED_SCHEMA,
     VQA_SCHEMA,
     write_rows,
@@ -154,6 +155,7 @@ class Workspace:
         write_rows([{**r, "mine_strategy": "balanced", "mine_score": None} for r in rows], "data/pool.parquet",
                    POOL_SCHEMA)
         write_rows([], "data/prepared/lesions.parquet", LESION_SCHEMA)
+        write_rows([], "data/prepared/reports.parquet", REPORT_SCHEMA)  # no report benchmark
         candidates = [{**r, "chosen_token_ids": [1], "chosen_logprob": -1.0, "sensitivity": [0.5],
                        "candidates": [{"text": f"not {r['answer']}", "token_ids": [2], "level": 1, "positions": [0],
                                        "original_tokens": [r["answer"]], "replacement_tokens": ["x"],

@@ -19,7 +19,15 @@ from pipeline.evaluation import EvaluateConfig, MaxNewTokens, evaluate_models, l
 from pipeline.metrics import degeneracy, degeneracy_warnings
 from pipeline.models.profiles import build_tiny
 from pipeline.params import build_config, load_params, project_config, project_params_path
-from pipeline.schema import ANSWER_TYPES, PREDICTION_SCHEMA, VQA_SCHEMA, read_rows, write_rows
+from pipeline.schema import (
+    ANSWER_TYPES,
+    PREDICTION_SCHEMA,
+    REPORT_PREDICTION_SCHEMA,
+    REPORT_SCHEMA,
+    VQA_SCHEMA,
+    read_rows,
+    write_rows,
+)
 from tests.conftest import stage_commands
 
 MODELS = [("sft", "models/sft")]
@@ -243,6 +251,7 @@ def test_the_stage_warns_records_and_writes_the_jsonl(tmp_path, monkeypatch, mix
     arg = dict(zip(args[::2], args[1::2], strict=True))
     monkeypatch.chdir(tmp_path)
     write_rows(mixed, Path(arg["--input"]), VQA_SCHEMA)
+    write_rows([], Path(arg["--reports"]), REPORT_SCHEMA)  # no report benchmark: no reports, no scores
     build_tiny([r["question"] for r in mixed] + ["yes", "no"], seed=0).save(Path(arg["--model"].partition("=")[2]))
     params = load_params(project_params_path())
     params["evaluate"].update(batch_size=8, max_rows=None, max_new_tokens={"closed": 3, "open": 7})
@@ -266,3 +275,5 @@ def test_the_stage_warns_records_and_writes_the_jsonl(tmp_path, monkeypatch, mix
                  (Path(arg["--log-samples"]) / f"{key}_samples.jsonl").read_text(encoding="utf-8").splitlines()]
         assert lines == lmms_eval_samples(table)
         assert [line["closed_accuracy"]["id"] for line in lines] == [r["id"] for r in mixed]
+        assert read_rows(Path(arg["--report-output"]) / f"{key}.parquet", REPORT_PREDICTION_SCHEMA) == []
+        assert f"{key}_report_generation" not in metrics

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def tiny_params(judge_dir: str) -> dict:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["prepare"]["phantom"].update(n_train=96, n_test=32, image_size=32)
+    params["prepare"]["phantom"].update(n_train=96, n_test=32, image_size=32, n_report=8)
     params["sft"].update(model="tiny", vision={}, vision_epochs=2, epochs=2, batch_size=16,
                          language_model="full", lm_lr=0.003, lm_train_rows=None, system_prompt=None)
     params["mine"].update(size=12)
@@ -34,7 +34,7 @@ def tiny_params(judge_dir: str) -> dict:
     params["score"]["max_unscored"] = 1.0  # the random judge answers garbage: every response ends unscored
     params["score"]["prompts"] = str(REPO / "pipeline/judges/prompts.yaml")
     params["train"].update(epochs=1, batch_size=4, grad_accum=1)
-    params["evaluate"].update(batch_size=16, max_new_tokens={"closed": 4, "open": 4})
+    params["evaluate"].update(batch_size=16, max_new_tokens={"closed": 4, "open": 4}, report_max_new_tokens=6)
     return params
 
 
@@ -86,6 +86,7 @@ def test_tiny_pipeline_end_to_end(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run("prepare")
     assert pq.read_metadata("data/prepared/train.parquet").num_rows == 96
+    assert pq.read_metadata("data/prepared/reports.parquet").num_rows == 8
     run("sft")
     sft_report = json.loads(Path("reports/sft.json").read_text())
     assert sft_report["sft_final_loss"] < sft_report["sft_first_loss"]
@@ -129,6 +130,21 @@ def test_tiny_pipeline_end_to_end(tmp_path, monkeypatch):
         assert metrics[key]["max_new_tokens"] == {"closed": 4, "open": 4}
         samples = Path(f"reports/predictions/{key}_samples.jsonl").read_text(encoding="utf-8").splitlines()
         assert len(samples) == 32 and json.loads(samples[0])["doc_id"] == 0
+    # the phantom report benchmark: every model and blind control wrote 8 reports, scored per benchmark
+    for key in ("sft", "sft_blind", "aligned", "aligned_blind"):
+        generated = pq.read_table(f"reports/report_predictions/{key}.parquet").to_pylist()
+        assert len(generated) == 8 and {r["model"] for r in generated} == {key}
+        assert all(0.0 <= r["rouge_l"] <= 1.0 and 0.0 <= r["meteor"] <= 1.0 for r in generated)
+        scores = metrics[f"{key}_report_generation"]["phantom"]
+        assert scores["n"] == 8 and scores["max_new_tokens"] == 6
+        assert all(0.0 <= scores[m] <= 1.0 for m in ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "meteor"))
+        assert scores["rouge_l"] == pytest.approx(sum(r["rouge_l"] for r in generated) / 8)
+        model = key.removesuffix("_blind")
+        assert metrics[f"{key}_report_generation"] == per_model[model][f"{key}_report_generation"]
+    generation_delta = metrics["report_generation_deltas"]["aligned_minus_sft"]["phantom"]
+    assert generation_delta["meteor"] == pytest.approx(metrics["aligned_report_generation"]["phantom"]["meteor"]
+                                                       - metrics["sft_report_generation"]["phantom"]["meteor"])
+    assert "by_dataset" not in metrics["sft"]  # one test dataset: the VQA entry keeps exactly its keys
     assert sorted(p.stem for p in Path("reports/plots/logprob_gap").glob("*.csv")) == sorted(
         {r["modality"] for r in scored})
     run("html_report")  # the offline page: every section, a chart per curve and modality, no URL

@@ -28,7 +28,7 @@ from pipeline.errors import DataError
 from pipeline.evaluation import EvaluateConfig, evaluate_models, logprob_gap_report
 from pipeline.models.profiles import build_tiny
 from pipeline.params import load_params, project_config, project_params_path
-from pipeline.schema import VQA_SCHEMA, write_rows
+from pipeline.schema import REPORT_SCHEMA, VQA_SCHEMA, write_rows
 from tests.conftest import stage_commands
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,6 +58,7 @@ def make_workspace(root: Path) -> None:
     test_rows = generate_split(N_TEST, "test", seed=0, prior=None, image_size=16)
     args = dict(zip(ARGS[::2], ARGS[1::2], strict=True))
     write_rows(test_rows, root / args["--input"], VQA_SCHEMA)
+    write_rows([], root / args["--reports"], REPORT_SCHEMA)  # reports resume in-process (test_phantom_reports)
     texts = [r["question"] for r in test_rows] + ["yes", "no", "left", "right", "1", "2", "3"]
     for seed, spec in enumerate(a for flag, a in zip(ARGS, ARGS[1:], strict=False) if flag == "--model"):
         build_tiny(texts, seed=seed).save(root / spec.partition("=")[2])

@@ -28,6 +28,8 @@ class PhantomConfig(Config):
     n_test: int = Field(ge=1, description="rows of the test split")
     prior: float = Field(ge=0.0, le=1.0, description="train-split language prior: the majority answer's share")
     image_size: int = Field(ge=16, description="side of the square phantom images, in pixels")
+    n_report: int = Field(ge=0, description="rows of the phantom report-generation benchmark (zero-shot, never "
+                          "trained on; data/prepared/reports.parquet); 0 = no report benchmark")
 
 
 def _inside_root(value: str | None) -> str | None:
@@ -63,6 +65,24 @@ class FileSplitConfig(Config):
     _check_path = field_validator("path", "image_root")(_inside_root)
 
 
+class ReportFilesConfig(Config):
+    """A report-generation benchmark of the user's, in R2Gen's `annotation.json` layout (IU-Xray,
+    MIMIC-CXR; pipeline.data.reports). Evaluated only, never trained on."""
+
+    path: str = Field(description="the R2Gen-layout annotation.json, relative to files.root")
+    image_root: str = Field(description="folder the entries' image_path values are relative to (R2Gen's "
+                            "--image_dir), relative to files.root")
+    split: Literal["train", "val", "test"] = Field(description="the list of the annotation file evaluated")
+    dataset: str = Field(min_length=1, description="the benchmark's name: its rows' `dataset` and its key under "
+                         "<model>_report_generation in the metrics")
+    modality: str = Field(min_length=1, description="modality recorded in every row (chest_xray for IU-Xray and "
+                          "MIMIC-CXR)")
+    cleaning: Literal["iu_xray", "mimic_cxr"] = Field(description="R2Gen's text cleaner the metrics apply to "
+                                                      "predictions and references (pipeline.report_metrics)")
+
+    _check_path = field_validator("path", "image_root")(_inside_root)
+
+
 class FilesConfig(Config):
     """The user's own VQA files (docs/data-formats.md)."""
 
@@ -75,6 +95,8 @@ class FilesConfig(Config):
                                 "with train (found either way, reported in reports/prepare.json)")
     train: FileSplitConfig = Field(description="the training split")
     test: FileSplitConfig = Field(description="the test split")
+    report: ReportFilesConfig | None = Field(description="a report-generation benchmark evaluated beside the VQA "
+                                             "test split; null = none")
 
 
 class PrepareConfig(Config):
@@ -107,8 +129,32 @@ def split_lesions(rows: list[dict]) -> list[dict]:
     return lesions
 
 
+def report_rows(cfg: PrepareConfig) -> list[dict]:
+    """The REPORT_SCHEMA rows of the report-generation benchmark: the phantom's (`phantom.n_report`
+    rows; none for 0) or the user's annotation file (`files.report`; none for null). A case of
+    several images keeps its first (IU-Xray's frontal view): the models take one image per prompt."""
+    if cfg.source == "phantom":
+        from pipeline.data.phantom_reports import generate_reports
+
+        return generate_reports(cfg.phantom.n_report, cfg.seed, cfg.phantom.image_size)
+    spec = cfg.files.report
+    if spec is None:
+        return []
+    from pipeline.data.images import encode_png, load_image
+    from pipeline.data.phantom_reports import REPORT_PROMPT
+    from pipeline.data.reports import read_report_annotation
+
+    root = Path(cfg.files.root)
+    cases = read_report_annotation(root / spec.path, root / spec.image_root, [spec.split])
+    return [{"id": case["id"], "dataset": spec.dataset, "split": case["split"],
+             "image": encode_png(load_image(case["image_paths"][0])), "prompt": REPORT_PROMPT,
+             "report": case["report"], "modality": spec.modality, "cleaning": spec.cleaning}
+            for case in cases]
+
+
 def prepare_splits(cfg: PrepareConfig) -> tuple[dict[str, list[dict]], list[dict], dict[str, Any]]:
     """The train and test rows, every skipped row (source: files with skip_bad) and the report.
+    `splits["reports"]` holds the report-generation benchmark's rows (`report_rows`).
 
     Train rows that carry a lesion annotation (the phantom's drawn lesions; a `lesion_mask` or
     `lesion_boxes` field in your files) keep it in `splits["lesions"]` (LESION_SCHEMA rows), not
@@ -162,4 +208,9 @@ def prepare_splits(cfg: PrepareConfig) -> tuple[dict[str, list[dict]], list[dict
     for split in SPLITS:
         report[split] = split_summary(splits[split])
     report["train_lesion_annotations"] = len(splits["lesions"])
+    # After the VQA splits, from streams of its own: it cannot change a VQA row.
+    splits["reports"] = report_rows(cfg)
+    report["reports"] = {"rows": len(splits["reports"]),
+                         "dataset": dict(Counter(r["dataset"] for r in splits["reports"])),
+                         "modality": dict(Counter(r["modality"] for r in splits["reports"]))}
     return splits, skipped, report

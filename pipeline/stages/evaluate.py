@@ -12,6 +12,12 @@ A model (or blind control) whose predictions of an answer type are mostly empty,
 gets a loud warning on stderr and `degenerate` in its metrics (`pipeline.metrics.degeneracy`).
 The predictions are also written as lmms-eval `--log_samples` JSONL under `--log-samples`
 (docs/evaluation.md § Predictions for other tools).
+
+Each model (and its blind control) also writes a report for every row of the report-generation
+benchmark(s) under `--reports` (resumable like the answers); the reports, each with its ROUGE-L
+and METEOR, go to `--report-output` (<name>.parquet, <name>_blind.parquet; no rows when the
+benchmark has none) and the per-benchmark BLEU-1..4, ROUGE-L and METEOR to the metrics under
+`<name>_report_generation` (docs/evaluation.md § Report generation).
 """
 
 from __future__ import annotations
@@ -39,11 +45,14 @@ app = stage_app(__doc__)
 def main(
     params: Path = params_option("evaluate"),
     input: Path = input_option("test split (Parquet)"),
+    reports: Path = input_option("report-generation benchmark (Parquet, data/prepared/reports.parquet)", "--reports"),
     model: list[str] = typer.Option(..., "--model", help="NAME=FOLDER of a model to evaluate; repeatable"),
     output: Path = output_option("folder of per-question predictions: <name>.parquet and <name>_blind.parquet "
                                  "per model"),
     log_samples: Path = output_option("folder of the per-question predictions as lmms-eval `--log_samples` JSONL: "
                                       "<name>_samples.jsonl and <name>_blind_samples.jsonl per model", "--log-samples"),
+    report_output: Path = output_option("folder of the generated reports: <name>.parquet and <name>_blind.parquet "
+                                        "per model", "--report-output"),
     metrics: Path = metrics_option(),
     work_dir: Path = output_option("scratch folder of finished batches (resume); not a DVC output", "--work-dir"),
     timings: Path = timings_option(),
@@ -55,12 +64,21 @@ def main(
     from pipeline.params import load_config
     from pipeline.reporting import write_json
     from pipeline.resume import clear_all
-    from pipeline.schema import PREDICTION_SCHEMA, VQA_SCHEMA, read_rows, require_rows, write_rows
+    from pipeline.schema import (
+        PREDICTION_SCHEMA,
+        REPORT_PREDICTION_SCHEMA,
+        REPORT_SCHEMA,
+        VQA_SCHEMA,
+        read_rows,
+        require_rows,
+        write_rows,
+    )
 
     start = time.perf_counter()
     config = load_config(EvaluateConfig, params, "evaluate")
     models = model_specs(model)
     rows = require_rows(read_rows(input, VQA_SCHEMA), input)
+    report_rows = read_rows(reports, REPORT_SCHEMA)  # no rows: no report benchmark (prepare.phantom.n_report 0)
 
     def progress(name: str, results: dict) -> None:
         head, blind = results[name], results[f"{name}_blind"]
@@ -69,13 +87,21 @@ def main(
             f"open {_pct(head['open_recall'])} (blind {_pct(blind['open_recall'])})"
         )
 
-    inputs = {"input": file_digest(input), "models": {name: folder_digest(folder) for name, folder in models}}
-    done = evaluate_models(load_vlm, models, rows, config, work_dir, inputs, on_model=progress)
+    inputs = {"input": file_digest(input), "reports": file_digest(reports),
+              "models": {name: folder_digest(folder) for name, folder in models}}
+    done = evaluate_models(load_vlm, models, rows, config, work_dir, inputs, on_model=progress,
+                           report_rows=report_rows)
     for key, pred_rows in done.predictions.items():
         done.report[key]["degenerate"] = degeneracy(pred_rows)
         warn_degenerate(key, done.report[key]["degenerate"])
         write_rows(pred_rows, output / f"{key}.parquet", PREDICTION_SCHEMA)
         write_jsonl(log_samples / f"{key}_samples.jsonl", lmms_eval_samples(pred_rows))
+    for name, _ in models:
+        for key in (name, f"{name}_blind"):
+            write_rows(done.report_predictions.get(key, []), report_output / f"{key}.parquet", REPORT_PREDICTION_SCHEMA)
+            for bench, scores in done.report.get(f"{key}_report_generation", {}).items():
+                typer.echo(f"evaluate {key}: {bench} reports: BLEU-4 {scores['bleu_4']:.3f}, "
+                           f"ROUGE-L {scores['rouge_l']:.3f}, METEOR {scores['meteor']:.3f} (n={scores['n']})")
     write_json(metrics, done.report)
     passes = [p for per_model in done.work.values() for p in per_model.values()]
     total = {k: sum(p[k] for p in passes) for k in ("batches", "reused", "computed")}
