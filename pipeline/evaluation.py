@@ -73,6 +73,15 @@ if set(MaxNewTokens.model_fields) != set(ANSWER_TYPES):
                        f"pipeline.schema.ANSWER_TYPES is {ANSWER_TYPES}: give every answer type a limit")
 
 
+class GapConfig(Config):
+    """`evaluate.gap`: the held-out entries of the log-prob gap analysis (HSCR Fig. 4)."""
+
+    entries: int = Field(ge=1, description="test rows whose log-prob gaps `report` computes (HSCR Fig. 4), a "
+                         "sample stratified by modality: as even over the modalities as their rows allow; all test "
+                         "rows if there are fewer")
+    seed: int = Field(ge=0, description="seeds that sample (the candidates use sample.seed, as in `sample`)")
+
+
 class EvaluateConfig(Config):
     """The `evaluate:` section."""
 
@@ -83,6 +92,8 @@ class EvaluateConfig(Config):
                                        "report-generation benchmark: data/prepared/reports.parquet)")
     max_rows: int | None = Field(ge=1, description="evaluate only the first N test rows and the first N report "
                                  "rows (quick checks); null = all")
+    gap: GapConfig = Field(description="`report` only: the held-out test entries of the log-prob gap analysis "
+                           "(HSCR Fig. 4; pipeline/heldout_gaps.py)")
 
 
 def predict_batch(vlm: VLM, rows: list[dict], max_new_tokens: int, blind: bool = False) -> list[str]:
@@ -365,6 +376,11 @@ def _shared_key_parts(cfg: Mapping[str, Any]) -> tuple:
     return (dict(cfg), code_version(EVALUATE_CODE), torch.__version__, transformers.__version__)
 
 
+def _answer_config(cfg: EvaluateConfig) -> dict[str, Any]:
+    # `gap` shapes only the `report` stage's held-out gaps: a new gap sample must not void the answers.
+    return {k: v for k, v in cfg.to_dict().items() if k != "gap"}
+
+
 def work_keys(models: Sequence[tuple[str, str]], cfg: EvaluateConfig, inputs: Mapping[str, Any]
               ) -> dict[str, dict[str, str]]:
     """The resume key of every model's prediction passes: `{name: {"predictions": key, "blind": key}}`.
@@ -372,7 +388,7 @@ def work_keys(models: Sequence[tuple[str, str]], cfg: EvaluateConfig, inputs: Ma
     `inputs` holds content digests: `{"input": <test split>, "models": {name: <model folder>}}`.
     A key includes the model's name, which its rows carry.
     """
-    shared = _shared_key_parts(cfg.to_dict())
+    shared = _shared_key_parts(_answer_config(cfg))
     return {name: {pass_: fingerprint("evaluate", pass_, name, inputs["input"], inputs["models"][name], *shared)
                    for pass_ in ("predictions", "blind")}
             for name, _ in models}
@@ -384,7 +400,7 @@ def report_work_keys(models: Sequence[tuple[str, str]], cfg: EvaluateConfig, inp
     `inputs` holds `{"reports": <report benchmark digest>, "models": {name: <model folder digest>}}`."""
     if "reports" not in inputs:
         raise ValueError("inputs has no `reports` digest: the report rows' resume keys need it")
-    shared = _shared_key_parts(cfg.to_dict())
+    shared = _shared_key_parts(_answer_config(cfg))
     return {name: {pass_: fingerprint("evaluate", pass_, name, inputs["reports"], inputs["models"][name], *shared)
                    for pass_ in ("reports", "reports_blind")}
             for name, _ in models}

@@ -569,8 +569,9 @@ def metrics_section(metrics: Mapping[str, Any], report: Mapping[str, Any]) -> st
         parts.append(_table(["model", "mean", "median", "entries"],
                             [[f"<code>{text(m)}</code>", _num(g.get("mean")), _num(g.get("median")), _num(g.get("n"))]
                              for m, g in gaps],
-                            "Log-prob gap log p(ground truth) − log p(top dispreferred) on the preference entries "
-                            "(larger: the model separates them better)"))
+                            "Log-prob gap log p(ground truth) − log p(hallucinated candidate) on held-out test entries, "
+                            "candidates sampled by the SFT model as in `sample` (larger: the model separates them "
+                            "better)"))
     for note in report.get("notes", []):
         parts.append(f"<p class=\"note\">{text(note)}</p>")
     return "\n".join(parts)

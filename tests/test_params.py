@@ -195,8 +195,15 @@ def test_stages_declare_exactly_what_their_config_reads():
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     for name, stage in stages.items():
         stage = stage.get("do", stage)  # a foreach stage (evaluate@<model>) declares them in its template
-        if name == "report":  # it computes the log-prob gaps, whose only param is the batch size
-            assert stage["params"] == ["evaluate.batch_size"]
+        if name == "report":  # the log-prob gaps: their batch size, the held-out sample and the sampler's keys
+            sample_keys = {"mode", "mask_strategy", "n_sensitive", "k", "beta", "plausibility", "min_plausible",
+                           "temperature", "max_new_tokens", "seed", "batch_size"}
+            # every key that shapes a sampled candidate (the rest of `sample:` picks another source or adds
+            # the visual dispreferred, which the held-out sampling never uses)
+            assert sample_keys | {"source", "external", "visual_dispreference", "mask_ratio"} == set(
+                section_class("sample").model_fields)
+            assert set(stage["params"]) == {"evaluate.batch_size", "evaluate.gap", "mask_ratio",
+                                            *(f"sample.{k}" for k in sample_keys)}
             continue
         section = "train" if name == "train" else name
         cls = section_class(section)

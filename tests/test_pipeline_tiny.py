@@ -34,7 +34,8 @@ def tiny_params(judge_dir: str) -> dict:
     params["score"]["max_unscored"] = 1.0  # the random judge answers garbage: every response ends unscored
     params["score"]["prompts"] = str(REPO / "pipeline/judges/prompts.yaml")
     params["train"].update(epochs=1, batch_size=4, grad_accum=1)
-    params["evaluate"].update(batch_size=16, max_new_tokens={"closed": 4, "open": 4}, report_max_new_tokens=6)
+    params["evaluate"].update(batch_size=16, max_new_tokens={"closed": 4, "open": 4}, report_max_new_tokens=6,
+                              gap={"entries": 12, "seed": 0})
     return params
 
 
@@ -120,7 +121,16 @@ def test_tiny_pipeline_end_to_end(tmp_path, monkeypatch):
         assert {k: v for k, v in metrics[key].items() if k != "legacy"} == per_model[key][key]
     delta = metrics["aligned_minus_sft"]["closed_accuracy"]
     assert delta == pytest.approx(metrics["aligned"]["closed_accuracy"] - metrics["sft"]["closed_accuracy"])
-    assert metrics["aligned_logprob_gap"]["n"] == len(scored)
+    # HSCR Fig. 4 on 12 held-out test rows, candidates sampled for them; the training pool's gaps labelled apart
+    test_rows = pq.read_table("data/prepared/test.parquet").to_pylist()
+    for key in ("sft", "aligned"):
+        heldout = metrics[f"{key}_logprob_gap"]
+        assert heldout["data"] == "test (held out)" and heldout["entries"] == 12
+        assert 0 < heldout["n"] == 12 - heldout["without_candidate"]
+        assert sum(m["n"] for m in heldout["by_modality"].values()) == heldout["n"]
+        train = metrics[f"{key}_logprob_gap_train"]
+        assert train["data"] == "train (preference pool)" and train["n"] == len(scored)
+    assert not {r["id"] for r in test_rows} & {r["id"] for r in scored}
     for key in ("sft", "sft_blind", "aligned", "aligned_blind"):  # LLaVA-Med's run_eval.py numbers beside ours
         legacy = metrics[key]["legacy"]
         assert legacy["n_closed"] == metrics[key]["n_closed"] and legacy["n_open"] == metrics[key]["n_open"]
@@ -146,7 +156,7 @@ def test_tiny_pipeline_end_to_end(tmp_path, monkeypatch):
                                                        - metrics["sft_report_generation"]["phantom"]["meteor"])
     assert "by_dataset" not in metrics["sft"]  # one test dataset: the VQA entry keeps exactly its keys
     assert sorted(p.stem for p in Path("reports/plots/logprob_gap").glob("*.csv")) == sorted(
-        {r["modality"] for r in scored})
+        metrics["sft_logprob_gap"]["by_modality"]) == sorted({r["modality"] for r in test_rows})
     run("html_report")  # the offline page: every section, a chart per curve and modality, no URL
     page = Path("reports/html/index.html").read_text(encoding="utf-8")
     for section in ('id="run"', 'id="metrics"', 'id="plots"', 'id="preferences"', "<footer>"):
