@@ -74,7 +74,7 @@ if set(MaxNewTokens.model_fields) != set(ANSWER_TYPES):
 
 
 class GapConfig(Config):
-    """`evaluate.gap`: the held-out entries of the log-prob gap analysis (HSCR Fig. 4)."""
+    """`evaluate.heldout_gap`: the held-out entries of the log-prob gap analysis (HSCR Fig. 4)."""
 
     entries: int = Field(ge=1, description="test rows whose log-prob gaps `report` computes (HSCR Fig. 4), a "
                          "sample stratified by modality: as even over the modalities as their rows allow; all test "
@@ -92,7 +92,7 @@ class EvaluateConfig(Config):
                                        "report-generation benchmark: data/prepared/reports.parquet)")
     max_rows: int | None = Field(ge=1, description="evaluate only the first N test rows and the first N report "
                                  "rows (quick checks); null = all")
-    gap: GapConfig = Field(description="`report` only: the held-out test entries of the log-prob gap analysis "
+    heldout_gap: GapConfig = Field(description="`report` only: the held-out test entries of the log-prob gap analysis "
                            "(HSCR Fig. 4; pipeline/heldout_gaps.py)")
 
 
@@ -377,8 +377,8 @@ def _shared_key_parts(cfg: Mapping[str, Any]) -> tuple:
 
 
 def _answer_config(cfg: EvaluateConfig) -> dict[str, Any]:
-    # `gap` shapes only the `report` stage's held-out gaps: a new gap sample must not void the answers.
-    return {k: v for k, v in cfg.to_dict().items() if k != "gap"}
+    # `heldout_gap` shapes only the `report` stage's held-out gaps: a new gap sample must not void the answers.
+    return {k: v for k, v in cfg.to_dict().items() if k != "heldout_gap"}
 
 
 def work_keys(models: Sequence[tuple[str, str]], cfg: EvaluateConfig, inputs: Mapping[str, Any]

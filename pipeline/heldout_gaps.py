@@ -3,7 +3,7 @@
 The training-pool gaps (`pipeline.evaluation.logprob_gap_report` on `data/scored.parquet`) measure
 the aligned model on the very pairs it was trained to separate, so a larger gap there is partly
 memorisation. Here the entries are test rows (`data/prepared/test.parquet`), a seeded sample
-stratified by modality (`evaluate.gap`), and their hallucinated candidates are made at evaluation
+stratified by modality (`evaluate.heldout_gap`), and their hallucinated candidates are made at evaluation
 time by the sampler of the `sample` stage (`pipeline.self_contrast.sample_pool`: the SFT model,
 the `sample:` settings and the top-level `mask_ratio`), so no model ever trained on them.
 

@@ -138,7 +138,7 @@ def test_a_heldout_entry_in_the_training_pool_or_an_unknown_sampler_is_an_error(
 
 def test_a_new_gap_sample_keeps_the_answers_resume_keys():
     cfg = project_config(EvaluateConfig, "evaluate")
-    other = cfg.replace(gap={"entries": 7, "seed": 3})
+    other = cfg.replace(heldout_gap={"entries": 7, "seed": 3})
     models = [("sft", "models/sft")]
     inputs = {"input": "i", "reports": "r", "models": {"sft": "a"}}
     assert evaluation.work_keys(models, other, inputs) == evaluation.work_keys(models, cfg, inputs)

@@ -202,7 +202,7 @@ def test_stages_declare_exactly_what_their_config_reads():
             # the visual dispreferred, which the held-out sampling never uses)
             assert sample_keys | {"source", "external", "visual_dispreference", "mask_ratio"} == set(
                 section_class("sample").model_fields)
-            assert set(stage["params"]) == {"evaluate.batch_size", "evaluate.gap", "mask_ratio",
+            assert set(stage["params"]) == {"evaluate.batch_size", "evaluate.heldout_gap", "mask_ratio",
                                             *(f"sample.{k}" for k in sample_keys)}
             continue
         section = "train" if name == "train" else name

@@ -35,7 +35,7 @@ def tiny_params(judge_dir: str) -> dict:
     params["score"]["prompts"] = str(REPO / "pipeline/judges/prompts.yaml")
     params["train"].update(epochs=1, batch_size=4, grad_accum=1)
     params["evaluate"].update(batch_size=16, max_new_tokens={"closed": 4, "open": 4}, report_max_new_tokens=6,
-                              gap={"entries": 12, "seed": 0})
+                              heldout_gap={"entries": 12, "seed": 0})
     return params
 
 

@@ -21,6 +21,7 @@ from transformers import (
     AutoImageProcessor,
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
+    AutoProcessor,
     AutoTokenizer,
     CLIPImageProcessorPil,
     CLIPVisionConfig,
@@ -34,7 +35,7 @@ from pipeline.errors import InputNotFoundError, ModelLoadError
 from pipeline.models.smollm2 import SMOLLM2_NAME, smollm2_dir
 from pipeline.models.sources import is_hub_id, model_load_errors
 from pipeline.models.tiny_tokenizer import build_tiny_tokenizer
-from pipeline.models.vlm import IMAGE_TOKEN, VLM, PromptSettings
+from pipeline.models.vlm import IMAGE_TOKEN, VLM, PromptSettings, content_style, tokenizer_renders_text
 
 PROFILES = ("tiny", "demo")
 
@@ -190,6 +191,23 @@ def load_vlm(source: str | Path, device: torch.device | str | None = None,
     with model_load_errors(source, _RECREATE):
         tokenizer = AutoTokenizer.from_pretrained(source)
         image_processor = AutoImageProcessor.from_pretrained(source)
+    processor = None
+    if not tokenizer_renders_text(tokenizer):
+        # llava-hf layout: the template is the processor's and takes typed parts, and the processor
+        # expands the image token; its own tokenizer is used so both tokenize alike.
+        with model_load_errors(source, _RECREATE):
+            processor = AutoProcessor.from_pretrained(source)
+        if not hasattr(processor, "tokenizer") or not hasattr(processor, "image_processor"):
+            raise ModelLoadError(
+                f"{source}: the tokenizer has no chat template for plain-string messages and AutoProcessor gives a "
+                f"{type(processor).__name__}, not a multimodal processor to take the template from; add "
+                "processor_config.json and chat_template.json (llava-hf layout), or a chat_template to the tokenizer"
+            )
+        tokenizer = processor.tokenizer
+    try:
+        content_style(tokenizer, processor)
+    except ValueError as e:
+        raise ModelLoadError(f"{source}: {e}") from e
     settings = PromptSettings.load(source) if local else None
     if settings is None:
         # A checkpoint made elsewhere: one image token per patch, its own default system prompt.
@@ -200,7 +218,7 @@ def load_vlm(source: str | Path, device: torch.device | str | None = None,
         settings = PromptSettings(system_prompt=None, num_image_tokens=n, profile="external")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return VLM(model.to(device).eval(), tokenizer, image_processor, settings)
+    return VLM(model.to(device).eval(), tokenizer, image_processor, settings, processor=processor)
 
 
 # Profiles built here from configs, with a vision tower trained from scratch by `sft` phase 1.

@@ -13,8 +13,10 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
+from jinja2 import TemplateError
 from PIL import Image
 from transformers import PreTrainedModel
 
@@ -22,6 +24,60 @@ from pipeline.schema import Turn
 
 IMAGE_TOKEN = "<image>"
 SETTINGS_FILE = "medalign.json"
+
+# How a chat template wants message content: "text" is a plain string with the image placeholders
+# already in it (the `tiny`/`demo` profiles, converted LLaVA-Med); "parts" is llava-hf's list of
+# typed parts (`{"type": "image"}`, `{"type": "text", ...}`), rendered by the family's processor.
+ContentStyle = Literal["text", "parts"]
+
+_PROBE = "medalign-template-probe"
+
+
+def _renders(render, content: Any) -> bool:
+    """Whether a template shows `content`'s probe text: a template that reads typed parts renders a
+    plain string as nothing, and a string template prints the parts as a Python list."""
+    try:
+        text = render([{"role": "user", "content": content}])
+    except (TemplateError, TypeError, ValueError, KeyError):
+        return False
+    return _PROBE in text
+
+
+def tokenizer_renders_text(tokenizer) -> bool:
+    """Whether the tokenizer has a chat template that renders plain-string message content."""
+    return tokenizer.chat_template is not None and _renders(
+        lambda m: tokenizer.apply_chat_template(m, tokenize=False), _PROBE)
+
+
+def content_style(tokenizer, processor=None) -> ContentStyle:
+    """Which chat template prompts are built with, by what it renders.
+
+    The tokenizer's template is used when it renders plain-string content: that is today's prompt
+    of every model the pipeline builds or converts, kept byte for byte. Otherwise the processor's
+    template (`chat_template.json` / `.jinja`, as llava-hf repositories ship it) must render typed
+    parts. Transformers loads a folder's `chat_template.jinja` into both the tokenizer and the
+    processor, so where the template lives says nothing; what it renders does.
+    Raises `ValueError` saying what to add when neither works.
+    """
+    if tokenizer_renders_text(tokenizer):
+        return "text"
+    if processor is not None and getattr(processor, "chat_template", None) is not None and _renders(
+            lambda m: processor.apply_chat_template(m, tokenize=False),
+            [{"type": "image"}, {"type": "text", "text": _PROBE}]):
+        return "parts"
+    has_tokenizer = "a tokenizer template that does not render plain-string messages" \
+        if tokenizer.chat_template is not None else "no tokenizer chat template"
+    if processor is None:
+        has_processor = "no processor loaded"
+    elif getattr(processor, "chat_template", None) is None:
+        has_processor = "no processor chat template"
+    else:
+        has_processor = "a processor template that does not render typed-part messages ({'type': 'image'} / 'text')"
+    raise ValueError(
+        f"cannot build prompts: {has_tokenizer} and {has_processor}. Add the model family's chat template: "
+        "`chat_template.json` ({\"chat_template\": ...}) or `chat_template.jinja` beside `processor_config.json` "
+        "(llava-hf layout), or `chat_template` in `tokenizer_config.json`"
+    )
 
 
 @dataclass
@@ -54,13 +110,20 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class VLM:
-    """A LLaVA-family model with its tokenizer, image processor and prompt settings."""
+    """A LLaVA-family model with its tokenizer, image processor and prompt settings.
 
-    def __init__(self, model: PreTrainedModel, tokenizer, image_processor, settings: PromptSettings):
+    `processor` (the family's `AutoProcessor`) is needed only for checkpoints whose chat template
+    takes typed-part content (llava-hf's): it renders the prompt and expands the image token.
+    """
+
+    def __init__(self, model: PreTrainedModel, tokenizer, image_processor, settings: PromptSettings,
+                 processor=None):
         self.model = model
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.settings = settings
+        self.processor = processor
+        self.content_style: ContentStyle = content_style(tokenizer, processor)
         self.image_token_id = int(model.config.image_token_id)
         if tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) != self.image_token_id:
             raise ValueError(
@@ -115,15 +178,24 @@ class VLM:
 
     # ----- text
     def prompt_messages(self, question: str, context: Sequence[Turn] = (), image_text: str | None = None
-                        ) -> list[dict[str, str]]:
+                        ) -> list[dict[str, Any]]:
         """The chat messages of a prompt: the system prompt (if any), then each earlier turn of
-        `context` as a user and an assistant message, then `question`. The image (`image_text`,
-        by default one placeholder per visual token) opens the FIRST user message, where LLaVA puts
-        it; later questions refer back to it."""
+        `context` as a user and an assistant message, then `question`. The image opens the FIRST
+        user message, where LLaVA puts it; later questions refer back to it.
+
+        For a "text" template the image is `image_text` (by default one placeholder per visual
+        token) before a newline; for a "parts" template it is an `{"type": "image"}` part, which
+        the processor expands (`image_text` must then be None).
+        """
+        if self.content_style == "parts":
+            if image_text is not None:
+                raise ValueError("image_text applies to plain-string chat templates; this model's template "
+                                 "takes typed parts, where the image is {'type': 'image'}")
+            return self._part_messages(question, context)
         image = IMAGE_TOKEN * self.settings.num_image_tokens if image_text is None else image_text
         questions = [turn["question"] for turn in context] + [question]
         answers = [turn["answer"] for turn in context]
-        messages = []
+        messages: list[dict[str, Any]] = []
         if self.settings.system_prompt:
             messages.append({"role": "system", "content": self.settings.system_prompt})
         for k, text in enumerate(questions):
@@ -133,23 +205,57 @@ class VLM:
                 messages.append({"role": "assistant", "content": answers[k].strip()})
         return messages
 
+    def _part_messages(self, question: str, context: Sequence[Turn]) -> list[dict[str, Any]]:
+        def text(value: str) -> dict[str, str]:
+            return {"type": "text", "text": value.strip()}
+
+        questions = [turn["question"] for turn in context] + [question]
+        answers = [turn["answer"] for turn in context]
+        messages: list[dict[str, Any]] = []
+        if self.settings.system_prompt:
+            messages.append({"role": "system", "content": [text(self.settings.system_prompt)]})
+        for k, q in enumerate(questions):
+            content = [{"type": "image"}, text(q)] if k == 0 else [text(q)]
+            messages.append({"role": "user", "content": content})
+            if k < len(answers):
+                messages.append({"role": "assistant", "content": [text(answers[k])]})
+        return messages
+
     def prompt_ids(self, question: str, context: Sequence[Turn] = ()) -> list[int]:
         """Chat-formatted prompt with the image placeholder expanded, ending where the answer starts.
 
         `context` is the entry's earlier turns (its `context` column), rendered as real chat turns
         before `question` (`prompt_messages`); with none, the prompt is the single-turn one.
+        With a "parts" template the processor renders the prompt and tokenizes it as its own
+        `processor(images=..., text=...)` does (its special tokens, its expansion of the image
+        token), so the ids are those transformers' LLaVA examples feed the model.
         """
         messages = self.prompt_messages(question, context)
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if self.content_style == "parts":
+            text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            # The expansion depends only on the processed image's size, which the processor fixes.
+            ids = list(self.processor(images=[self._blank_image()], text=[text])["input_ids"][0])
+        else:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
         n_image = sum(1 for i in ids if i == self.image_token_id)
         if n_image != self.settings.num_image_tokens:
             raise ValueError(
                 f"prompt has {n_image} image tokens, expected {self.settings.num_image_tokens}: "
-                "the tokenizer does not keep the image placeholder as one token, or a question or "
+                "the tokenizer does not keep the image placeholder as one token, the processor does not expand "
+                "it to one token per visual feature (processor_config.json: patch_size, "
+                "vision_feature_select_strategy, num_additional_image_tokens), or a question or "
                 f"answer of the conversation contains {IMAGE_TOKEN!r}"
             )
-        return ids
+        return [int(i) for i in ids]
+
+    def _blank_image(self) -> Image.Image:
+        ip = self.image_processor
+        size = dict(ip.crop_size if getattr(ip, "do_center_crop", False) else ip.size)
+        side = size.get("height") or size.get("shortest_edge")
+        if not side:
+            raise ValueError(f"the image processor's output size is not fixed ({size})")
+        return Image.new("RGB", (int(size.get("width") or side), int(side)))
 
     def answer_ids(self, answer: str) -> list[int]:
         """The answer's tokens followed by the end-of-turn token the model must learn to emit."""
@@ -228,4 +334,8 @@ class VLM:
         self.model.save_pretrained(folder)
         self.tokenizer.save_pretrained(folder)
         self.image_processor.save_pretrained(folder)
+        if self.processor is not None:
+            # Its chat template and processor_config.json (image-token expansion) travel with the
+            # weights; without them a reloaded llava-hf model could not build prompts.
+            self.processor.save_pretrained(folder)
         self.settings.save(folder)

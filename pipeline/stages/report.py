@@ -3,7 +3,7 @@ gaps.
 
 It reads the per-model reports of `evaluate` (one per `--evaluation`), computes every `--model`'s
 log-prob gaps log p(ground truth) − log p(hallucinated answer) on held-out test entries (a
-seeded, modality-stratified sample of `--test`, `evaluate.gap`, whose hallucinated candidates the
+seeded, modality-stratified sample of `--test`, `evaluate.heldout_gap`, whose hallucinated candidates the
 `--sampler` model makes as the `sample` stage does: `pipeline.heldout_gaps`) and, labelled
 `<model>_logprob_gap_train`, on the training preference entries (`--preferences`, against the
 top-ranked dispreferred answer), and writes one report with every model's metrics, its gap
@@ -91,7 +91,7 @@ def main(
     train_gaps = logprob_gap_report(load_vlm, models, pref_rows, config.batch_size, work_dir / "train",
                                     {"preferences": file_digest(preferences), "models": digests})
     gaps = heldout_gap_report(load_vlm, models, sampler, read_rows(test, VQA_SCHEMA), {r["id"] for r in pref_rows},
-                              sample_config, config.gap, config.batch_size, work_dir / "heldout",
+                              sample_config, config.heldout_gap, config.batch_size, work_dir / "heldout",
                               {"test": file_digest(test), "models": digests})
     # The training-pool gaps only as a labelled aside: the plots are the held-out ones.
     labelled = {f"{key}_train": {"data": TRAIN_DATA, **value} for key, value in train_gaps.report.items()}
