@@ -5,8 +5,9 @@
     python benchmarks/run_all.py --profile-repo /tmp/clone   # also profile a whole `dvc repro`
 
 Runs, in this order and one at a time (they time themselves; nothing else should run):
-`train_vs_trl.py --profile demo`, the same against TRL with its default gradient checkpointing, `eval_vs_generate.py`, `sample_vs_generate.py`, and, with
-`--profile-repo`, `profile_repro.py`. Each writes its JSON under reports/benchmarks/. The summary
+`train_vs_trl.py --profile demo`, the same against TRL with its default gradient checkpointing,
+`eval_vs_generate.py`, `sample_vs_generate.py`, `memory_7b.py` at `llava-med-7b:layers=1` on the
+CPU, and, with `--profile-repo`, `profile_repro.py`. Each writes its JSON under reports/benchmarks/. The summary
 (`reports/benchmarks/summary.md`) is also written into docs/results.md between the
 `<!-- benchmarks:begin -->` and `<!-- benchmarks:end -->` markers, so the docs show the numbers
 of the last run and nothing typed by hand.
@@ -145,6 +146,10 @@ def main(
          "ours_dpo,trl_dpo_checkpointed", "--out", str(REPORTS / "train_vs_trl_checkpointed.json")],
         ["eval_vs_generate.py", "--threads", str(threads)],
         ["sample_vs_generate.py", "--threads", str(threads)],
+        # The 7B memory benchmark at one layer of every width on a CPU (about two minutes), so it
+        # cannot rot; on a GPU run the full shape by hand (docs/benchmarks.md).
+        ["memory_7b.py", "--model", "llava-med-7b:layers=1", "--entries", "2", "--batch-size", "2",
+         "--device", "cpu", "--threads", str(threads)],
     ]
     if profile_repo is not None:
         commands.append(["profile_repro.py", "--repo", str(profile_repo)])

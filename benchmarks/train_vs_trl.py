@@ -189,53 +189,61 @@ def _memory(device: torch.device, rss_after_load: float, rss_before_training: fl
 # ----- ours ---------------------------------------------------------------------------------------
 
 
-def run_ours(method: str, settings: dict) -> dict:
-    vlm, rows, source, device, rss_after_load = _setup(settings)
-    cfg = preference_config()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+class GroupedStep:
+    """The `train` stage's preference step as the `ours_*` methods run it, shared with
+    benchmarks/memory_7b.py: entries tokenized (`build_entries`), LoRA applied (`apply_lora`),
+    `GroupedScorer(share_prompt=True)`, AdamW with the warm-up cosine schedule, the reference table
+    computed once with the adapter disabled (as `PreferenceTrainer.compute_reference`), then
+    forward + backward + clipped optimizer step per batch of entries.
 
-    start = time.perf_counter()
-    entries = build_entries(vlm, rows, cfg)
-    tokenize_seconds = time.perf_counter() - start
-    j = max(len(e.rejected) for e in entries)
-    peft_lm = apply_lora(vlm, cfg)
-    seed_adapter(vlm.model, settings["adapter_seed"])
-    vlm.model.to(device)
-    scorer = GroupedScorer(vlm, share_prompt=True)
-    collator = EntryCollator(vlm, entries, j)
-    schedule = batch_schedule(len(entries), settings["batch_entries"])
-    params = list(lora_parameters(vlm).values())
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = warmup_cosine(optimizer, int(cfg.warmup_fraction * len(schedule)), len(schedule))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    rss_before_training = proc_status_mib("VmRSS")
-    cuda_before = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    `adapter_seed` draws LoRA A and B (`seed_adapter`, for the loss check against TRL); None keeps
+    peft's own init (B = 0), as the `train` stage starts.
+    """
 
-    def to_device(indices: list[int]) -> dict[str, torch.Tensor]:
-        return {k: v.to(device) for k, v in collator(indices).items()}
+    def __init__(self, vlm: VLM, rows: list[dict], cfg: PreferenceConfig, batch_entries: int,
+                 device: torch.device, autocast: Any, adapter_seed: int | None):
+        self.vlm, self.cfg, self.device, self.autocast = vlm, cfg, device, autocast
+        start = time.perf_counter()
+        self.entries = build_entries(vlm, rows, cfg)
+        self.tokenize_seconds = time.perf_counter() - start
+        self.j = max(len(e.rejected) for e in self.entries)
+        self.peft_lm = apply_lora(vlm, cfg)
+        if adapter_seed is not None:
+            seed_adapter(vlm.model, adapter_seed)
+        vlm.model.to(device)
+        self.scorer = GroupedScorer(vlm, share_prompt=True)
+        self.collator = EntryCollator(vlm, self.entries, self.j)
+        self.schedule = batch_schedule(len(self.entries), batch_entries)
+        self.params = list(lora_parameters(vlm).values())
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = warmup_cosine(self.optimizer, int(cfg.warmup_fraction * len(self.schedule)),
+                                       len(self.schedule))
+        self.reference: torch.Tensor | None = None
 
-    # The reference table, once per run (PreferenceTrainer.score(adapter=False)): timed.
+    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device) for k, v in self.collator(indices).items()}
+
     @torch.no_grad()
-    def reference_pass() -> torch.Tensor:
-        table = torch.zeros(len(entries), 1 + j, device=device)
-        vlm.model.eval()
-        with peft_lm.disable_adapter(), autocast:
-            for indices in schedule:
-                batch = to_device(indices)
-                table[batch["entry"]] = scorer(batch).float()
+    def reference_pass(self) -> torch.Tensor:
+        """The (N, 1 + J) reference table, once per run (PreferenceTrainer.score(adapter=False))."""
+        table = torch.zeros(len(self.entries), 1 + self.j, device=self.device)
+        self.vlm.model.eval()
+        with self.peft_lm.disable_adapter(), self.autocast:
+            for indices in self.schedule:
+                batch = self.batch(indices)
+                table[batch["entry"]] = self.scorer(batch).float()
+        self.reference = table
         return table
 
-    synchronize(device)
-    start = time.perf_counter()
-    reference = reference_pass()
-    synchronize(device)
-    reference_seconds = time.perf_counter() - start
+    def train_mode(self) -> None:
+        self.vlm.model.train()
+        self.vlm.vision_tower.eval()
 
-    def loss_of(batch: dict[str, torch.Tensor]):
-        with autocast:
-            policy = scorer(batch)
-        ref = reference[batch["entry"]]
+    def loss_of(self, method: str, batch: dict[str, torch.Tensor]):
+        cfg = self.cfg
+        with self.autocast:
+            policy = self.scorer(batch)
+        ref = self.reference[batch["entry"]]
         if method == "ours_mlpo":
             return mlpo_loss(policy[:, 0], policy[:, 1:], ref[:, 0], ref[:, 1:], gamma=cfg.gamma,
                              explicit=True, implicit=True, rejected_mask=batch["slots"][:, 1:] >= 0)
@@ -244,31 +252,54 @@ def run_ours(method: str, settings: dict) -> dict:
         return dpo_loss(policy[:, :1].expand(-1, k).reshape(-1), policy[:, 1:].reshape(-1),
                         ref[:, :1].expand(-1, k).reshape(-1), ref[:, 1:].reshape(-1), gamma=cfg.gamma)
 
+    def step(self, method: str, batch: dict[str, torch.Tensor]):
+        """One optimizer step on `batch`; returns the loss output (its `.loss` detached by the caller)."""
+        out = self.loss_of(method, batch)
+        out.loss.backward()
+        if self.cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return out
+
+
+def run_ours(method: str, settings: dict) -> dict:
+    vlm, rows, source, device, rss_after_load = _setup(settings)
+    cfg = preference_config()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    grouped = GroupedStep(vlm, rows, cfg, settings["batch_entries"], device, autocast, settings["adapter_seed"])
+    entries, j, schedule, scorer = grouped.entries, grouped.j, grouped.schedule, grouped.scorer
+    tokenize_seconds = grouped.tokenize_seconds
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    rss_before_training = proc_status_mib("VmRSS")
+    cuda_before = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+    synchronize(device)
+    start = time.perf_counter()
+    grouped.reference_pass()
+    synchronize(device)
+    reference_seconds = time.perf_counter() - start
+
     # FLOPs of one step (forward + backward) and the first-step loss, on the first batch, untimed.
-    vlm.model.train()
-    vlm.vision_tower.eval()
-    first = to_device(schedule[0])
+    grouped.train_mode()
+    first = grouped.batch(schedule[0])
 
     def forward_backward() -> float:
-        out = loss_of(first)
+        out = grouped.loss_of(method, first)
         out.loss.backward()
         return float(out.loss.detach())
 
     first_loss, step_flops = count_flops(forward_backward)
-    optimizer.zero_grad(set_to_none=True)
-    with torch.no_grad(), peft_lm.disable_adapter(), autocast:
+    grouped.optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad(), grouped.peft_lm.disable_adapter(), autocast:
         _, reference_flops_first_batch = count_flops(lambda: scorer(first))
 
     synchronize(device)
     start = time.perf_counter()
     for indices in schedule:
-        out = loss_of(to_device(indices))
-        out.loss.backward()
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        out = grouped.step(method, grouped.batch(indices))
     synchronize(device)
     loop_seconds = time.perf_counter() - start
     vlm.model.eval()
