@@ -19,3 +19,8 @@ fi
 pip install --quiet --no-deps -e ".[dev,dicom,bench]"
 # Convert the GGUF once to a cached Hugging Face folder (~20 s, then ~1 s per load).
 python -c "from pipeline.models.smollm2 import smollm2_dir; print('SmolLM2 weights:', smollm2_dir())"
+# METEOR (the report-generation metric of `evaluate`, pycocoevalcap) runs METEOR 1.5's jar:
+# without Java, `dvc repro` stops at evaluate with a clear error. Say so now, not 15 minutes in.
+if ! command -v java >/dev/null 2>&1; then
+  echo "warning: no java on PATH: evaluate's METEOR needs it (Debian/Ubuntu: apt-get install default-jre-headless)" >&2
+fi
