@@ -32,6 +32,17 @@ def write_json(path: str | Path, obj: Any) -> None:
     tmp.replace(path)
 
 
+def write_jsonl(path: str | Path, lines: list[dict], sort_keys: bool = False) -> None:
+    """Write one JSON object per line, atomically (a temporary name, then a rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for line in lines:
+            f.write(json.dumps(line, ensure_ascii=False, sort_keys=sort_keys) + "\n")
+    tmp.replace(path)
+
+
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 

@@ -13,10 +13,12 @@ and text halves) with a legacy `preprocessor_config.json` (integer `size` / `cro
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -243,3 +245,16 @@ def write_clip_tower(folder: Path, seed: int = 1, hidden_size: int = VISION["hid
         "resample": 3, "size": VISION["image_size"],
     }, indent=2))
     return folder
+
+
+def random_image(size: tuple[int, int], seed: int = 0) -> Image.Image:
+    """A seeded RGB noise image of `size` (width, height)."""
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8).numpy())
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """`image` encoded as PNG, as the pipeline's artifacts store images."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()

@@ -9,7 +9,6 @@ tensors: CLIP tower -> hidden_states[mm_vision_select_layer] -> drop CLS (`patch
 
 from __future__ import annotations
 
-import io
 import json
 import sys
 
@@ -35,6 +34,8 @@ from tests.llava_med_fixture import (
     CLIP_MEAN,
     NUM_IMAGE_TOKENS,
     VISION,
+    png_bytes,
+    random_image,
     write_clip_tower,
     write_original_checkpoint,
 )
@@ -146,23 +147,12 @@ def vlm(converted):
     return load_vlm(converted[2], device="cpu", dtype=torch.float32)
 
 
-def _image(size=(48, 48), seed=0) -> Image.Image:
-    g = torch.Generator().manual_seed(seed)
-    return Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8).numpy())
-
-
-def _png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 # ----------------------------------------------------------------------------- equivalence
 
 
 def test_converted_logits_equal_the_original_forward(converted, vlm):
     original, tower_folder, _ = converted
-    image = _image()
+    image = random_image((48, 48))
     pixel_values = vlm.pixel_values([image])
     # The converted processor is the tower's (LLaVA-Med's `vision_tower.image_processor`).
     tower_processor = CLIPImageProcessorPil.from_pretrained(tower_folder)
@@ -196,8 +186,8 @@ def test_left_padded_batch_through_the_pipeline_equals_the_original(converted, v
     original_tokenizer = AutoTokenizer.from_pretrained(original)
     tower = CLIPVisionModel.from_pretrained(tower_folder).eval()
     questions = [QUESTION, "Is there a mass in the left lung?"]
-    images = [_image(seed=1), _image(seed=2)]
-    batch = collate_prompts(vlm, [_png(im) for im in images], questions, [[], []])
+    images = [random_image((48, 48), seed=1), random_image((48, 48), seed=2)]
+    batch = collate_prompts(vlm, [png_bytes(im) for im in images], questions, [[], []])
     with torch.no_grad():
         logits = vlm.forward(batch.attention_mask, batch.input_ids, batch.pixel_values).logits
     vocab = len(original_tokenizer)
@@ -218,7 +208,7 @@ def test_tower_saved_in_the_checkpoint(tmp_path, tower_weights):
     vlm = load_vlm(tmp_path / "out", device="cpu", dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(original)
     ids = tokenizer_image_token(llava_med_prompt(QUESTION), tokenizer)
-    pixel_values = vlm.pixel_values([_image()])
+    pixel_values = vlm.pixel_values([random_image((48, 48))])
     if tower_weights == "checkpoint":
         tower = reference_tower_from_checkpoint(original, tower_folder)
         assert report.unused_checkpoint_tower is None and report.mapped["vision_tower"] == 39
@@ -244,7 +234,7 @@ def test_converted_folder_loads_as_sft_model(converted, vlm):
     assert vlm.settings.num_image_tokens == NUM_IMAGE_TOKENS == vlm.model.config.image_seq_length
     assert sum(i == vlm.image_token_id for i in vlm.prompt_ids(QUESTION)) == NUM_IMAGE_TOKENS
     with torch.no_grad():
-        features = vlm.image_features(vlm.pixel_values([_image()]))
+        features = vlm.image_features(vlm.pixel_values([random_image((48, 48))]))
     assert features.shape == (1, NUM_IMAGE_TOKENS, vlm.model.config.text_config.hidden_size)
     config = vlm.model.config
     assert (config.vision_feature_layer, config.vision_feature_select_strategy) == (-2, "default")
@@ -278,21 +268,21 @@ def test_chat_template_renders_mistral_instruct(vlm):
 
 def test_pad_to_square_is_llava_meds_expand2square():
     for size, mode in [((40, 24), "RGB"), ((24, 40), "RGB"), ((41, 24), "RGB"), ((30, 17), "L"), ((32, 32), "RGB")]:
-        image = _image(size).convert(mode)
+        image = random_image(size).convert(mode)
         got = pad_to_square(image, CLIP_MEAN)
         assert got.size == (max(size),) * 2 and got.mode == mode
         assert got.tobytes() == expand2square_reference(image, CLIP_MEAN).tobytes()
-    assert pad_to_square(_image((40, 24)), CLIP_MEAN).getpixel((0, 0)) == (122, 116, 104)
-    assert pad_to_square(_image((30, 17)).convert("L"), CLIP_MEAN).getpixel((0, 0)) == 114
+    assert pad_to_square(random_image((40, 24)), CLIP_MEAN).getpixel((0, 0)) == (122, 116, 104)
+    assert pad_to_square(random_image((30, 17)).convert("L"), CLIP_MEAN).getpixel((0, 0)) == 114
     with pytest.raises(ValueError, match="mode 'RGBA'"):
-        pad_to_square(_image((30, 17)).convert("RGBA"), CLIP_MEAN)
+        pad_to_square(random_image((30, 17)).convert("RGBA"), CLIP_MEAN)
 
 
 def test_processor_alone_crops_where_llava_med_pads(vlm):
     """The documented difference: the converted processor centre-crops a non-square image."""
-    wide = _image((64, 32))
+    wide = random_image((64, 32))
     assert not torch.equal(vlm.pixel_values([wide]), vlm.pixel_values([pad_to_square(wide, CLIP_MEAN)]))
-    square = _image((48, 48))
+    square = random_image((48, 48))
     assert torch.equal(vlm.pixel_values([square]), vlm.pixel_values([pad_to_square(square, CLIP_MEAN)]))
 
 

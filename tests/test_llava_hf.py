@@ -3,11 +3,8 @@ LLaVA, and the plain-string prompts of the `tiny`/`demo` profiles and converted 
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
-from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from pipeline.batching import collate_prompts
@@ -16,6 +13,7 @@ from pipeline.generation import greedy_generate
 from pipeline.models.profiles import build_demo, build_tiny, load_vlm
 from pipeline.models.vlm import IMAGE_TOKEN
 from tests.llava_hf_fixture import NUM_IMAGE_TOKENS, write_llava_hf_checkpoint
+from tests.llava_med_fixture import png_bytes, random_image
 
 QUESTION = "what is shown in the image?"
 CONTEXT = [{"question": "which modality is this?", "answer": "a ct scan"},
@@ -43,17 +41,6 @@ def processor(folder):
 @pytest.fixture(scope="module")
 def reference(folder):
     return LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
-
-
-def _image(size=(48, 40), seed=0) -> Image.Image:
-    g = torch.Generator().manual_seed(seed)
-    return Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8).numpy())
-
-
-def _png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _hf_prompt(processor, question: str, context=()) -> str:
@@ -93,11 +80,11 @@ def test_prompt_ids_are_the_llava_15_format_expanded_by_the_processor(vlm, proce
     expanded = vlm.tokenizer(expected.replace(IMAGE_TOKEN, IMAGE_TOKEN * NUM_IMAGE_TOKENS))["input_ids"]
     assert ids == expanded
     assert ids[0] == vlm.tokenizer.bos_token_id
-    assert ids == processor(images=_image(), text=expected)["input_ids"][0]
+    assert ids == processor(images=random_image((48, 40)), text=expected)["input_ids"][0]
 
 
 def test_pixel_values_are_the_processors_resize_and_centre_crop(vlm, processor):
-    image = _image((48, 40))  # not square: the shortest edge is resized to 32, then the centre cropped
+    image = random_image((48, 40))  # not square: the shortest edge is resized to 32, then the centre cropped
     ours = vlm.pixel_values([image])
     torch.testing.assert_close(ours, processor(images=image, text=IMAGE_TOKEN, return_tensors="pt")["pixel_values"])
     ip = vlm.image_processor
@@ -110,8 +97,8 @@ def test_pixel_values_are_the_processors_resize_and_centre_crop(vlm, processor):
 
 @pytest.mark.parametrize("context", [[], CONTEXT], ids=["single-turn", "with-context"])
 def test_forward_equals_transformers_llava(vlm, processor, reference, context):
-    image = _image((48, 40))
-    batch = collate_prompts(vlm, [_png(image)], [QUESTION], [context])
+    image = random_image((48, 40))
+    batch = collate_prompts(vlm, [png_bytes(image)], [QUESTION], [context])
     with torch.no_grad():
         ours = vlm.forward(batch.attention_mask, batch.input_ids, batch.pixel_values).logits
         inputs = processor(images=image, text=_hf_prompt(processor, QUESTION, context), return_tensors="pt")
@@ -121,8 +108,8 @@ def test_forward_equals_transformers_llava(vlm, processor, reference, context):
 
 
 def test_greedy_decoding_equals_generate(vlm, processor, reference):
-    images = [_image((48, 40), seed=s) for s in range(3)]
-    batch = collate_prompts(vlm, [_png(im) for im in images], [QUESTION] * 3, [[], CONTEXT, []])
+    images = [random_image((48, 40), seed=s) for s in range(3)]
+    batch = collate_prompts(vlm, [png_bytes(im) for im in images], [QUESTION] * 3, [[], CONTEXT, []])
     ours = greedy_generate(vlm, batch, 3)
     for image, context, got in zip(images, [[], CONTEXT, []], ours, strict=True):
         inputs = processor(images=image, text=_hf_prompt(processor, QUESTION, context), return_tensors="pt")

@@ -22,7 +22,6 @@ benchmark has none) and the per-benchmark BLEU-1..4, ROUGE-L and METEOR to the m
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -62,7 +61,7 @@ def main(
     from pipeline.metrics import degeneracy
     from pipeline.models.profiles import load_vlm
     from pipeline.params import load_config
-    from pipeline.reporting import write_json
+    from pipeline.reporting import write_json, write_jsonl
     from pipeline.resume import clear_all
     from pipeline.schema import (
         PREDICTION_SCHEMA,
@@ -136,16 +135,6 @@ def warn_degenerate(model: str, report: dict) -> None:
 
     for line in degeneracy_warnings(model, report):
         typer.secho(f"WARNING: degenerate predictions: {line}", err=True, fg=typer.colors.RED, bold=True)
-
-
-def write_jsonl(path: Path, lines: list[dict]) -> None:
-    """Write one JSON object per line, atomically (a temporary name, then a rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for line in lines:
-            f.write(json.dumps(line, ensure_ascii=False) + "\n")
-    tmp.replace(path)
 
 
 def _pct(x: float | None) -> str:

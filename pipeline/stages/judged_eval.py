@@ -10,7 +10,6 @@ moment it arrives (resume; a rerun asks nothing twice). With `judged_eval.enable
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
@@ -23,20 +22,11 @@ from pipeline.judged_evaluation import (
     load_judged_eval_prompts,
 )
 from pipeline.params import load_config
-from pipeline.reporting import write_json
+from pipeline.reporting import write_json, write_jsonl
 from pipeline.schema import PREDICTION_SCHEMA, read_rows, require_rows
 from pipeline.stages._cli import input_option, metrics_option, output_option, params_option, run, stage_app
 
 app = stage_app(__doc__)
-
-
-def _write_transcripts(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as out:
-        for row in rows:
-            out.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
-    tmp.replace(path)
 
 
 @app.command(help=__doc__)
@@ -54,7 +44,7 @@ def main(
     config = load_config(JudgedEvalConfig, params, "judged_eval")
     if not config.enabled:
         write_json(metrics, disabled_metrics())
-        _write_transcripts(transcripts, [])
+        write_jsonl(transcripts, [], sort_keys=True)
         typer.echo("judged_eval: off (judged_eval.enabled: false)")
         return
     from pipeline.judges.backends.hf import PACKAGED
@@ -74,7 +64,7 @@ def main(
         (judge,) = build_judges([config.judge], store, {"judged_eval": prompts.version}, config.request_retry)
         result, lines = evaluate_models(judge, prompts, config, rows)
     write_json(metrics, result)
-    _write_transcripts(transcripts, lines)
+    write_jsonl(transcripts, lines, sort_keys=True)
     scores = ", ".join(f"{name} {summary['overall']['relative_score']}" for name, summary in result["models"].items())
     typer.echo(f"judged_eval: {result['items']} items per model, relative score {scores} -> {metrics}")
 
