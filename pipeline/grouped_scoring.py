@@ -29,7 +29,7 @@ from torch import Tensor
 
 from pipeline.batching import IGNORE_INDEX, decode_image
 from pipeline.losses import sequence_logprobs
-from pipeline.models.vlm import VLM, position_ids_from_mask
+from pipeline.models.vlm import VLM
 
 
 def collate_groups(
@@ -104,7 +104,7 @@ def collate_groups(
         answer_ids[r, : len(ids)] = torch.tensor(ids)
         answer_mask[r, : len(ids)] = 1
     pil = [im if isinstance(im, Image.Image) else decode_image(im) for im in row_images]
-    pixel_values = vlm.image_processor([im.convert("RGB") for im in pil], return_tensors="pt")["pixel_values"]
+    pixel_values = vlm.family.pixel_values(pil)
     return {
         "pixel_values": pixel_values,
         "prompt_ids": prompt_ids,
@@ -146,15 +146,18 @@ def group_logprobs(vlm: VLM, batch: dict[str, Tensor], share_prompt: bool) -> Te
     prompt_embeds = embed_with_features(vlm, prompt_ids, features)
     answer_embeds = vlm.embed(answer_ids, None)
     mask = torch.cat([prompt_mask[row_entry], answer_mask], dim=1)
+    prompt_image_mask = prompt_ids == vlm.image_token_id
+    image_mask = torch.cat([prompt_image_mask[row_entry], torch.zeros_like(answer_mask, dtype=torch.bool)], dim=1)
     n_prompt, n_answer = prompt_ids.shape[1], answer_ids.shape[1]
     if share_prompt:
         from transformers import DynamicCache
 
         cache = DynamicCache()
-        out = vlm.forward(prompt_mask, inputs_embeds=prompt_embeds, cache=cache, logits_to_keep=1)
+        out = vlm.forward(prompt_mask, inputs_embeds=prompt_embeds, cache=cache, logits_to_keep=1,
+                          image_mask=prompt_image_mask)
         first = out.logits[:, -1]  # (prompt rows, V): predicts the first answer token
         cache.batch_select_indices(row_entry)
-        positions = position_ids_from_mask(mask)[:, n_prompt:]
+        positions = vlm.position_ids(mask, image_mask)[..., n_prompt:]
         keep = torch.arange(n_answer - 1, device=mask.device)
         out = vlm.forward(mask, inputs_embeds=answer_embeds, cache=cache, position_ids=positions,
                           logits_to_keep=keep)
@@ -162,7 +165,7 @@ def group_logprobs(vlm: VLM, batch: dict[str, Tensor], share_prompt: bool) -> Te
     else:
         embeds = torch.cat([prompt_embeds[row_entry], answer_embeds], dim=1)
         keep = torch.arange(n_prompt - 1, n_prompt + n_answer - 1, device=mask.device)
-        logits = vlm.forward(mask, inputs_embeds=embeds, logits_to_keep=keep).logits
+        logits = vlm.forward(mask, inputs_embeds=embeds, logits_to_keep=keep, image_mask=image_mask).logits
     labels = answer_ids.masked_fill(answer_mask == 0, IGNORE_INDEX)
     row_logps = sequence_logprobs(logits, labels)  # logits[:, t] predicts answer token t
     slots = batch["slots"]

@@ -40,10 +40,11 @@ from pipeline.external_dispreferred import ExternalSourceConfig
 from pipeline.fingerprint import code_version, fingerprint
 from pipeline.grouped_scoring import collate_groups, group_logprobs
 from pipeline.mask_strategies import MaskStrategy, two_view_embeddings
-from pipeline.models.vlm import VLM, position_ids_from_mask
+from pipeline.models.vlm import VLM
 from pipeline.params import Config
 from pipeline.resume import BatchRun, BatchStore, run_batches
 from pipeline.schema import VQA_NAMES, Turn
+from pipeline.sharding import Shard
 from pipeline.visual_dispreference import VisualDispreferenceConfig
 
 
@@ -101,7 +102,8 @@ def two_view_answer_logits(vlm: VLM, batch: SequenceBatch, strategy: MaskStrateg
     """
     embeds, masks = two_view_embeddings(vlm, batch.input_ids, batch.attention_mask, batch.pixel_values,
                                         strategy, ratio, seeds)
-    hidden = vlm.hidden_states(embeds, masks)
+    image_mask = batch.image_mask.repeat(2, 1)
+    hidden = vlm.hidden_states(embeds, masks, image_mask)
     n = batch.input_ids.shape[0]
     length = int(batch.answer_length.max())
     cols = batch.answer_start.unsqueeze(1) - 1 + torch.arange(length, device=hidden.device).unsqueeze(0)
@@ -234,8 +236,9 @@ def two_view_decode(vlm: VLM, images: list, questions: list[str], prefixes: list
     pixel_values = vlm.pixel_values([im if not isinstance(im, bytes) else decode_image(im) for im in images])
     embeds, masks = two_view_embeddings(vlm, input_ids, mask, pixel_values, strategy, mask_ratio, dropped_seeds)
     cache = DynamicCache()
-    out = vlm.forward(masks, inputs_embeds=embeds, cache=cache, logits_to_keep=1)
-    positions = position_ids_from_mask(masks)[:, -1:]
+    image_mask = (input_ids == vlm.image_token_id).repeat(2, 1)
+    out = vlm.forward(masks, inputs_embeds=embeds, cache=cache, logits_to_keep=1, image_mask=image_mask)
+    positions = vlm.position_ids(masks, image_mask)[..., -1:]
     finished = torch.zeros(n, dtype=torch.bool, device=device)
     tokens: list[list[int]] = [[] for _ in range(n)]
     logprob = torch.zeros(n, dtype=torch.float64, device=device)
@@ -367,13 +370,14 @@ SAMPLE_CODE = ("pipeline.self_contrast", "pipeline.grouped_scoring", "pipeline.b
                "pipeline.mask_strategies", "pipeline.models", "pipeline.losses")
 
 
-def sample_pool(vlm: VLM, rows: list[dict], cfg: SampleConfig, work_dir: str | Path, inputs: dict[str, str]
-                ) -> BatchRun:
+def sample_pool(vlm: VLM, rows: list[dict], cfg: SampleConfig, work_dir: str | Path, inputs: dict[str, str],
+                shard: Shard | None = None) -> BatchRun:
     """CANDIDATES_SCHEMA rows for every pool row, batch by batch, resumable.
 
     `inputs` holds content digests of what the rows and the model came from ({"pool": ...,
     "model": ...}); with the config, the code version and the library versions they key the
     finished batches kept under `work_dir`, so an interrupted run redoes only unfinished batches.
+    `shard`: this process's share of the batches under `accelerate launch` (`pipeline.sharding`).
     """
     import transformers
 
@@ -385,7 +389,7 @@ def sample_pool(vlm: VLM, rows: list[dict], cfg: SampleConfig, work_dir: str | P
     torch.manual_seed(cfg.seed)
     # The parts stay until the stage has written its output (it calls `pipeline.resume.clear_all`).
     return run_batches(rows, cfg.batch_size, lambda batch: sample_batch(vlm, batch, cfg), store, desc="sample",
-                       clear=False)
+                       clear=False, shard=shard)
 
 
 def summarize_candidates(rows: list[dict]) -> dict:

@@ -127,7 +127,8 @@ def token_saliency(vlm: VLM, rows: Sequence[dict]) -> torch.Tensor:
     features = features.detach().requires_grad_(True)
     with torch.enable_grad():
         embeds = embed_with_features(vlm, batch.input_ids.to(device), features)
-        logits = vlm.forward(batch.attention_mask.to(device), inputs_embeds=embeds).logits
+        logits = vlm.forward(batch.attention_mask.to(device), inputs_embeds=embeds,
+                             image_mask=batch.image_mask.to(device)).logits
         logp = answer_logprobs(logits, batch.labels.to(device)).sum()
         (grad,) = torch.autograd.grad(logp, features)
     return (grad * features).sum(-1).detach().float().cpu()

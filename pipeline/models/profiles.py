@@ -32,10 +32,11 @@ from transformers import (
 
 from pipeline.device import default_device, default_dtype
 from pipeline.errors import InputNotFoundError, ModelLoadError
+from pipeline.models.families import family_for
 from pipeline.models.smollm2 import SMOLLM2_NAME, smollm2_dir
 from pipeline.models.sources import is_hub_id, model_load_errors
 from pipeline.models.tiny_tokenizer import build_tiny_tokenizer
-from pipeline.models.vlm import IMAGE_TOKEN, VLM, PromptSettings, content_style, tokenizer_renders_text
+from pipeline.models.vlm import IMAGE_TOKEN, VLM, PromptSettings, tokenizer_renders_text
 
 PROFILES = ("tiny", "demo")
 
@@ -191,10 +192,15 @@ def load_vlm(source: str | Path, device: torch.device | str | None = None,
     with model_load_errors(source, _RECREATE):
         tokenizer = AutoTokenizer.from_pretrained(source)
         image_processor = AutoImageProcessor.from_pretrained(source)
+    settings = PromptSettings.load(source) if local else None
+    try:
+        family = family_for(model, image_processor, settings.image_size if settings else None)
+    except (NotImplementedError, ValueError) as e:
+        raise ModelLoadError(f"{source}: {e}") from e
     processor = None
-    if not tokenizer_renders_text(tokenizer):
-        # llava-hf layout: the template is the processor's and takes typed parts, and the processor
-        # expands the image token; its own tokenizer is used so both tokenize alike.
+    if family.uses_processor(tokenizer_renders_text(tokenizer)):
+        # The prompt is the processor's: llava-hf's typed-part template, Qwen2-VL's vision block;
+        # the processor expands the image token, and its own tokenizer is used so both tokenize alike.
         with model_load_errors(source, _RECREATE):
             processor = AutoProcessor.from_pretrained(source)
         if not hasattr(processor, "tokenizer") or not hasattr(processor, "image_processor"):
@@ -205,17 +211,13 @@ def load_vlm(source: str | Path, device: torch.device | str | None = None,
             )
         tokenizer = processor.tokenizer
     try:
-        content_style(tokenizer, processor)
+        family.content_style(tokenizer, processor)
     except ValueError as e:
         raise ModelLoadError(f"{source}: {e}") from e
-    settings = PromptSettings.load(source) if local else None
     if settings is None:
-        # A checkpoint made elsewhere: one image token per patch, its own default system prompt.
-        vision = model.config.vision_config
-        n = _num_patches(vision)
-        if getattr(model.config, "vision_feature_select_strategy", "default") == "full":
-            n += 1
-        settings = PromptSettings(system_prompt=None, num_image_tokens=n, profile="external")
+        # A checkpoint made elsewhere: the family's visual tokens per image, its own default system prompt.
+        settings = PromptSettings(system_prompt=None, num_image_tokens=family.default_image_tokens(),
+                                  profile="external", image_size=family.image_size)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return VLM(model.to(device).eval(), tokenizer, image_processor, settings, processor=processor)

@@ -13,72 +13,21 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from jinja2 import TemplateError
 from PIL import Image
 from transformers import PreTrainedModel
 
+from pipeline.models.families import Family, family_for, position_ids_from_mask
+from pipeline.models.templates import ContentStyle, content_style, tokenizer_renders_text
 from pipeline.schema import Turn
+
+__all__ = ["IMAGE_TOKEN", "VLM", "ContentStyle", "PromptSettings", "content_style", "position_ids_from_mask",
+           "tokenizer_renders_text"]
 
 IMAGE_TOKEN = "<image>"
 SETTINGS_FILE = "medalign.json"
-
-# How a chat template wants message content: "text" is a plain string with the image placeholders
-# already in it (the `tiny`/`demo` profiles, converted LLaVA-Med); "parts" is llava-hf's list of
-# typed parts (`{"type": "image"}`, `{"type": "text", ...}`), rendered by the family's processor.
-ContentStyle = Literal["text", "parts"]
-
-_PROBE = "medalign-template-probe"
-
-
-def _renders(render, content: Any) -> bool:
-    """Whether a template shows `content`'s probe text: a template that reads typed parts renders a
-    plain string as nothing, and a string template prints the parts as a Python list."""
-    try:
-        text = render([{"role": "user", "content": content}])
-    except (TemplateError, TypeError, ValueError, KeyError):
-        return False
-    return _PROBE in text
-
-
-def tokenizer_renders_text(tokenizer) -> bool:
-    """Whether the tokenizer has a chat template that renders plain-string message content."""
-    return tokenizer.chat_template is not None and _renders(
-        lambda m: tokenizer.apply_chat_template(m, tokenize=False), _PROBE)
-
-
-def content_style(tokenizer, processor=None) -> ContentStyle:
-    """Which chat template prompts are built with, by what it renders.
-
-    The tokenizer's template is used when it renders plain-string content: that is today's prompt
-    of every model the pipeline builds or converts, kept byte for byte. Otherwise the processor's
-    template (`chat_template.json` / `.jinja`, as llava-hf repositories ship it) must render typed
-    parts. Transformers loads a folder's `chat_template.jinja` into both the tokenizer and the
-    processor, so where the template lives says nothing; what it renders does.
-    Raises `ValueError` saying what to add when neither works.
-    """
-    if tokenizer_renders_text(tokenizer):
-        return "text"
-    if processor is not None and getattr(processor, "chat_template", None) is not None and _renders(
-            lambda m: processor.apply_chat_template(m, tokenize=False),
-            [{"type": "image"}, {"type": "text", "text": _PROBE}]):
-        return "parts"
-    has_tokenizer = "a tokenizer template that does not render plain-string messages" \
-        if tokenizer.chat_template is not None else "no tokenizer chat template"
-    if processor is None:
-        has_processor = "no processor loaded"
-    elif getattr(processor, "chat_template", None) is None:
-        has_processor = "no processor chat template"
-    else:
-        has_processor = "a processor template that does not render typed-part messages ({'type': 'image'} / 'text')"
-    raise ValueError(
-        f"cannot build prompts: {has_tokenizer} and {has_processor}. Add the model family's chat template: "
-        "`chat_template.json` ({\"chat_template\": ...}) or `chat_template.jinja` beside `processor_config.json` "
-        "(llava-hf layout), or `chat_template` in `tokenizer_config.json`"
-    )
-
 
 @dataclass
 class PromptSettings:
@@ -87,9 +36,13 @@ class PromptSettings:
     system_prompt: str | None
     num_image_tokens: int
     profile: str
+    # The side every image is resized to, for families that take any size (Qwen2-VL); None for
+    # those whose image processor fixes it (LLaVA). Written only when set.
+    image_size: int | None = None
 
     def save(self, folder: str | Path) -> None:
-        Path(folder, SETTINGS_FILE).write_text(json.dumps(self.__dict__, indent=2) + "\n")
+        values = {k: v for k, v in self.__dict__.items() if k != "image_size" or v is not None}
+        Path(folder, SETTINGS_FILE).write_text(json.dumps(values, indent=2) + "\n")
 
     @classmethod
     def load(cls, folder: str | Path) -> PromptSettings | None:
@@ -99,21 +52,14 @@ class PromptSettings:
         return cls(**json.loads(path.read_text()))
 
 
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that count only attended tokens.
-
-    With these, masking a token out of attention is exactly the same as deleting it from the
-    sequence (rotary embeddings see the same relative distances), which is what makes
-    attention-mask dropout equal to physical removal of visual tokens.
-    """
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 class VLM:
-    """A LLaVA-family model with its tokenizer, image processor and prompt settings.
+    """A vision-language model with its tokenizer, image processor, prompt settings and family.
 
-    `processor` (the family's `AutoProcessor`) is needed only for checkpoints whose chat template
-    takes typed-part content (llava-hf's): it renders the prompt and expands the image token.
+    `family` (`pipeline.models.families`) holds everything that differs between architectures:
+    where the parts are, how images are processed and encoded, which positions tokens get.
+    `processor` (the family's `AutoProcessor`) is needed for checkpoints whose prompts the
+    processor builds (llava-hf's typed-part template, Qwen2-VL): it renders the prompt and
+    expands the image token.
     """
 
     def __init__(self, model: PreTrainedModel, tokenizer, image_processor, settings: PromptSettings,
@@ -123,33 +69,35 @@ class VLM:
         self.image_processor = image_processor
         self.settings = settings
         self.processor = processor
-        self.content_style: ContentStyle = content_style(tokenizer, processor)
+        self.family: Family = family_for(model, image_processor, settings.image_size)
+        self.content_style: ContentStyle = self.family.content_style(tokenizer, processor)
+        self.image_token = self.family.image_token(tokenizer, processor)
         self.image_token_id = int(model.config.image_token_id)
-        if tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) != self.image_token_id:
+        if tokenizer.convert_tokens_to_ids(self.image_token) != self.image_token_id:
             raise ValueError(
-                f"tokenizer maps {IMAGE_TOKEN!r} to {tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)}, "
+                f"tokenizer maps {self.image_token!r} to {tokenizer.convert_tokens_to_ids(self.image_token)}, "
                 f"the model expects {self.image_token_id}"
             )
         self.eos_token_id = int(tokenizer.eos_token_id)
         self.pad_token_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_id)
 
-    # ----- parts (LLaVA layout: model.model.{vision_tower, multi_modal_projector, language_model})
+    # ----- parts (the family knows where they are)
     @property
     def language_model(self) -> torch.nn.Module:
         """The decoder stack (no LM head); LoRA wraps this module."""
-        return self.model.model.language_model
+        return self.family.language_model
 
     @language_model.setter
     def language_model(self, module: torch.nn.Module) -> None:
-        self.model.model.language_model = module
+        self.family.language_model = module
 
     @property
     def vision_tower(self) -> torch.nn.Module:
-        return self.model.model.vision_tower
+        return self.family.vision_tower
 
     @property
     def projector(self) -> torch.nn.Module:
-        return self.model.model.multi_modal_projector
+        return self.family.projector
 
     @property
     def input_embeddings(self) -> torch.nn.Embedding:
@@ -159,12 +107,19 @@ class VLM:
     def lm_head(self) -> torch.nn.Module:
         return self.model.lm_head
 
-    def hidden_states(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def position_ids(self, attention_mask: torch.Tensor, image_mask: torch.Tensor | None) -> torch.Tensor:
+        """Positions of a batch whose attention mask may drop visual tokens: (B, T) for 1-D
+        rotary families, (3, B, T) for Qwen2-VL's; the last one is `[..., -1:]` either way.
+        `image_mask` (True at visual tokens) is required by families whose positions depend on it."""
+        return self.family.position_ids(attention_mask, image_mask)
+
+    def hidden_states(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                      image_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Last hidden states of the language model (no LM head), positions from the mask."""
         return self.model.model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
+            position_ids=self.position_ids(attention_mask, image_mask),
         ).last_hidden_state
 
     # ----- devices
@@ -192,7 +147,7 @@ class VLM:
                 raise ValueError("image_text applies to plain-string chat templates; this model's template "
                                  "takes typed parts, where the image is {'type': 'image'}")
             return self._part_messages(question, context)
-        image = IMAGE_TOKEN * self.settings.num_image_tokens if image_text is None else image_text
+        image = self.image_token * self.settings.num_image_tokens if image_text is None else image_text
         questions = [turn["question"] for turn in context] + [question]
         answers = [turn["answer"] for turn in context]
         messages: list[dict[str, Any]] = []
@@ -231,13 +186,7 @@ class VLM:
         token), so the ids are those transformers' LLaVA examples feed the model.
         """
         messages = self.prompt_messages(question, context)
-        if self.content_style == "parts":
-            text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            # The expansion depends only on the processed image's size, which the processor fixes.
-            ids = list(self.processor(images=[self._blank_image()], text=[text])["input_ids"][0])
-        else:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            ids = self.tokenizer.encode(text, add_special_tokens=False)
+        ids = self.family.render_prompt(self.tokenizer, self.processor, messages, self.content_style)
         n_image = sum(1 for i in ids if i == self.image_token_id)
         if n_image != self.settings.num_image_tokens:
             raise ValueError(
@@ -245,17 +194,9 @@ class VLM:
                 "the tokenizer does not keep the image placeholder as one token, the processor does not expand "
                 "it to one token per visual feature (processor_config.json: patch_size, "
                 "vision_feature_select_strategy, num_additional_image_tokens), or a question or "
-                f"answer of the conversation contains {IMAGE_TOKEN!r}"
+                f"answer of the conversation contains {self.image_token!r}"
             )
         return [int(i) for i in ids]
-
-    def _blank_image(self) -> Image.Image:
-        ip = self.image_processor
-        size = dict(ip.crop_size if getattr(ip, "do_center_crop", False) else ip.size)
-        side = size.get("height") or size.get("shortest_edge")
-        if not side:
-            raise ValueError(f"the image processor's output size is not fixed ({size})")
-        return Image.new("RGB", (int(size.get("width") or side), int(side)))
 
     def answer_ids(self, answer: str) -> list[int]:
         """The answer's tokens followed by the end-of-turn token the model must learn to emit."""
@@ -267,8 +208,8 @@ class VLM:
 
     # ----- images
     def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
-        out = self.image_processor([im.convert("RGB") for im in images], return_tensors="pt")
-        return out["pixel_values"].to(self.device, self.dtype)
+        """(B, ...) one processed tensor per image (the family's layout), on the model's device."""
+        return self.family.pixel_values(images).to(self.device, self.dtype)
 
     # ----- forward
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
@@ -295,13 +236,9 @@ class VLM:
     def image_features(self, pixel_values: torch.Tensor,
                        vision_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, num_image_tokens, hidden) projected visual tokens. `vision_attention_mask`, an additive
-        (B, 1, T, T) mask, goes to the vision tower's self-attention (`pipeline.mask_strategies`)."""
-        extra = {} if vision_attention_mask is None else {"attention_mask": vision_attention_mask}
-        out = self.model.get_image_features(pixel_values=pixel_values, return_dict=True, **extra)
-        features = out.pooler_output
-        if isinstance(features, (list, tuple)):
-            features = torch.stack(list(features))
-        return features
+        (B, 1, T, T) mask, goes to the vision tower's self-attention (`pipeline.mask_strategies`;
+        CLIP towers only)."""
+        return self.family.image_features(pixel_values, vision_attention_mask)
 
     def forward(
         self,
@@ -311,13 +248,17 @@ class VLM:
         inputs_embeds: torch.Tensor | None = None,
         cache=None,
         position_ids: torch.Tensor | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
+        image_mask: torch.Tensor | None = None,
     ):
-        """One language-model forward; positions follow the attention mask unless given."""
+        """One language-model forward. Positions are the family's for the attention mask
+        (`position_ids`) unless given; `image_mask` defaults to where `input_ids` has the image token."""
+        if image_mask is None and input_ids is not None:
+            image_mask = input_ids == self.image_token_id
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, pixel_values)
         if position_ids is None:
-            position_ids = position_ids_from_mask(attention_mask)
+            position_ids = self.position_ids(attention_mask, image_mask)
         return self.model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,

@@ -1,0 +1,327 @@
+"""Model families: what differs between LLaVA-1.5 and Qwen2-VL behind the one `VLM` interface.
+
+A `Family` says, for one architecture, where its parts are (the decoder that LoRA wraps, the
+vision tower, the projector), which token stands for a visual feature, how images become the
+per-image pixel tensor the pipeline batches, how the vision tower turns that into one row of
+visual tokens per image, and which positions every token gets, also when visual tokens are
+dropped. Stages and library code call the `VLM`; only this module knows the family
+(docs/models.md § "Model families").
+
+What a dropped visual token means is the same for every family: it is masked out of attention in
+every language-model layer, so no other token sees it. The families differ in the positions the
+kept tokens get, each defined so that the masked view equals the model run with the dropped
+tokens physically removed from the sequence and given those positions:
+
+- LLaVA (1-D rotary positions): positions count attended tokens only (`position_ids_from_mask`),
+  which is what the shortened sequence would get from the model itself.
+- Qwen2-VL / Qwen2.5-VL (multimodal rotary positions, an image is a (1, h, w) grid): a kept
+  visual token keeps its own (t, h, w) position, and text keeps the positions it has in the full
+  view, so a dropped token leaves a hole instead of shifting its neighbours' spatial meaning.
+  An image whose every token is dropped (the blind control) takes no positions at all: the text
+  is then numbered exactly as the model numbers a prompt without the image.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+
+from pipeline.models.templates import ContentStyle, content_style, tokenizer_renders_parts
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count only attended tokens.
+
+    With these, masking a token out of attention is exactly the same as deleting it from the
+    sequence (rotary embeddings see the same relative distances), which is what makes
+    attention-mask dropout equal to physical removal of visual tokens.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class Family:
+    """One model family. Subclasses set the class attributes and override what differs."""
+
+    name: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]
+    # crop (`pixel`) and vision-attention (`patch`, `latent`) mask strategies need a CLIP tower
+    # on (B, C, H, W) pixels; families without one support the `token` strategy only.
+    supports_vision_masks: ClassVar[bool] = False
+
+    def __init__(self, model: torch.nn.Module, image_processor: Any, image_size: int | None = None) -> None:
+        self.model = model
+        self.image_processor = image_processor
+        self.image_size = image_size
+
+    # ----- parts
+    @property
+    def language_model(self) -> torch.nn.Module:
+        return self.model.model.language_model
+
+    @language_model.setter
+    def language_model(self, module: torch.nn.Module) -> None:
+        self.model.model.language_model = module
+
+    @property
+    def vision_tower(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    @property
+    def projector(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    # ----- prompts
+    def image_token(self, tokenizer: Any, processor: Any | None) -> str:
+        """The placeholder token that stands for one visual feature in the prompt."""
+        return "<image>"
+
+    def uses_processor(self, tokenizer_renders_text: bool) -> bool:
+        """Whether prompts are built by the family's processor (typed-part chat template and its
+        expansion of the image token) rather than the tokenizer's plain-string template."""
+        return not tokenizer_renders_text
+
+    def content_style(self, tokenizer: Any, processor: Any | None) -> ContentStyle:
+        """How prompts are rendered (`pipeline.models.templates`); `ValueError` saying what to add
+        when the checkpoint has no usable template."""
+        return content_style(tokenizer, processor, prefer_processor=processor is not None)
+
+    def render_prompt(self, tokenizer: Any, processor: Any | None, messages: list[dict[str, Any]],
+                      style: ContentStyle) -> list[int]:
+        """Token ids of the chat-formatted `messages` with the generation prompt, the image token
+        expanded to one per visual token."""
+        if style == "parts":
+            text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            # The expansion depends only on the processed image's size, which the processor fixes.
+            return [int(i) for i in processor(images=[self.prompt_image()], text=[text])["input_ids"][0]]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    def prompt_image(self) -> Image.Image:
+        """An image of the size every image is processed at: the processor expands the image
+        token for it, and the expansion depends only on that size."""
+        raise NotImplementedError
+
+    def default_image_tokens(self) -> int:
+        """Visual tokens per image of a checkpoint made elsewhere (no `medalign.json`)."""
+        raise NotImplementedError
+
+    # ----- images
+    def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
+        """(B, ...) one processed tensor per image, stackable and indexable along dim 0."""
+        raise NotImplementedError
+
+    def image_features(self, pixel_values: torch.Tensor,
+                       vision_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, visual tokens, hidden) projected visual tokens of `pixel_values`."""
+        raise NotImplementedError
+
+    # ----- positions
+    def position_ids(self, attention_mask: torch.Tensor, image_mask: torch.Tensor | None) -> torch.Tensor:
+        """Position ids of a (B, T) batch whose attention mask may drop visual tokens."""
+        return position_ids_from_mask(attention_mask)
+
+
+class LlavaFamily(Family):
+    """LLaVA-1.5 (`LlavaForConditionalGeneration`): the `tiny` and `demo` profiles, llava-hf
+    checkpoints and converted LLaVA-Med. A fixed number of visual tokens per image, 1-D positions."""
+
+    name = "llava"
+    model_types = ("llava",)
+    supports_vision_masks = True
+
+    @property
+    def vision_tower(self) -> torch.nn.Module:
+        return self.model.model.vision_tower
+
+    @property
+    def projector(self) -> torch.nn.Module:
+        return self.model.model.multi_modal_projector
+
+    def prompt_image(self) -> Image.Image:
+        ip = self.image_processor
+        size = dict(ip.crop_size if getattr(ip, "do_center_crop", False) else ip.size)
+        side = size.get("height") or size.get("shortest_edge")
+        if not side:
+            raise ValueError(f"the image processor's output size is not fixed ({size})")
+        return Image.new("RGB", (int(size.get("width") or side), int(side)))
+
+    def default_image_tokens(self) -> int:
+        vision = self.model.config.vision_config
+        n = (vision.image_size // vision.patch_size) ** 2
+        if getattr(self.model.config, "vision_feature_select_strategy", "default") == "full":
+            n += 1
+        return n
+
+    def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
+        return self.image_processor([im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
+
+    def image_features(self, pixel_values: torch.Tensor,
+                       vision_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        extra = {} if vision_attention_mask is None else {"attention_mask": vision_attention_mask}
+        out = self.model.get_image_features(pixel_values=pixel_values, return_dict=True, **extra)
+        features = out.pooler_output
+        if isinstance(features, (list, tuple)):
+            features = torch.stack(list(features))
+        return features
+
+
+class Qwen2VLFamily(Family):
+    """Qwen2-VL and Qwen2.5-VL (`Qwen2VLForConditionalGeneration`,
+    `Qwen2_5_VLForConditionalGeneration`): the base of Lingshu and HuatuoGPT-Vision.
+
+    Every image is resized to one square side (`PromptSettings.image_size`, a multiple of the
+    patch size times the merge size) before the family's own image processor, so every image
+    has the same (1, h, w) grid and the same number of visual tokens; Qwen's native dynamic
+    resolution is not used (docs/models.md).
+    """
+
+    name = "qwen2_vl"
+    model_types = ("qwen2_vl", "qwen2_5_vl")
+    # The side used for a checkpoint made elsewhere: 448 px, 16 x 16 = 256 visual tokens.
+    DEFAULT_SIDE: ClassVar[int] = 448
+
+    def __init__(self, model: torch.nn.Module, image_processor: Any, image_size: int | None = None) -> None:
+        super().__init__(model, image_processor, image_size)
+        vision = model.config.vision_config
+        self.patch_size = int(vision.patch_size)
+        self.merge_size = int(vision.spatial_merge_size)
+        self.factor = self.patch_size * self.merge_size
+        if self.image_size is None:
+            self.image_size = self.default_side()
+        if self.image_size % self.factor:
+            raise ValueError(f"{self.name}: image_size {self.image_size} is not a multiple of patch size x merge size "
+                             f"({self.factor})")
+        self.llm_grid = self.image_size // self.factor  # visual tokens per side
+        self.grid_thw = torch.tensor([1, self.llm_grid * self.merge_size, self.llm_grid * self.merge_size])
+
+    def default_side(self) -> int:
+        """448 px, or the largest multiple of the factor the processor's `max_pixels` allows."""
+        size = getattr(self.image_processor, "size", None) or {}
+        max_pixels = size.get("longest_edge") or getattr(self.image_processor, "max_pixels", None)
+        side = self.DEFAULT_SIDE
+        if max_pixels:
+            side = min(side, math.isqrt(int(max_pixels)) // self.factor * self.factor)
+        return max(side, self.factor)
+
+    @property
+    def vision_tower(self) -> torch.nn.Module:
+        return self.model.model.visual
+
+    @property
+    def projector(self) -> torch.nn.Module:
+        return self.model.model.visual.merger
+
+    def image_token(self, tokenizer: Any, processor: Any | None) -> str:
+        return getattr(processor, "image_token", None) or "<|image_pad|>"
+
+    def uses_processor(self, tokenizer_renders_text: bool) -> bool:
+        # Qwen2VLProcessor cannot be built without torchvision (its video half), which has no CPU
+        # build this project can install; the tokenizer carries the same chat template, and the
+        # processor's one step on top of it, the image token's expansion, is `render_prompt`'s.
+        return False
+
+    def content_style(self, tokenizer: Any, processor: Any | None) -> ContentStyle:
+        # Qwen's template renders plain strings too, but only typed parts get the
+        # <|vision_start|><|image_pad|><|vision_end|> block the model was trained on.
+        if not tokenizer_renders_parts(tokenizer):
+            raise ValueError(f"{self.name}: the tokenizer has no chat template that renders typed parts "
+                             "({'type': 'image'}); add the model's chat_template to tokenizer_config.json "
+                             "or as chat_template.jinja")
+        return "parts"
+
+    def render_prompt(self, tokenizer: Any, processor: Any | None, messages: list[dict[str, Any]],
+                      style: ContentStyle) -> list[int]:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        token = self.image_token(tokenizer, processor)
+        # Qwen2VLProcessor.replace_image_token: one token per merged patch of the image's grid.
+        text = text.replace(token, token * self.default_image_tokens())
+        return [int(i) for i in tokenizer(text)["input_ids"]]
+
+    def prompt_image(self) -> Image.Image:
+        return Image.new("RGB", (self.image_size, self.image_size))
+
+    def default_image_tokens(self) -> int:
+        return self.llm_grid ** 2
+
+    def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
+        side = self.image_size
+        resized = [im.convert("RGB").resize((side, side), Image.Resampling.BICUBIC) for im in images]
+        out = self.image_processor(images=resized, return_tensors="pt")
+        grids = out["image_grid_thw"]
+        if not bool((grids == self.grid_thw).all()):
+            raise ValueError(f"{self.name}: the image processor made grids {grids.tolist()} for {side} px images, "
+                             f"expected {self.grid_thw.tolist()}: its min_pixels / max_pixels exclude {side}x{side}")
+        pixels = out["pixel_values"]
+        return pixels.reshape(len(images), -1, pixels.shape[-1])
+
+    def image_features(self, pixel_values: torch.Tensor,
+                       vision_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if vision_attention_mask is not None:
+            raise NotImplementedError(f"{self.name}: masking the vision tower's attention is implemented for CLIP "
+                                      "towers only; use sample.mask_strategy token")
+        n = pixel_values.shape[0]
+        grid = self.grid_thw.to(pixel_values.device).repeat(n, 1)
+        out = self.model.model.get_image_features(pixel_values=pixel_values.reshape(-1, pixel_values.shape[-1]),
+                                                  image_grid_thw=grid, return_dict=True)
+        return torch.stack(list(out.pooler_output))
+
+    def position_ids(self, attention_mask: torch.Tensor, image_mask: torch.Tensor | None) -> torch.Tensor:
+        """(3, B, T) temporal / height / width positions (module docstring).
+
+        A run of `image_mask` tokens holds whole images, each `llm_grid`² tokens in row-major
+        order; its first token is at p, token (h, w) gets (p, p + h, p + w), and the text after
+        it starts at p + `llm_grid`, as Qwen's `get_rope_index` numbers it. An image with no
+        attended token takes no positions. Masked tokens' positions are never read.
+        """
+        if image_mask is None:
+            raise ValueError(f"{self.name}: positions depend on where the visual tokens are; pass image_mask "
+                             "(or position_ids)")
+        batch, length = attention_mask.shape
+        device = attention_mask.device
+        attended = attention_mask.bool()
+        per_image = self.llm_grid ** 2
+        rows = torch.arange(self.llm_grid, device=device).repeat_interleave(self.llm_grid)
+        cols = torch.arange(self.llm_grid, device=device).repeat(self.llm_grid)
+        # Each token's advance of the running position: 1 per attended text token, plus an
+        # image's extent after its last token when any of it is attended.
+        step = (attended & ~image_mask).long()
+        starts: list[tuple[int, int]] = []  # (row, first column) of every image
+        for b in range(batch):
+            columns = image_mask[b].nonzero().squeeze(-1).tolist()
+            if len(columns) % per_image:
+                raise ValueError(f"{self.name}: row {b} has {len(columns)} visual tokens, not a multiple of "
+                                 f"{per_image} per image")
+            for first in columns[::per_image]:
+                if columns[columns.index(first) + per_image - 1] != first + per_image - 1:
+                    raise ValueError(f"{self.name}: row {b}'s visual tokens of one image are not contiguous")
+                starts.append((b, first))
+                if attended[b, first:first + per_image].any():
+                    step[b, first + per_image - 1] += self.llm_grid
+        before = step.cumsum(-1) - step  # the running position at each token
+        positions = before.unsqueeze(0).repeat(3, 1, 1)
+        for b, first in starts:
+            p = before[b, first]
+            span = slice(first, first + per_image)
+            positions[0, b, span] = p
+            positions[1, b, span] = p + rows
+            positions[2, b, span] = p + cols
+        return positions
+
+
+FAMILIES: tuple[type[Family], ...] = (LlavaFamily, Qwen2VLFamily)
+
+
+def family_for(model: torch.nn.Module, image_processor: Any, image_size: int | None = None) -> Family:
+    """The family of a loaded model, by its config's `model_type`; a clear error for any other."""
+    model_type = getattr(model.config, "model_type", None)
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family(model, image_processor, image_size)
+    supported = ", ".join(t for f in FAMILIES for t in f.model_types)
+    raise NotImplementedError(
+        f"model_type {model_type!r} ({type(model).__name__}) has no adapter yet; supported: {supported} "
+        "(docs/models.md § Model families)"
+    )

@@ -1,0 +1,72 @@
+"""Chat templates: which one builds a model's prompts, judged by what it renders.
+
+A template takes message content either as a plain string with the image placeholders already in
+it ("text": the `tiny`/`demo` profiles, converted LLaVA-Med) or as a list of typed parts
+(`{"type": "image"}`, `{"type": "text", ...}`: "parts", llava-hf's and Qwen2-VL's).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from jinja2 import TemplateError
+
+ContentStyle = Literal["text", "parts"]
+
+_PROBE = "medalign-template-probe"
+
+
+def _renders(render, content: Any) -> bool:
+    """Whether a template shows `content`'s probe text: a template that reads typed parts renders a
+    plain string as nothing, and a string template prints the parts as a Python list."""
+    try:
+        text = render([{"role": "user", "content": content}])
+    except (TemplateError, TypeError, ValueError, KeyError):
+        return False
+    return _PROBE in text
+
+
+def tokenizer_renders_text(tokenizer) -> bool:
+    """Whether the tokenizer has a chat template that renders plain-string message content."""
+    return tokenizer.chat_template is not None and _renders(
+        lambda m: tokenizer.apply_chat_template(m, tokenize=False), _PROBE)
+
+
+def content_style(tokenizer, processor=None, prefer_processor: bool = False) -> ContentStyle:
+    """Which chat template prompts are built with, by what it renders.
+
+    The tokenizer's template is used when it renders plain-string content: that is today's prompt
+    of every model the pipeline builds or converts, kept byte for byte. Otherwise the processor's
+    template (`chat_template.json` / `.jinja`, as llava-hf repositories ship it) must render typed
+    parts. Transformers loads a folder's `chat_template.jinja` into both the tokenizer and the
+    processor, so where the template lives says nothing; what it renders does.
+    `prefer_processor` (families whose processor writes the image block, `Family.uses_processor`)
+    tries the processor's template first.
+    Raises `ValueError` saying what to add when neither works.
+    """
+    if not prefer_processor and tokenizer_renders_text(tokenizer):
+        return "text"
+    if processor is not None and getattr(processor, "chat_template", None) is not None and _renders(
+            lambda m: processor.apply_chat_template(m, tokenize=False),
+            [{"type": "image"}, {"type": "text", "text": _PROBE}]):
+        return "parts"
+    has_tokenizer = "a tokenizer template that does not render plain-string messages" \
+        if tokenizer.chat_template is not None else "no tokenizer chat template"
+    if processor is None:
+        has_processor = "no processor loaded"
+    elif getattr(processor, "chat_template", None) is None:
+        has_processor = "no processor chat template"
+    else:
+        has_processor = "a processor template that does not render typed-part messages ({'type': 'image'} / 'text')"
+    raise ValueError(
+        f"cannot build prompts: {has_tokenizer} and {has_processor}. Add the model family's chat template: "
+        "`chat_template.json` ({\"chat_template\": ...}) or `chat_template.jinja` beside `processor_config.json` "
+        "(llava-hf layout), or `chat_template` in `tokenizer_config.json`"
+    )
+
+
+def tokenizer_renders_parts(tokenizer) -> bool:
+    """Whether the tokenizer has a chat template that renders typed-part message content."""
+    return tokenizer.chat_template is not None and _renders(
+        lambda m: tokenizer.apply_chat_template(m, tokenize=False),
+        [{"type": "image"}, {"type": "text", "text": _PROBE}])
