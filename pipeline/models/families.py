@@ -118,10 +118,19 @@ class Family:
         """(B, visual tokens, hidden) projected visual tokens of `pixel_values`."""
         raise NotImplementedError
 
-    # ----- positions
+    def end_of_turn_id(self, tokenizer: Any) -> int:
+        """The token an answer ends with, which the model learns to emit and decoding stops at."""
+        return int(tokenizer.eos_token_id)
+
+    # ----- positions and attention
     def position_ids(self, attention_mask: torch.Tensor, image_mask: torch.Tensor | None) -> torch.Tensor:
         """Position ids of a (B, T) batch whose attention mask may drop visual tokens."""
         return position_ids_from_mask(attention_mask)
+
+    def forward_kwargs(self, image_mask: torch.Tensor | None, prefill: bool) -> dict[str, Any]:
+        """Extra arguments of the model's forward for a batch with visual tokens at `image_mask`
+        (`prefill`: the forward sees the whole prompt, not a decoding step on a cache)."""
+        return {}
 
 
 class LlavaFamily(Family):
@@ -311,7 +320,57 @@ class Qwen2VLFamily(Family):
         return positions
 
 
-FAMILIES: tuple[type[Family], ...] = (LlavaFamily, Qwen2VLFamily)
+class Gemma3Family(LlavaFamily):
+    """Gemma 3 (`Gemma3ForConditionalGeneration`): the base of MedGemma. A SigLIP tower pooled to
+    `mm_tokens_per_image` visual tokens, the prompt built by `Gemma3Processor` (its template and
+    its `<start_of_image>` block), 1-D positions as LLaVA's.
+
+    Gemma 3 lets an image's tokens attend to each other both ways (`token_type_ids`), which the
+    forward gets on every prefill; a dropped visual token is masked as a key for all of them.
+    Its local layers attend within a window of token indices, not positions, so masking equals
+    removal only while a sequence with dropped tokens is shorter than `sliding_window` (1,024 in
+    the released models); longer ones are refused.
+    """
+
+    name = "gemma3"
+    model_types = ("gemma3",)
+    supports_vision_masks = False
+
+    def image_token(self, tokenizer: Any, processor: Any | None) -> str:
+        # Gemma3Processor's `image_token` is <start_of_image>, what the template writes; the
+        # placeholder of each visual token is the tokenizer's <image_soft_token>.
+        return getattr(tokenizer, "image_token", None) or "<image_soft_token>"
+
+    def uses_processor(self, tokenizer_renders_text: bool) -> bool:
+        # Gemma's template renders plain strings too, but only the processor writes the image block.
+        return True
+
+    def default_image_tokens(self) -> int:
+        return int(self.model.config.mm_tokens_per_image)
+
+    def end_of_turn_id(self, tokenizer: Any) -> int:
+        # The instruction-tuned models end a turn with <end_of_turn>, not the tokenizer's <eos>.
+        token = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+        return int(token) if token is not None and token != tokenizer.unk_token_id else int(tokenizer.eos_token_id)
+
+    def position_ids(self, attention_mask: torch.Tensor, image_mask: torch.Tensor | None) -> torch.Tensor:
+        window = getattr(self.model.config.get_text_config(), "sliding_window", None)
+        if window and attention_mask.shape[1] > window:
+            attended = attention_mask.bool()
+            after_first = attended.long().cumsum(-1) > 0
+            before_last = attended.flip(-1).long().cumsum(-1).flip(-1) > 0
+            if bool((~attended & after_first & before_last).any()):
+                raise ValueError(f"{self.name}: a sequence of {attention_mask.shape[1]} tokens with dropped tokens inside "
+                                 f"is longer than the sliding window ({window}), where masking is not removal")
+        return position_ids_from_mask(attention_mask)
+
+    def forward_kwargs(self, image_mask: torch.Tensor | None, prefill: bool) -> dict[str, Any]:
+        if image_mask is None or not prefill:
+            return {}
+        return {"token_type_ids": image_mask.long()}
+
+
+FAMILIES: tuple[type[Family], ...] = (LlavaFamily, Qwen2VLFamily, Gemma3Family)
 
 
 def family_for(model: torch.nn.Module, image_processor: Any, image_size: int | None = None) -> Family:

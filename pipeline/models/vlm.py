@@ -78,7 +78,7 @@ class VLM:
                 f"tokenizer maps {self.image_token!r} to {tokenizer.convert_tokens_to_ids(self.image_token)}, "
                 f"the model expects {self.image_token_id}"
             )
-        self.eos_token_id = int(tokenizer.eos_token_id)
+        self.eos_token_id = self.family.end_of_turn_id(tokenizer)
         self.pad_token_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_id)
 
     # ----- parts (the family knows where they are)
@@ -120,6 +120,7 @@ class VLM:
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=self.position_ids(attention_mask, image_mask),
+            **self.family.forward_kwargs(image_mask, prefill=True),
         ).last_hidden_state
 
     # ----- devices
@@ -259,6 +260,7 @@ class VLM:
             inputs_embeds = self.embed(input_ids, pixel_values)
         if position_ids is None:
             position_ids = self.position_ids(attention_mask, image_mask)
+        prefill = cache is None or cache.get_seq_length() == 0
         return self.model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -266,6 +268,7 @@ class VLM:
             cache=cache,
             use_cache=cache is not None,
             logits_to_keep=logits_to_keep,
+            **self.family.forward_kwargs(image_mask, prefill),
         )
 
     # ----- persistence

@@ -1,0 +1,217 @@
+"""Every model family through the one `VLM` interface, on tiny random checkpoints of the real
+architectures laid out as on the Hub, each checked against transformers' own model given what the
+family's processor gives it: load, prompt with image, forward, the dropped view equal to the
+dropped tokens physically removed, the blind view equal to the model without the image, grouped
+scoring equal to scoring each row alone, batched greedy decoding equal to `generate`, one LoRA
+preference step, save and reload. Family-specific checks: tests/test_qwen2_vl.py,
+tests/test_llava_hf.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from pipeline.batching import answer_logprobs, collate_prompts, collate_sequences
+from pipeline.generation import greedy_generate
+from pipeline.grouped_scoring import collate_groups, group_logprobs
+from pipeline.losses import dpo_loss
+from pipeline.mask_strategies import two_view_embeddings
+from pipeline.models.profiles import load_vlm
+from pipeline.training.common import LoraSettings, wrap_lora
+from pipeline.visual_dropout import blind_mask, drop_visual_tokens
+from tests.gemma3_fixture import write_gemma3_checkpoint
+from tests.llava_hf_fixture import write_llava_hf_checkpoint
+from tests.llava_med_fixture import random_image
+from tests.qwen2_vl_fixture import write_qwen2_vl_checkpoint
+
+QUESTION = "what is shown in the image?"
+CONTEXT = [{"question": "which modality is this?", "answer": "a ct scan."},
+           {"question": "is there a mass?", "answer": "yes, in the liver."}]
+
+WRITERS = {
+    "llava": lambda folder: write_llava_hf_checkpoint(folder),
+    "qwen2_vl": lambda folder: write_qwen2_vl_checkpoint(folder, model_type="qwen2_vl"),
+    "qwen2_5_vl": lambda folder: write_qwen2_vl_checkpoint(folder, model_type="qwen2_5_vl"),
+    "gemma3": lambda folder: write_gemma3_checkpoint(folder),
+}
+FAMILY = {"llava": "llava", "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_vl", "gemma3": "gemma3"}
+
+
+@pytest.fixture(scope="module", params=list(WRITERS))
+def checkpoint(request, tmp_path_factory):
+    return request.param, WRITERS[request.param](tmp_path_factory.mktemp(request.param) / "tiny")
+
+
+@pytest.fixture(scope="module")
+def vlm(checkpoint):
+    return load_vlm(checkpoint[1], device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    return AutoModelForImageTextToText.from_pretrained(checkpoint[1], dtype=torch.float32).eval()
+
+
+def _images(n: int):
+    # neither square nor the processed size
+    return [random_image((48 + 8 * k, 40), seed=k) for k in range(n)]
+
+
+def _reference_inputs(vlm, image, context) -> dict:
+    """What the family's own processor hands its model for one prompt. Qwen2VLProcessor needs
+    torchvision (not installed here), so for Qwen its image processor's output and the
+    `mm_token_type_ids` it would add are assembled as the processor does."""
+    ids = vlm.prompt_ids(QUESTION, context)
+    if vlm.family.name == "qwen2_vl":
+        side = vlm.family.image_size
+        out = vlm.image_processor(images=[image.convert("RGB").resize((side, side))], return_tensors="pt")
+        input_ids = torch.tensor([ids])
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+                "pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"],
+                "mm_token_type_ids": (input_ids == vlm.image_token_id).int()}
+    processor = vlm.processor or AutoProcessor.from_pretrained(vlm.model.name_or_path)
+    text = processor.apply_chat_template(vlm.prompt_messages(QUESTION, context), add_generation_prompt=True,
+                                         tokenize=False)
+    inputs = dict(processor(images=[image], text=[text], return_tensors="pt"))
+    assert inputs["input_ids"][0].tolist() == ids  # the family's prompt is the processor's
+    return inputs
+
+
+def _removed_kwargs(vlm, image_mask: torch.Tensor) -> dict:
+    """What the model needs besides embeddings for a sequence whose visual tokens are `image_mask`:
+    Gemma 3's image tokens attend to each other both ways (the processor's token_type_ids)."""
+    return {"token_type_ids": image_mask.long()} if vlm.family.name == "gemma3" else {}
+
+
+def test_loads_as_its_family(checkpoint, vlm):
+    assert vlm.family.name == FAMILY[checkpoint[0]]
+    ids = vlm.prompt_ids(QUESTION, CONTEXT)
+    assert sum(i == vlm.image_token_id for i in ids) == vlm.settings.num_image_tokens == 16
+
+
+@pytest.mark.parametrize("context", [[], CONTEXT], ids=["single-turn", "with-context"])
+def test_forward_equals_the_models_own_forward(vlm, reference, context):
+    images = _images(2)
+    batch = collate_prompts(vlm, images, [QUESTION, QUESTION], [context, []])
+    with torch.no_grad():
+        ours = vlm.forward(batch.attention_mask, batch.input_ids, batch.pixel_values).logits
+        for b, (image, ctx) in enumerate(zip(images, [context, []], strict=True)):
+            inputs = _reference_inputs(vlm, image, ctx)
+            theirs = reference(**inputs).logits[0]
+            assert torch.allclose(ours[b, -theirs.shape[0]:], theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_dropped_view_equals_the_visual_tokens_physically_removed(vlm, reference):
+    batch = collate_prompts(vlm, _images(2), [QUESTION, QUESTION], [[], CONTEXT])
+    dropped = drop_visual_tokens(batch.attention_mask, batch.image_mask, 0.5, seeds=[3, 4])
+    positions = vlm.position_ids(dropped, batch.image_mask)
+    kept = dropped.bool()
+    with torch.no_grad():
+        embeds = vlm.embed(batch.input_ids, batch.pixel_values)
+        masked = vlm.forward(dropped, inputs_embeds=embeds, image_mask=batch.image_mask).logits
+        full = vlm.forward(batch.attention_mask, inputs_embeds=embeds, image_mask=batch.image_mask).logits
+        for b in range(2):
+            keep = kept[b]
+            assert int((batch.image_mask[b] & ~keep).sum()) == 8
+            removed = reference(inputs_embeds=embeds[b:b + 1, keep], attention_mask=torch.ones(1, int(keep.sum())),
+                                position_ids=positions[..., b:b + 1, keep],
+                                **_removed_kwargs(vlm, batch.image_mask[b:b + 1, keep])).logits[0]
+            assert torch.allclose(masked[b, keep], removed, atol=1e-4, rtol=1e-4)
+            assert not torch.allclose(masked[b, -1], full[b, -1], atol=1e-3)  # dropping changed the prediction
+
+
+def test_blind_view_equals_the_model_without_the_image(vlm, reference):
+    batch = collate_prompts(vlm, _images(2), [QUESTION, QUESTION], [[], CONTEXT])
+    blind = blind_mask(batch.attention_mask, batch.image_mask)
+    with torch.no_grad():
+        logits = vlm.forward(blind, batch.input_ids, batch.pixel_values).logits
+        for b in range(2):
+            keep = blind[b].bool()
+            text_only = batch.input_ids[b:b + 1, keep]  # the prompt with the image tokens cut out
+            theirs = reference(input_ids=text_only, attention_mask=torch.ones_like(text_only)).logits[0]
+            assert torch.allclose(logits[b, keep], theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_token_strategy_gives_two_views(vlm):
+    batch = collate_prompts(vlm, _images(2), [QUESTION, QUESTION], [[], []])
+    embeds, masks = two_view_embeddings(vlm, batch.input_ids, batch.attention_mask, batch.pixel_values,
+                                        "token", 0.5, [1, 2])
+    assert embeds.shape[0] == 4 and int((masks[2:] == 0).sum() - (masks[:2] == 0).sum()) == 16
+    if not vlm.family.supports_vision_masks:
+        for strategy in ("pixel", "patch", "latent"):
+            with pytest.raises(NotImplementedError, match=f"{vlm.family.name} family"):
+                two_view_embeddings(vlm, batch.input_ids, batch.attention_mask, batch.pixel_values, strategy, 0.5,
+                                    [1, 2])
+
+
+def test_grouped_scoring_equals_scoring_each_row_alone(vlm):
+    images = _images(2)
+    contexts = [[], CONTEXT]
+    answers = [["yes, in the liver.", "no."], ["a ct scan.", "the left lung.", "normal chest."]]
+    prompts = [vlm.prompt_ids(QUESTION, c) for c in contexts]
+    groups = [[vlm.answer_ids(a) for a in group] for group in answers]
+    with torch.no_grad():
+        shared = group_logprobs(vlm, collate_groups(vlm, images, prompts, groups), share_prompt=True)
+        unshared = group_logprobs(vlm, collate_groups(vlm, images, prompts, groups), share_prompt=False)
+        for b, group in enumerate(answers):
+            for k, answer in enumerate(group):
+                alone = collate_sequences(vlm, [images[b]], [QUESTION], [answer], contexts=[contexts[b]])
+                logits = vlm.forward(alone.attention_mask, alone.input_ids, alone.pixel_values).logits
+                expected = answer_logprobs(logits, alone.labels)[0]
+                assert torch.allclose(shared[b, k], expected, atol=1e-4), (b, k)
+                assert torch.allclose(unshared[b, k], expected, atol=1e-4), (b, k)
+
+
+def test_batched_greedy_decoding_equals_generate(vlm, reference):
+    images = _images(3)
+    contexts = [[], CONTEXT, []]
+    ours = greedy_generate(vlm, collate_prompts(vlm, images, [QUESTION] * 3, contexts), 6)
+    for image, context, got in zip(images, contexts, ours, strict=True):
+        inputs = _reference_inputs(vlm, image, context)
+        out = reference.generate(**inputs, do_sample=False, max_new_tokens=6, eos_token_id=vlm.eos_token_id,
+                                 pad_token_id=vlm.pad_token_id)
+        new = out[0, inputs["input_ids"].shape[1]:].tolist()
+        if vlm.eos_token_id in new:  # ours stops at EOS and does not return it
+            new = new[: new.index(vlm.eos_token_id)]
+        assert got == new and len(got) > 0
+
+
+def test_one_preference_step_changes_the_lora_weights(checkpoint):
+    vlm = load_vlm(checkpoint[1], device="cpu", dtype=torch.float32)
+    prompts = [vlm.prompt_ids(QUESTION, c) for c in ([], CONTEXT)]
+    groups = [[vlm.answer_ids("yes, in the liver."), vlm.answer_ids("no.")],
+              [vlm.answer_ids("a ct scan."), vlm.answer_ids("normal chest.")]]
+    batch = collate_groups(vlm, _images(2), prompts, groups)
+    with torch.no_grad():
+        ref = group_logprobs(vlm, batch, share_prompt=True)
+    peft_lm = wrap_lora(vlm, LoraSettings(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_targets=("q_proj", "v_proj")))
+    lora = {n: p for n, p in peft_lm.named_parameters() if "lora_B" in n}
+    assert lora and all(float(p.detach().abs().sum()) == 0 for p in lora.values())  # peft starts B at zero
+    frozen = {n: p.detach().clone() for n, p in vlm.model.named_parameters() if "lora_" not in n}
+    optimizer = torch.optim.AdamW([p for p in peft_lm.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(3):
+        policy = group_logprobs(vlm, batch, share_prompt=True)
+        out = dpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], gamma=0.1)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        losses.append(float(out.loss.detach()))
+    assert all(float(p.detach().abs().sum()) > 0 for p in lora.values())
+    assert all(torch.equal(p, frozen[n]) for n, p in vlm.model.named_parameters() if n in frozen)
+    assert losses[0] == pytest.approx(-torch.nn.functional.logsigmoid(torch.tensor(0.0)).item(), abs=1e-5)
+    assert losses[-1] < losses[0]
+
+
+def test_save_and_reload_give_the_same_logits(vlm, tmp_path):
+    images = _images(2)
+    batch = collate_prompts(vlm, images, [QUESTION, QUESTION], [[], CONTEXT])
+    vlm.save(tmp_path / "sft")
+    again = load_vlm(tmp_path / "sft", device="cpu", dtype=torch.float32)
+    assert again.family.name == vlm.family.name and again.settings == vlm.settings
+    assert again.prompt_ids(QUESTION, CONTEXT) == vlm.prompt_ids(QUESTION, CONTEXT)
+    with torch.no_grad():
+        before = vlm.forward(batch.attention_mask, batch.input_ids, batch.pixel_values).logits
+        after = again.forward(batch.attention_mask, batch.input_ids, again.pixel_values(images)).logits
+    assert torch.equal(before, after)
