@@ -6,7 +6,8 @@
 plain strings and typed parts), a `Gemma3ImageProcessor` config and `processor_config.json`
 (`image_seq_length`). Here the language model has one local (sliding-window) and one global layer
 of width 64, the SigLIP tower 2 layers on 32 px images in 4 px patches (64 patches), pooled to
-4 x 4 = 16 visual tokens. The tokenizer is word-level with Gemma's special tokens.
+4 x 4 = 16 visual tokens. The tokenizer is word-level with Gemma's special tokens
+(`tests/word_tokenizer.py`).
 """
 
 from __future__ import annotations
@@ -15,12 +16,9 @@ import json
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
-from tokenizers.models import WordLevel
-from transformers import AddedToken, PreTrainedTokenizerFast
 
 from tests.llava_med_fixture import random_tensor
-from tests.qwen2_vl_fixture import WORDS
+from tests.word_tokenizer import word_tokenizer
 
 IMAGE_SIZE, PATCH, NUM_IMAGE_TOKENS = 32, 4, 16
 SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>",
@@ -71,26 +69,10 @@ GEMMA3_TEMPLATE = (
 )
 
 
-def _tokenizer() -> PreTrainedTokenizerFast:
-    import re
-
-    words = sorted(set(re.findall(r"\w+|[^\w\s]", WORDS + " user model")))
-    vocab = {token: i for i, token in enumerate(SPECIAL + ["\n"] + words)}
-    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    backend.normalizer = normalizers.Lowercase()
-    # newlines are tokens of Gemma's turns and image block
-    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", behavior="isolated"),
-                                                     pre_tokenizers.Split(" ", behavior="removed"),
-                                                     pre_tokenizers.Punctuation()])
-    backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>",
-        extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
-                              "image_token": "<image_soft_token>"},
-    )
-    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL[4:]], special_tokens=True)
-    tokenizer.chat_template = GEMMA3_TEMPLATE
-    return tokenizer
+def _tokenizer():
+    return word_tokenizer(SPECIAL, GEMMA3_TEMPLATE, pad="<pad>", eos="<eos>", bos="<bos>", unk="<unk>",
+                          named={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                                 "image_token": "<image_soft_token>"})
 
 
 def write_gemma3_checkpoint(folder: Path, seed: int = 0) -> Path:

@@ -21,6 +21,7 @@ from pipeline.models.profiles import load_vlm
 from pipeline.training.common import LoraSettings, wrap_lora
 from pipeline.visual_dropout import blind_mask, drop_visual_tokens
 from tests.gemma3_fixture import write_gemma3_checkpoint
+from tests.idefics3_fixture import write_idefics3_checkpoint
 from tests.llava_hf_fixture import write_llava_hf_checkpoint
 from tests.llava_med_fixture import random_image
 from tests.qwen2_vl_fixture import write_qwen2_vl_checkpoint
@@ -34,8 +35,10 @@ WRITERS = {
     "qwen2_vl": lambda folder: write_qwen2_vl_checkpoint(folder, model_type="qwen2_vl"),
     "qwen2_5_vl": lambda folder: write_qwen2_vl_checkpoint(folder, model_type="qwen2_5_vl"),
     "gemma3": lambda folder: write_gemma3_checkpoint(folder),
+    "idefics3": lambda folder: write_idefics3_checkpoint(folder),
 }
-FAMILY = {"llava": "llava", "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_vl", "gemma3": "gemma3"}
+FAMILY = {"llava": "llava", "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_vl", "gemma3": "gemma3",
+          "idefics3": "idefics3"}
 
 
 @pytest.fixture(scope="module", params=list(WRITERS))
@@ -73,7 +76,8 @@ def _reference_inputs(vlm, image, context) -> dict:
     processor = vlm.processor or AutoProcessor.from_pretrained(vlm.model.name_or_path)
     text = processor.apply_chat_template(vlm.prompt_messages(QUESTION, context), add_generation_prompt=True,
                                          tokenize=False)
-    inputs = dict(processor(images=[image], text=[text], return_tensors="pt"))
+    kwargs = {"do_image_splitting": False} if vlm.family.name == "idefics3" else {}
+    inputs = dict(processor(images=[image], text=[text], return_tensors="pt", **kwargs))
     assert inputs["input_ids"][0].tolist() == ids  # the family's prompt is the processor's
     return inputs
 

@@ -1,4 +1,4 @@
-"""Model families: what differs between LLaVA-1.5 and Qwen2-VL behind the one `VLM` interface.
+"""Model families: what differs between LLaVA-1.5, Qwen2-VL, Gemma 3 and Idefics3 behind one `VLM`.
 
 A `Family` says, for one architecture, where its parts are (the decoder that LoRA wraps, the
 vision tower, the projector), which token stands for a visual feature, how images become the
@@ -370,7 +370,65 @@ class Gemma3Family(LlavaFamily):
         return {"token_type_ids": image_mask.long()}
 
 
-FAMILIES: tuple[type[Family], ...] = (LlavaFamily, Qwen2VLFamily, Gemma3Family)
+class Idefics3Family(LlavaFamily):
+    """Idefics3 (`Idefics3ForConditionalGeneration`): a SigLIP tower, a pixel-shuffle connector, a
+    Llama. The prompt is `Idefics3Processor`'s (`<fake_token_around_image><global-img>`, then
+    `image_seq_len` image tokens). Images are not split into tiles (`do_image_splitting` off):
+    every image is resized to one `max_image_size` square, so every image has the same tokens.
+
+    SmolVLM is the same architecture, but its processor cannot be built without torchvision (its
+    video half), which this project does not install; it is not supported yet.
+    """
+
+    name = "idefics3"
+    model_types = ("idefics3",)
+    supports_vision_masks = False
+
+    @property
+    def language_model(self) -> torch.nn.Module:
+        return self.model.model.text_model
+
+    @language_model.setter
+    def language_model(self, module: torch.nn.Module) -> None:
+        self.model.model.text_model = module
+
+    @property
+    def vision_tower(self) -> torch.nn.Module:
+        return self.model.model.vision_model
+
+    @property
+    def projector(self) -> torch.nn.Module:
+        return self.model.model.connector
+
+    def uses_processor(self, tokenizer_renders_text: bool) -> bool:
+        return True
+
+    def render_prompt(self, tokenizer: Any, processor: Any | None, messages: list[dict[str, Any]],
+                      style: ContentStyle) -> list[int]:
+        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        out = processor(images=[self.prompt_image()], text=[text], do_image_splitting=False)
+        return [int(i) for i in out["input_ids"][0]]
+
+    def prompt_image(self) -> Image.Image:
+        side = int(self.image_processor.max_image_size["longest_edge"])
+        return Image.new("RGB", (side, side))
+
+    def default_image_tokens(self) -> int:
+        config = self.model.config
+        patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+        return patches // config.scale_factor ** 2
+
+    def end_of_turn_id(self, tokenizer: Any) -> int:
+        token = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
+        return int(token) if token is not None and token != tokenizer.unk_token_id else int(tokenizer.eos_token_id)
+
+    def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
+        out = self.image_processor([[im.convert("RGB")] for im in images], do_image_splitting=False,
+                                   return_tensors="pt")
+        return out["pixel_values"]  # (B, 1 image, C, side, side)
+
+
+FAMILIES: tuple[type[Family], ...] = (LlavaFamily, Qwen2VLFamily, Gemma3Family, Idefics3Family)
 
 
 def family_for(model: torch.nn.Module, image_processor: Any, image_size: int | None = None) -> Family:
