@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from pipeline.batching import answer_logprobs, collate_prompts, collate_sequences
@@ -24,6 +25,7 @@ from tests.gemma3_fixture import write_gemma3_checkpoint
 from tests.idefics3_fixture import write_idefics3_checkpoint
 from tests.llava_hf_fixture import write_llava_hf_checkpoint
 from tests.llava_med_fixture import random_image
+from tests.llava_next_fixture import write_llava_next_checkpoint
 from tests.qwen2_vl_fixture import write_qwen2_vl_checkpoint
 
 QUESTION = "what is shown in the image?"
@@ -32,12 +34,13 @@ CONTEXT = [{"question": "which modality is this?", "answer": "a ct scan."},
 
 WRITERS = {
     "llava": lambda folder: write_llava_hf_checkpoint(folder),
+    "llava_next": lambda folder: write_llava_next_checkpoint(folder),
     "qwen2_vl": lambda folder: write_qwen2_vl_checkpoint(folder, model_type="qwen2_vl"),
     "qwen2_5_vl": lambda folder: write_qwen2_vl_checkpoint(folder, model_type="qwen2_5_vl"),
     "gemma3": lambda folder: write_gemma3_checkpoint(folder),
     "idefics3": lambda folder: write_idefics3_checkpoint(folder),
 }
-FAMILY = {"llava": "llava", "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_vl", "gemma3": "gemma3",
+FAMILY = {"llava": "llava", "llava_next": "llava_next", "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_vl", "gemma3": "gemma3",
           "idefics3": "idefics3"}
 
 
@@ -64,7 +67,8 @@ def _images(n: int):
 def _reference_inputs(vlm, image, context) -> dict:
     """What the family's own processor hands its model for one prompt. Qwen2VLProcessor needs
     torchvision (not installed here), so for Qwen its image processor's output and the
-    `mm_token_type_ids` it would add are assembled as the processor does."""
+    `mm_token_type_ids` it would add are assembled as the processor does. Qwen and LLaVA-NeXT take
+    any size; the pipeline resizes every image to one side first, and so does the reference."""
     ids = vlm.prompt_ids(QUESTION, context)
     if vlm.family.name == "qwen2_vl":
         side = vlm.family.image_size
@@ -73,6 +77,8 @@ def _reference_inputs(vlm, image, context) -> dict:
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
                 "pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"],
                 "mm_token_type_ids": (input_ids == vlm.image_token_id).int()}
+    if vlm.family.name == "llava_next":  # any-resolution, with every image resized to one view first
+        image = image.convert("RGB").resize((vlm.family.image_size,) * 2, Image.Resampling.BICUBIC)
     processor = vlm.processor or AutoProcessor.from_pretrained(vlm.model.name_or_path)
     text = processor.apply_chat_template(vlm.prompt_messages(QUESTION, context), add_generation_prompt=True,
                                          tokenize=False)
@@ -91,7 +97,7 @@ def _removed_kwargs(vlm, image_mask: torch.Tensor) -> dict:
 def test_loads_as_its_family(checkpoint, vlm):
     assert vlm.family.name == FAMILY[checkpoint[0]]
     ids = vlm.prompt_ids(QUESTION, CONTEXT)
-    assert sum(i == vlm.image_token_id for i in ids) == vlm.settings.num_image_tokens == 16
+    assert sum(i == vlm.image_token_id for i in ids) == vlm.settings.num_image_tokens >= 16
 
 
 @pytest.mark.parametrize("context", [[], CONTEXT], ids=["single-turn", "with-context"])
@@ -117,7 +123,7 @@ def test_dropped_view_equals_the_visual_tokens_physically_removed(vlm, reference
         full = vlm.forward(batch.attention_mask, inputs_embeds=embeds, image_mask=batch.image_mask).logits
         for b in range(2):
             keep = kept[b]
-            assert int((batch.image_mask[b] & ~keep).sum()) == 8
+            assert int((batch.image_mask[b] & ~keep).sum()) == round(vlm.settings.num_image_tokens / 2)
             removed = reference(inputs_embeds=embeds[b:b + 1, keep], attention_mask=torch.ones(1, int(keep.sum())),
                                 position_ids=positions[..., b:b + 1, keep],
                                 **_removed_kwargs(vlm, batch.image_mask[b:b + 1, keep])).logits[0]
@@ -141,7 +147,8 @@ def test_token_strategy_gives_two_views(vlm):
     batch = collate_prompts(vlm, _images(2), [QUESTION, QUESTION], [[], []])
     embeds, masks = two_view_embeddings(vlm, batch.input_ids, batch.attention_mask, batch.pixel_values,
                                         "token", 0.5, [1, 2])
-    assert embeds.shape[0] == 4 and int((masks[2:] == 0).sum() - (masks[:2] == 0).sum()) == 16
+    dropped = int((masks[2:] == 0).sum() - (masks[:2] == 0).sum())
+    assert embeds.shape[0] == 4 and dropped == 2 * round(vlm.settings.num_image_tokens / 2)
     if not vlm.family.supports_vision_masks:
         for strategy in ("pixel", "patch", "latent"):
             with pytest.raises(NotImplementedError, match=f"{vlm.family.name} family"):

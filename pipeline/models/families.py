@@ -1,4 +1,4 @@
-"""Model families: what differs between LLaVA-1.5, Qwen2-VL, Gemma 3 and Idefics3 behind one `VLM`.
+"""Model families: what differs between LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Gemma 3 and Idefics3 behind one `VLM`.
 
 A `Family` says, for one architecture, where its parts are (the decoder that LoRA wraps, the
 vision tower, the projector), which token stands for a visual feature, how images become the
@@ -104,7 +104,7 @@ class Family:
         token for it, and the expansion depends only on that size."""
         raise NotImplementedError
 
-    def default_image_tokens(self) -> int:
+    def default_image_tokens(self, processor: Any | None = None) -> int:
         """Visual tokens per image of a checkpoint made elsewhere (no `medalign.json`)."""
         raise NotImplementedError
 
@@ -157,7 +157,7 @@ class LlavaFamily(Family):
             raise ValueError(f"the image processor's output size is not fixed ({size})")
         return Image.new("RGB", (int(size.get("width") or side), int(side)))
 
-    def default_image_tokens(self) -> int:
+    def default_image_tokens(self, processor: Any | None = None) -> int:
         vision = self.model.config.vision_config
         n = (vision.image_size // vision.patch_size) ** 2
         if getattr(self.model.config, "vision_feature_select_strategy", "default") == "full":
@@ -252,7 +252,7 @@ class Qwen2VLFamily(Family):
     def prompt_image(self) -> Image.Image:
         return Image.new("RGB", (self.image_size, self.image_size))
 
-    def default_image_tokens(self) -> int:
+    def default_image_tokens(self, processor: Any | None = None) -> int:
         return self.llm_grid ** 2
 
     def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
@@ -345,7 +345,7 @@ class Gemma3Family(LlavaFamily):
         # Gemma's template renders plain strings too, but only the processor writes the image block.
         return True
 
-    def default_image_tokens(self) -> int:
+    def default_image_tokens(self, processor: Any | None = None) -> int:
         return int(self.model.config.mm_tokens_per_image)
 
     def end_of_turn_id(self, tokenizer: Any) -> int:
@@ -413,7 +413,7 @@ class Idefics3Family(LlavaFamily):
         side = int(self.image_processor.max_image_size["longest_edge"])
         return Image.new("RGB", (side, side))
 
-    def default_image_tokens(self) -> int:
+    def default_image_tokens(self, processor: Any | None = None) -> int:
         config = self.model.config
         patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
         return patches // config.scale_factor ** 2
@@ -428,7 +428,52 @@ class Idefics3Family(LlavaFamily):
         return out["pixel_values"]  # (B, 1 image, C, side, side)
 
 
-FAMILIES: tuple[type[Family], ...] = (LlavaFamily, Qwen2VLFamily, Gemma3Family, Idefics3Family)
+class LlavaNextFamily(LlavaFamily):
+    """LLaVA-NeXT (`LlavaNextForConditionalGeneration`, "any resolution"): an image is a base view
+    plus tiles at the best of `image_grid_pinpoints`, packed with a newline feature per row, so the
+    visual-token count depends on the image's size. Every image is resized to the processor's crop
+    size first, which fixes the grid (and the count) for all images; the prompt is
+    `LlavaNextProcessor`'s, 1-D positions as LLaVA's.
+    """
+
+    name = "llava_next"
+    model_types = ("llava_next",)
+    supports_vision_masks = False
+
+    def __init__(self, model: torch.nn.Module, image_processor: Any, image_size: int | None = None) -> None:
+        super().__init__(model, image_processor, image_size)
+        if self.image_size is None:
+            crop = getattr(image_processor, "crop_size", None) or {}
+            self.image_size = int(crop.get("height") or image_processor.size["shortest_edge"])
+
+    def uses_processor(self, tokenizer_renders_text: bool) -> bool:
+        return True
+
+    def prompt_image(self) -> Image.Image:
+        return Image.new("RGB", (self.image_size, self.image_size))
+
+    def default_image_tokens(self, processor: Any | None = None) -> int:
+        if processor is None:
+            raise ValueError(f"{self.name}: the visual-token count comes from the processor's expansion")
+        ids = processor(images=[self.prompt_image()], text=[processor.image_token])["input_ids"][0]
+        return sum(1 for i in ids if int(i) == int(self.model.config.image_token_id))
+
+    def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
+        side = self.image_size
+        resized = [im.convert("RGB").resize((side, side), Image.Resampling.BICUBIC) for im in images]
+        return self.image_processor(resized, return_tensors="pt")["pixel_values"]  # (B, tiles, C, H, W)
+
+    def image_features(self, pixel_values: torch.Tensor,
+                       vision_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if vision_attention_mask is not None:
+            raise NotImplementedError(f"{self.name}: masking the vision tower's attention is implemented for "
+                                      "single-view CLIP towers only; use sample.mask_strategy token")
+        sizes = torch.tensor([[self.image_size, self.image_size]] * pixel_values.shape[0], device=pixel_values.device)
+        out = self.model.get_image_features(pixel_values=pixel_values, image_sizes=sizes, return_dict=True)
+        return torch.stack(list(out.pooler_output))
+
+
+FAMILIES: tuple[type[Family], ...] = (LlavaFamily, LlavaNextFamily, Qwen2VLFamily, Gemma3Family, Idefics3Family)
 
 
 def family_for(model: torch.nn.Module, image_processor: Any, image_size: int | None = None) -> Family:

@@ -216,7 +216,7 @@ def load_vlm(source: str | Path, device: torch.device | str | None = None,
         raise ModelLoadError(f"{source}: {e}") from e
     if settings is None:
         # A checkpoint made elsewhere: the family's visual tokens per image, its own default system prompt.
-        settings = PromptSettings(system_prompt=None, num_image_tokens=family.default_image_tokens(),
+        settings = PromptSettings(system_prompt=None, num_image_tokens=family.default_image_tokens(processor),
                                   profile="external", image_size=family.image_size)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
