@@ -69,17 +69,18 @@ GEMMA3_TEMPLATE = (
 )
 
 
-def _tokenizer():
+def _tokenizer(texts: tuple[str, ...] = ()):
     return word_tokenizer(SPECIAL, GEMMA3_TEMPLATE, pad="<pad>", eos="<eos>", bos="<bos>", unk="<unk>",
                           named={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
-                                 "image_token": "<image_soft_token>"})
+                                 "image_token": "<image_soft_token>"}, texts=texts)
 
 
-def write_gemma3_checkpoint(folder: Path, seed: int = 0) -> Path:
+def write_gemma3_checkpoint(folder: Path, seed: int = 0, texts: tuple[str, ...] = ()) -> Path:
+    """Write the checkpoint; `texts` add their words to the vocabulary (a dataset's questions and answers)."""
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil
 
     folder.mkdir(parents=True)
-    tokenizer = _tokenizer()
+    tokenizer = _tokenizer(texts)
     tokenizer.save_pretrained(folder)
     Gemma3ImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=[0.5] * 3,
                             image_std=[0.5] * 3, do_pan_and_scan=False).save_pretrained(folder)

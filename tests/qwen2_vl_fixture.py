@@ -47,8 +47,10 @@ WORDS = ("you are a helpful assistant what is shown in the image which modality 
          "there mass yes no liver lung left right chest brain abdomen normal abnormal lesion of on ? . ,")
 
 
-def write_qwen2_vl_checkpoint(folder: Path, seed: int = 0, model_type: str = "qwen2_vl") -> Path:
-    """Write the checkpoint; `model_type` is `qwen2_vl` or `qwen2_5_vl`."""
+def write_qwen2_vl_checkpoint(folder: Path, seed: int = 0, model_type: str = "qwen2_vl",
+                              texts: tuple[str, ...] = ()) -> Path:
+    """Write the checkpoint; `model_type` is `qwen2_vl` or `qwen2_5_vl`; `texts` add their words to the
+    vocabulary (a dataset's questions and answers)."""
     from transformers import (
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
@@ -58,7 +60,7 @@ def write_qwen2_vl_checkpoint(folder: Path, seed: int = 0, model_type: str = "qw
     )
 
     folder.mkdir(parents=True)
-    tokenizer = build_tiny_tokenizer([WORDS])
+    tokenizer = build_tiny_tokenizer([WORDS, *texts])
     tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL})
     tokenizer.eos_token = "<|im_end|>"
     tokenizer.chat_template = QWEN2_VL_TEMPLATE

@@ -16,10 +16,11 @@ WORDS = ("you are a helpful assistant what is shown in the image which modality 
 
 
 def word_tokenizer(special: list[str], chat_template: str, *, pad: str, eos: str, bos: str | None, unk: str,
-                   named: dict[str, str] | None = None) -> PreTrainedTokenizerFast:
-    """Lowercased words and punctuation of `WORDS`, newlines as tokens, every token of `special` kept
-    whole; `named` are the tokenizer's extra special-token attributes (Gemma's `boi_token`, ...)."""
-    words = sorted(set(re.findall(r"\w+|[^\w\s]", WORDS)))
+                   named: dict[str, str] | None = None, texts: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    """Lowercased words and punctuation of `WORDS` and `texts`, newlines as tokens, every token of
+    `special` kept whole; `named` are the tokenizer's extra special-token attributes (Gemma's
+    `boi_token`, ...)."""
+    words = sorted(set(re.findall(r"\w+|[^\w\s]", " ".join([WORDS, *texts]).lower())))
     vocab = {token: i for i, token in enumerate(special + ["\n"] + [w for w in words if w not in special])}
     backend = Tokenizer(WordLevel(vocab, unk_token=unk))
     backend.normalizer = normalizers.Lowercase()

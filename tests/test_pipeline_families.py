@@ -1,0 +1,59 @@
+"""The whole pipeline on model families other than the embedded LLaVA: a tiny random Qwen2-VL and a
+tiny random Gemma 3 checkpoint, laid out as on the Hub, imported by `sft` (`sft.epochs: 0`), then
+every stage with dvc.yaml's command lines, the judge being the random tiny LM of
+tests/test_pipeline_tiny.py. No stage knows which family it runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from pipeline.models.profiles import load_vlm
+from tests.gemma3_fixture import write_gemma3_checkpoint
+from tests.qwen2_vl_fixture import write_qwen2_vl_checkpoint
+from tests.test_pipeline_tiny import run, save_tiny_judge, tiny_params
+
+WRITERS = {"qwen2_vl": write_qwen2_vl_checkpoint, "gemma3": write_gemma3_checkpoint}
+
+
+@pytest.mark.parametrize("family", list(WRITERS))
+def test_pipeline_runs_on_another_family(family, tmp_path, monkeypatch):
+    save_tiny_judge(tmp_path / "models/judges/tiny")
+    for folder in ("models/base", "models/embedders", "data/raw"):
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+    params = tiny_params("models/judges/tiny")
+    params["sft"].update(model=f"models/base/tiny-{family}", epochs=0, vision_epochs=0)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    run("prepare")
+    rows = pq.read_table("data/prepared/train.parquet", columns=["question", "answer"]).to_pylist()
+    WRITERS[family](Path(params["sft"]["model"]), texts=tuple(r["question"] + " " + r["answer"] for r in rows))
+    run("sft")
+    sft = load_vlm("models/sft", device="cpu", dtype=torch.float32)
+    assert sft.family.name == family
+    run("mine")
+    run("sample")
+    candidates = pq.read_table("data/candidates.parquet").to_pylist()
+    assert len(candidates) == 12 and all(r["candidates"] for r in candidates)
+    run("rerank")
+    run("score")
+    run("train")
+    aligned = load_vlm("models/aligned", device="cpu", dtype=torch.float32)
+    assert aligned.family.name == family
+    changed = [n for n, p in aligned.language_model.named_parameters()
+               if not torch.equal(p, dict(sft.language_model.named_parameters())[n])]
+    assert any("q_proj" in n for n in changed) and any("v_proj" in n for n in changed)  # the merged LoRA targets
+    assert all(torch.equal(p, q) for p, q in zip(aligned.vision_tower.parameters(), sft.vision_tower.parameters(),
+                                                 strict=True))  # train touches the language model only
+    run("evaluate@sft")
+    run("evaluate@aligned")
+    run("report")
+    metrics = json.loads(Path("reports/metrics.json").read_text())
+    for key in ("sft", "sft_blind", "aligned", "aligned_blind"):
+        assert metrics[key]["n_closed"] + metrics[key]["n_open"] == 32
+        assert pq.read_metadata(f"reports/predictions/{key}.parquet").num_rows == 32
