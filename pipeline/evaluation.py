@@ -47,6 +47,7 @@ from pipeline.models.vlm import VLM
 from pipeline.params import Config
 from pipeline.resume import BatchRun, BatchStore, run_batches
 from pipeline.schema import ANSWER_TYPES
+from pipeline.sharding import Shard
 from pipeline.visual_dropout import blind_mask
 
 HEADLINE = ("closed_accuracy", "open_recall")
@@ -441,6 +442,7 @@ def evaluate_models(
     inputs: Mapping[str, Any],
     on_model: Callable[[str, dict[str, dict]], None] | None = None,
     report_rows: Sequence[dict] = (),
+    shard: Shard | None = None,
 ) -> Evaluation:
     """Evaluate every (name, folder) model and its blind control on the test rows.
 
@@ -455,6 +457,10 @@ def evaluate_models(
     (`type_batches`) and decodes with that type's cap. Finished batches are kept under `work_dir`
     (keys: `work_keys(models, cfg, inputs)`) and reused by a restarted run; they stay there until
     the caller has written its outputs and calls `pipeline.resume.clear_all(work_dir)`.
+
+    `shard`: this process's share of every pass's batches under `accelerate launch`
+    (`pipeline.sharding`). Only the main process reads the parts back, scores them and calls
+    `on_model`; on any other process the result is empty (it has nothing to write).
     """
     from pipeline.schema import PREDICTION_SCHEMA, REPORT_PREDICTION_SCHEMA
 
@@ -484,15 +490,7 @@ def evaluate_models(
                 return prediction_rows(label, batch, predict_batch(vlm(), batch, cap, blind))
 
             store = BatchStore(work_dir, keys[name][pass_], PREDICTION_SCHEMA, siblings=every_key)
-            work[pass_] = run_batches(batches, 1, answer, store, desc=f"evaluate {label}", clear=False)
-            result.predictions[label] = in_input_order(batches, work[pass_].table.to_pylist())
-        metrics = model_metrics(name, result.predictions)
-        for label in (name, f"{name}_blind"):  # the caps the answers were decoded with, beside their scores
-            metrics[label]["max_new_tokens"] = dict(limits)
-            if len(set(datasets)) > 1:  # only then: a one-dataset report keeps exactly its keys
-                metrics[label]["by_dataset"] = {
-                    d: summarize([p for p, pd in zip(result.predictions[label], datasets, strict=True) if pd == d])
-                    for d in sorted(set(datasets))}
+            work[pass_] = run_batches(batches, 1, answer, store, desc=f"evaluate {label}", clear=False, shard=shard)
         if report_rows:
             for pass_, label, blind in (("reports", name, False), ("reports_blind", f"{name}_blind", True)):
                 def write(batch: list[dict], vlm: _LazyModel = vlm, label: str = label, blind: bool = blind
@@ -502,14 +500,27 @@ def evaluate_models(
 
                 store = BatchStore(work_dir, report_keys[name][pass_], REPORT_PREDICTION_SCHEMA, siblings=every_key)
                 work[pass_] = run_batches(report_rows, cfg.batch_size, write, store, desc=f"reports {label}",
-                                          clear=False)
+                                          clear=False, shard=shard)
+        vlm.vlm = None  # free it before the next model loads
+        if work["predictions"].table is None:
+            continue  # not the main process: its batches are on disk, the main process scores them
+        for pass_, label in (("predictions", name), ("blind", f"{name}_blind")):
+            result.predictions[label] = in_input_order(batches, work[pass_].table.to_pylist())
+        metrics = model_metrics(name, result.predictions)
+        for label in (name, f"{name}_blind"):  # the caps the answers were decoded with, beside their scores
+            metrics[label]["max_new_tokens"] = dict(limits)
+            if len(set(datasets)) > 1:  # only then: a one-dataset report keeps exactly its keys
+                metrics[label]["by_dataset"] = {
+                    d: summarize([p for p, pd in zip(result.predictions[label], datasets, strict=True) if pd == d])
+                    for d in sorted(set(datasets))}
+        if report_rows:
+            for pass_, label in (("reports", name), ("reports_blind", f"{name}_blind")):
                 scored, scores = score_reports(work[pass_].table.to_pylist(), cleaning)
                 result.report_predictions[label] = scored
                 metrics[f"{label}_report_generation"] = {
                     d: {**s, "max_new_tokens": cfg.report_max_new_tokens} for d, s in scores.items()}
         result.report.update(metrics)
         result.work[name] = {p: _counts(r) for p, r in work.items()}
-        vlm.vlm = None  # free it before the next model loads
         if on_model:
             on_model(name, metrics)
     return result

@@ -10,6 +10,10 @@ Work made of several pieces (`evaluate`: each model's predictions, blind predict
 log-prob gaps) keeps one key per piece under the same root: each store names the other keys of
 the run (`siblings`) so that opening one does not delete the others, and the parts stay
 (`run_batches(clear=False)`) until the whole stage has written its outputs and calls `clear_all`.
+
+Under `accelerate launch --num_processes N` a loop's batches are shared out (`run_batches(shard=...)`,
+`pipeline.sharding`): each process computes its own batches as parts, and the main process reads
+all of them back in batch order, the table one process would have assembled.
 """
 
 from __future__ import annotations
@@ -25,16 +29,17 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from pipeline.schema import write_table
+from pipeline.sharding import Shard
 
 
 @dataclass
 class BatchRun:
     """The concatenated output and how much of it was reused from an earlier, interrupted run."""
 
-    table: pa.Table
+    table: pa.Table | None  # None on a process other than the main one (`pipeline.sharding`)
     batches: int
     reused: int  # batches read back from disk
-    computed: int  # batches computed by this run
+    computed: int  # batches computed by this run: by all its processes (main), by this one (others)
 
 
 class BatchStore:
@@ -95,26 +100,47 @@ def run_batches(
     store: BatchStore,
     desc: str,
     clear: bool = True,
+    shard: Shard | None = None,
 ) -> BatchRun:
     """Apply `compute` to consecutive batches of `items`, resuming from `store`.
 
     The parts are deleted once the whole table is assembled; with `clear=False` they stay (for a
     caller that clears them once its own outputs are written).
+
+    With a `shard` of several processes (`pipeline.sharding.current_shard()`; every process calls
+    this with the same arguments), the main process first opens the store (stale keys pruned) and
+    counts the finished parts, then each process computes only the unfinished batches it owns
+    (`index % world_size == rank`); once every process is done, the main process reads all parts
+    in batch order and returns the table, and the others return `table=None` and touch nothing.
+    Without one (or with one process) this is the plain single-process loop.
     """
+    shard = shard or Shard()
     n_batches = (len(items) + batch_size - 1) // batch_size
-    store.open()
-    reused = store.finished(n_batches)
-    if reused:
-        tqdm.write(f"{desc}: resuming, {reused}/{n_batches} batches already done ({store.folder})")
+    reused = 0
+    if shard.is_main:
+        store.open()
+        reused = store.finished(n_batches)
+        if reused:
+            tqdm.write(f"{desc}: resuming, {reused}/{n_batches} batches already done ({store.folder})")
+    shard.wait()  # no process writes a part before the main one has pruned and counted
+    store.folder.mkdir(parents=True, exist_ok=True)
+    mine = shard.indices(n_batches)
     computed = 0
-    with tqdm(total=n_batches, initial=reused, desc=desc, unit="batch") as bar:
-        for i in range(n_batches):
+    if shard.world_size > 1:
+        desc = f"{desc} (process 0 of {shard.world_size})"
+    with tqdm(total=len(mine), initial=sum(1 for i in mine if store.done(i)), desc=desc, unit="batch",
+              disable=not shard.is_main) as bar:
+        for i in mine:
             if store.done(i):
                 continue
             store.write(i, compute(list(items[i * batch_size:(i + 1) * batch_size])))
             computed += 1
             bar.update(1)
+    shard.wait()  # every part is on disk
+    if not shard.is_main:
+        return BatchRun(table=None, batches=n_batches, reused=reused, computed=computed)
     table = store.read(n_batches) if n_batches else store.schema.empty_table()
     if clear:
         store.clear()
-    return BatchRun(table=table, batches=n_batches, reused=reused, computed=computed)
+    # Every batch not on disk at the start was computed by exactly one process.
+    return BatchRun(table=table, batches=n_batches, reused=reused, computed=n_batches - reused)

@@ -4,6 +4,7 @@ against transformers' `get_rope_index`. The checks every family passes are in te
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -87,3 +88,20 @@ def test_positions_equal_the_models_rope_index(vlm):
     # the image is a 4 x 4 grid: heights and widths span 4 values each, time is constant
     image = ours[:, 0, batch.image_mask[0]]
     assert image[0].unique().numel() == 1 and image[1].unique().numel() == 4 and image[2].unique().numel() == 4
+
+
+def test_template_only_in_the_processors_file_is_read(tmp_path):
+    """A folder whose template is only in chat_template.json (the processor's file, which
+    AutoTokenizer does not read) still gets Qwen's prompt; with no template anywhere, a clear error."""
+    from pipeline.errors import ModelLoadError
+
+    folder = write_qwen2_vl_checkpoint(tmp_path / "q")
+    expected = load_vlm(folder, device="cpu", dtype=torch.float32).prompt_ids(QUESTION, CONTEXT)
+    (folder / "chat_template.jinja").unlink()
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    assert load_vlm(folder, device="cpu", dtype=torch.float32).prompt_ids(QUESTION, CONTEXT) == expected
+    (folder / "chat_template.json").unlink()
+    with pytest.raises(ModelLoadError, match="no chat template that renders typed parts"):
+        load_vlm(folder, device="cpu", dtype=torch.float32)

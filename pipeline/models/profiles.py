@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -210,6 +211,10 @@ def load_vlm(source: str | Path, device: torch.device | str | None = None,
                 "processor_config.json and chat_template.json (llava-hf layout), or a chat_template to the tokenizer"
             )
         tokenizer = processor.tokenizer
+    elif tokenizer.chat_template is None and local:
+        # Qwen2-VL repositories keep the template in the processor's chat_template.json, which
+        # AutoTokenizer does not read; the family builds prompts with the tokenizer.
+        tokenizer.chat_template = processor_chat_template(Path(source))
     try:
         family.content_style(tokenizer, processor)
     except ValueError as e:
@@ -221,6 +226,15 @@ def load_vlm(source: str | Path, device: torch.device | str | None = None,
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return VLM(model.to(device).eval(), tokenizer, image_processor, settings, processor=processor)
+
+
+def processor_chat_template(folder: Path) -> str | None:
+    """The chat template a folder keeps for its processor (`chat_template.json` / `.jinja`), if any."""
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    if (folder / "chat_template.json").is_file():
+        return json.loads((folder / "chat_template.json").read_text(encoding="utf-8")).get("chat_template")
+    return None
 
 
 # Profiles built here from configs, with a vision tower trained from scratch by `sft` phase 1.

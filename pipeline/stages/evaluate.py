@@ -18,11 +18,16 @@ benchmark(s) under `--reports` (resumable like the answers); the reports, each w
 and METEOR, go to `--report-output` (<name>.parquet, <name>_blind.parquet; no rows when the
 benchmark has none) and the per-benchmark BLEU-1..4, ROUGE-L and METEOR to the metrics under
 `<name>_report_generation` (docs/evaluation.md § Report generation).
+
+Under `accelerate launch --num_processes N -m pipeline.stages.evaluate ...` the batches are shared
+out over the N processes, each with its model on its own device; the main process scores them and
+writes every output, the same bytes as one process (`pipeline.sharding`, docs/evaluation.md).
 """
 
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 
 import typer
@@ -72,6 +77,7 @@ def main(
         require_rows,
         write_rows,
     )
+    from pipeline.sharding import current_shard
 
     start = time.perf_counter()
     config = load_config(EvaluateConfig, params, "evaluate")
@@ -88,8 +94,11 @@ def main(
 
     inputs = {"input": file_digest(input), "reports": file_digest(reports),
               "models": {name: folder_digest(folder) for name, folder in models}}
-    done = evaluate_models(load_vlm, models, rows, config, work_dir, inputs, on_model=progress,
-                           report_rows=report_rows)
+    shard = current_shard()  # one process: the plain run; under `accelerate launch`: this process's batches
+    done = evaluate_models(partial(load_vlm, device=shard.device), models, rows, config, work_dir, inputs,
+                           on_model=progress, report_rows=report_rows, shard=shard)
+    if not shard.is_main:
+        return  # its batches are on disk: the main process writes every output and clears the work folder
     for key, pred_rows in done.predictions.items():
         done.report[key]["degenerate"] = degeneracy(pred_rows)
         warn_degenerate(key, done.report[key]["degenerate"])

@@ -9,6 +9,11 @@ machinery and its response cache `--cache` (HSCR Table 3's baseline;
 Finished batches are kept under `--work-dir` as they complete, keyed by the content of the pool
 and the model, the config and the code version; an interrupted run started again redoes only
 the unfinished batches (`pipeline.resume`).
+
+Under `accelerate launch --num_processes N -m pipeline.stages.sample ...` the batches of
+`source: self` are shared out over the N processes, each with its model on its own device; the main
+process writes every output, the same bytes as one process (`pipeline.sharding`, docs/sampling.md).
+`source: external` and the visual dispreference are not shared out: the main process does them.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ def main(
     from pipeline.resume import clear_all
     from pipeline.schema import CANDIDATES_SCHEMA, POOL_SCHEMA, read_rows, require_rows, write_table
     from pipeline.self_contrast import SampleConfig, sample_pool, summarize_candidates
+    from pipeline.sharding import current_shard
 
     config = load_config(SampleConfig, params, "sample")
     if config.source == "external":
@@ -75,10 +81,16 @@ def main(
         "mask_ratio": config.mask_ratio, "k": config.k}
     extra_metrics: dict = {}
     extra_timings: dict = {}
+    shard = current_shard()  # one process: the plain run; under `accelerate launch`: this process's batches
     if config.source == "self":
-        vlm = load_vlm(model)
+        vlm = load_vlm(model, device=shard.device)
         start = time.perf_counter()
-        done = sample_pool(vlm, rows, config, work_dir, {"pool": file_digest(input), "model": folder_digest(model)})
+        done = sample_pool(vlm, rows, config, work_dir, {"pool": file_digest(input), "model": folder_digest(model)},
+                           shard=shard)
+        if not shard.is_main:
+            return  # its batches are on disk: the main process writes every output and clears the work folder
+    elif not shard.is_main:
+        return  # source external is not shared out: the main process does all of it
     else:
         start = time.perf_counter()
 
@@ -87,14 +99,15 @@ def main(
             write_json(timings, {"seconds": time.perf_counter() - start, **times})
 
         inputs = {"pool": file_digest(input), "model": folder_digest(model)}
-        result = run_external(rows, config, prompts, cache, lambda: load_vlm(model), work_dir, inputs,
-                              on_failure=on_failure)
+        result = run_external(rows, config, prompts, cache, lambda: load_vlm(model, device=shard.device),
+                              work_dir, inputs, on_failure=on_failure)
         done = result.done
         extra_metrics, extra_timings = {"external": result.metrics}, result.timings
     table = done.table
     visual_summary: dict = {"mode": "none"}
     if config.visual_dispreference.mode != "none":
-        table, visual_summary = _add_visual_dispreferred(table, rows, config, lesions, lambda: load_vlm(model))
+        table, visual_summary = _add_visual_dispreferred(table, rows, config, lesions,
+                                                         lambda: load_vlm(model, device=shard.device))
     write_table(table, output, CANDIDATES_SCHEMA)
     summary = summarize_candidates(table.to_pylist())
     summary.update({**settings, **extra_metrics, "visual_dispreference": visual_summary})
