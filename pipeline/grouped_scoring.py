@@ -104,7 +104,7 @@ def collate_groups(
         answer_ids[r, : len(ids)] = torch.tensor(ids)
         answer_mask[r, : len(ids)] = 1
     pil = [im if isinstance(im, Image.Image) else decode_image(im) for im in row_images]
-    pixel_values = vlm.family.pixel_values(pil)
+    pixel_values = vlm.pixel_values(pil, on_model=False)
     return {
         "pixel_values": pixel_values,
         "prompt_ids": prompt_ids,

@@ -116,10 +116,10 @@ def two_view_embeddings(vlm: VLM, input_ids: torch.Tensor, attention_mask: torch
         return torch.cat([embeds, embeds]), torch.cat([attention_mask, dropped])
     if strategy not in MASK_STRATEGIES:
         raise ValueError(f"unknown mask strategy {strategy!r}; one of {', '.join(MASK_STRATEGIES)}")
-    if not vlm.family.supports_vision_masks:
+    if not vlm.supports_vision_masks:
         raise NotImplementedError(
             f"sample.mask_strategy {strategy} crops the pixels or masks a CLIP tower's attention; the "
-            f"{vlm.family.name} family has neither, use mask_strategy token (docs/models.md)"
+            f"{vlm.family_name} family has neither, use mask_strategy token (docs/models.md)"
         )
     ids = torch.cat([input_ids, input_ids])
     if strategy == "pixel":

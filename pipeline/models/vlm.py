@@ -1,4 +1,4 @@
-"""The vision-language model as the pipeline sees it: a LLaVA-family model plus how to prompt it.
+"""The vision-language model as the pipeline sees it: a model of a supported family plus how to prompt it.
 
 Every stage talks to a `VLM`: it turns (image, question[, answer]) into token ids with the image
 placeholder expanded to one token per visual feature, runs the vision tower once per batch, and
@@ -208,9 +208,22 @@ class VLM:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     # ----- images
-    def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
-        """(B, ...) one processed tensor per image (the family's layout), on the model's device."""
-        return self.family.pixel_values(images).to(self.device, self.dtype)
+    def pixel_values(self, images: list[Image.Image], on_model: bool = True) -> torch.Tensor:
+        """(B, ...) one processed tensor per image (the family's layout), on the model's device in
+        its dtype; `on_model=False` leaves it on the CPU as the processor made it (a collate
+        function's batch, which the caller or accelerate moves)."""
+        pixels = self.family.pixel_values(images)
+        return pixels.to(self.device, self.dtype) if on_model else pixels
+
+    @property
+    def family_name(self) -> str:
+        """The model family (`pipeline.models.families`), for messages and reports."""
+        return self.family.name
+
+    @property
+    def supports_vision_masks(self) -> bool:
+        """Whether the `pixel`, `patch` and `latent` mask strategies apply (a single-view CLIP tower)."""
+        return self.family.supports_vision_masks
 
     # ----- forward
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:

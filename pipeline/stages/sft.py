@@ -1,4 +1,4 @@
-"""`sft` stage: train the embedded default (or `tiny`), or import a given LLaVA-family
+"""`sft` stage: train the embedded default (or `tiny`), or import a given
 checkpoint (with `epochs: 0`, unchanged)."""
 
 from __future__ import annotations
@@ -43,30 +43,42 @@ def main(
     from pipeline.params import load_config
     from pipeline.reporting import write_folder, write_json
     from pipeline.schema import VQA_SCHEMA, read_rows
+    from pipeline.sharding import current_shard
     from pipeline.training.sft import SFTConfig, resume_key, train_sft
 
     config = load_config(SFTConfig, params, "sft")
+    # Under `accelerate launch` phase 2 runs data parallel, each process on its own device.
+    shard = current_shard()
     check_model_source(config.model, "sft.model", model_root, packaged=FRESH_PROFILES)
     rows = read_rows(input, VQA_SCHEMA)
     vlm = initial_model(config.model, config.seed, config.vision, config.system_prompt, rows)
     if config.model not in FRESH_PROFILES and config.epochs == 0:
         typer.echo(f"sft: importing {config.model} unchanged (sft.epochs: 0)")
-    vlm.model.to(default_device())
+    vlm.model.to(shard.device or default_device())
 
     fresh = config.model in FRESH_PROFILES
     start_model = None if fresh else (folder_digest(config.model) if Path(config.model).is_dir() else config.model)
-    key = resume_key(config, file_digest(input), start_model)
+    key = resume_key(config, file_digest(input), start_model, shard.world_size)
     start = time.perf_counter()
-    with Live(str(live), save_dvc_exp=False, dvcyaml=None) as logger:
-        summary, sft_run = train_sft(vlm, rows, config, fresh=fresh, log=PhaseLogger(logger), work_dir=work_dir, key=key)
-        for k, v in summary.items():
-            logger.summary[k] = v
+    logger = Live(str(live), save_dvc_exp=False, dvcyaml=None) if shard.is_main else None
+    try:
+        summary, sft_run = train_sft(vlm, rows, config, fresh=fresh, log=PhaseLogger(logger) if logger else None,
+                                     work_dir=work_dir, key=key)
+        if logger is not None:
+            for k, v in summary.items():
+                logger.summary[k] = v
+    finally:
+        if logger is not None:
+            logger.end()
     seconds = time.perf_counter() - start
+    shard.wait()
+    if not shard.is_main:
+        return  # the main process writes the outputs and clears the checkpoints
     write_folder(output, vlm.save)
     summary.update({"model": config.model, "train_rows": len(rows),
                     "parameters": sum(p.numel() for p in vlm.model.parameters())})
     write_json(metrics, summary)
-    write_json(timings, {"train_seconds": seconds, "resumed_from": sft_run.resumed_from,
+    write_json(timings, {"train_seconds": seconds, "processes": shard.world_size, "resumed_from": sft_run.resumed_from,
                          "steps_run": sft_run.steps_run, "checkpoints_saved": sft_run.checkpoints.saved})
     sft_run.checkpoints.clear()  # only once the model and the reports are written
     typer.echo(f"sft: saved {output}")

@@ -40,6 +40,40 @@ def wrap_lora(vlm: VLM, settings: LoraSettings):
     return peft_lm
 
 
+def gradient_checkpointing(vlm: VLM, enabled: bool) -> None:
+    """Recompute every layer's activations in the backward pass instead of keeping them
+    (transformers' non-reentrant checkpointing): far less activation memory for about a third
+    more compute, what a 7B model on one GPU needs. Off again before the model is used or saved.
+
+    A layer under checkpointing drops any KV cache it is given while gradients flow, so a trainer
+    that shares a prompt's cache between forwards (`train.share_prompt`) cannot use it."""
+    if enabled:
+        vlm.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif vlm.model.is_activation_checkpointing:
+        vlm.model.activation_checkpointing_disable()
+
+
+def check_whole_parameters(accelerator) -> None:
+    """Refuse the launch modes that shard the parameters themselves (FSDP, DeepSpeed ZeRO-3).
+
+    The trainers merge the LoRA adapters into the language model and save it from the main
+    process's copy of the weights; with the parameters sharded that copy is a shard, and gathering
+    it is not implemented. DDP and ZeRO-1/2 keep every parameter whole on every process."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    stage = None
+    if kind == DistributedType.DEEPSPEED:
+        stage = accelerator.state.deepspeed_plugin.zero_stage
+    if kind == DistributedType.FSDP or stage == 3:
+        name = "FSDP" if kind == DistributedType.FSDP else "DeepSpeed ZeRO-3"
+        raise NotImplementedError(
+            f"{name} shards the parameters, and saving the merged model from sharded parameters is not implemented; "
+            "launch with DDP (several GPUs) or DeepSpeed ZeRO-2 (configs/accelerate/deepspeed_zero2.yaml), with "
+            "gradient_checkpointing for a 7B model (docs/training.md § Large models)"
+        )
+
+
 def merge_lora(vlm: VLM, peft_lm) -> None:
     """Fold the adapters into the language model's weights: the VLM is a plain model again."""
     vlm.language_model = peft_lm.merge_and_unload()

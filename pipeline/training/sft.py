@@ -32,7 +32,14 @@ from pipeline.errors import DataError
 from pipeline.metrics import normalize_answer
 from pipeline.models.vlm import VLM
 from pipeline.training.checkpoints import Checkpoints, Delegate, LoopState, TrainedWeights
-from pipeline.training.common import LoraSettings, merge_lora, warmup_cosine, wrap_lora
+from pipeline.training.common import (
+    LoraSettings,
+    check_whole_parameters,
+    gradient_checkpointing,
+    merge_lora,
+    warmup_cosine,
+    wrap_lora,
+)
 
 LogFn = Callable[[str, dict[str, float]], None]
 
@@ -56,6 +63,7 @@ class SFTRun:
         self.optimizer, self.scheduler = Delegate(), Delegate()
         # Used for its checkpointing only (save_state / load_state); the loops move tensors themselves.
         self.accelerator = Accelerator()
+        check_whole_parameters(self.accelerator)
         self.accelerator.register_for_checkpointing(self.optimizer, self.scheduler)
         self.checkpoints = Checkpoints(self.accelerator, work_dir, key or "", cfg.checkpoint_every,
                                        TrainedWeights([]), self.state, "sft")
@@ -87,7 +95,7 @@ class SFTRun:
 class SFTConfig(LoraSettings):
     """The `sft:` section: build (or import) the SFT model, then train it in two phases."""
 
-    model: str = Field(min_length=1, description="demo | tiny | a LLaVA-family folder under models/base | a hub id")
+    model: str = Field(min_length=1, description="demo | tiny | a folder under models/base of a supported model family (docs/models.md) | a hub id")
     seed: int = Field(ge=0, description="seeds the fresh weights, the shuffles and the phase-2 row draw")
     system_prompt: str | None = Field(description="system prompt of fresh profiles (demo, tiny); null for none")
     vision: dict[str, int | float | str] = Field(
@@ -114,6 +122,9 @@ class SFTConfig(LoraSettings):
     lm_train_rows: int | None = Field(ge=1, description="phase 2 sees this many drawn rows (the CPU budget); null = all")
     checkpoint_every: int | None = Field(
         ge=1, description="save a resumable checkpoint every N steps of either phase (under --work-dir); null = never"
+    )
+    gradient_checkpointing: bool = Field(
+        description="phase 2: recompute activations in the backward pass (less memory, ~1/3 more compute; 7B on one GPU)"
     )
 
     @field_validator("vision")
@@ -242,10 +253,34 @@ def _trainable_lm(vlm: VLM, cfg: SFTConfig):
     return params, lambda: merge_lora(vlm, peft_lm)
 
 
+class AnswerLoss(nn.Module):
+    """Mean cross-entropy of a batch's answer tokens. An nn.Module so that accelerate can wrap it
+    (DDP, autocast); the parameters are the VLM's."""
+
+    def __init__(self, vlm: VLM):
+        super().__init__()
+        self.model = vlm.model
+        self.vlm = vlm
+
+    def forward(self, batch) -> torch.Tensor:
+        # A frozen tower builds no graph; gradients reach the projector and the adapters.
+        out = self.vlm.forward(batch.attention_mask, batch.input_ids, batch.pixel_values)
+        logits = out.logits[:, :-1].float()
+        targets = batch.labels[:, 1:]
+        return nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
+        )
+
+
 def train_llava(vlm: VLM, rows: list[dict], cfg: SFTConfig, run: SFTRun, tower_trained: bool) -> dict[str, float]:
     """Phase 2: projector (+ LM adapters, + the tower at `tower_lr`) on answer tokens.
 
     `tower_trained`: phase 1 changed the tower, so phase 2's checkpoints keep it too.
+
+    The loop runs through `accelerate` (`run.accelerator`): one process on the CPU or a GPU, or
+    data parallel under `accelerate launch`, where each process takes its share of every batch's
+    rows (rank r the rows r, r + N, ...) and DDP averages the gradients. One process is exactly
+    the plain loop.
     """
     if cfg.epochs <= 0:
         return {}
@@ -269,9 +304,14 @@ def train_llava(vlm: VLM, rows: list[dict], cfg: SFTConfig, run: SFTRun, tower_t
     order = list(range(len(rows)))
     steps_per_epoch = math.ceil(len(rows) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
+    accelerator = run.accelerator
+    processes = accelerator.num_processes
+    # A prepared scheduler advances once per process at every optimizer step.
     warmup = max(1, int(cfg.warmup_fraction * total))
-    scheduler = warmup_cosine(optimizer, warmup, total, warmup_from_first_step=True)
+    scheduler = warmup_cosine(optimizer, warmup * processes, total * processes, warmup_from_first_step=True)
     run.optimizer.target, run.scheduler.target = optimizer, scheduler
+    model, prepared_optimizer, prepared_scheduler = accelerator.prepare(AnswerLoss(vlm), optimizer, scheduler)
+    trained = [p for g in groups for p in g["params"]]
     # What phase 1 or 2 changes: the tower (phase 1, or tower_lr), the projector, the LM's trained part.
     tower_ids = {id(p) for p in vlm.vision_tower.parameters()} if tower_trained else set()
     run.checkpoints.weights = TrainedWeights(
@@ -285,28 +325,24 @@ def train_llava(vlm: VLM, rows: list[dict], cfg: SFTConfig, run: SFTRun, tower_t
         order = list(at["order"])
         rng.setstate(at["rng"])
     vlm.model.train()
-    bar = tqdm(total=total, initial=step, desc="sft: LLaVA fine-tuning", unit="step")
+    gradient_checkpointing(vlm, cfg.gradient_checkpointing)
+    bar = tqdm(total=total, initial=step, desc="sft: LLaVA fine-tuning", unit="step",
+               disable=not accelerator.is_main_process)
     for epoch in range(start_epoch, cfg.epochs):
         if not (epoch == start_epoch and start_i > 0):
             rng.shuffle(order)
         for i in range(start_i if epoch == start_epoch else 0, len(order), cfg.batch_size):
-            chunk = [rows[j] for j in order[i : i + cfg.batch_size]]
+            chunk = [rows[j] for j in order[i : i + cfg.batch_size]][accelerator.process_index::processes]
             batch = collate_sequences(vlm, [r["image"] for r in chunk], [r["question"] for r in chunk],
                                       [r["answer"] for r in chunk], contexts=[r["context"] for r in chunk])
-            # A frozen tower builds no graph; gradients reach the projector and the adapters.
-            out = vlm.forward(batch.attention_mask, batch.input_ids, batch.pixel_values)
-            logits = out.logits[:, :-1].float()
-            targets = batch.labels[:, 1:]
-            loss = nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
-            )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = model(batch)
+            prepared_optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
             if cfg.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
+                accelerator.clip_grad_norm_(trained, cfg.max_grad_norm)
+            prepared_optimizer.step()
+            prepared_scheduler.step()
+            losses.append(float(accelerator.reduce(loss.detach(), reduction="mean")))
             run.log("lm", {"loss": losses[-1], "lr": scheduler.get_last_lr()[0]})
             step += 1
             run.steps_run += 1
@@ -317,6 +353,7 @@ def train_llava(vlm: VLM, rows: list[dict], cfg: SFTConfig, run: SFTRun, tower_t
                 run.save(step, "phase2", step=step, epoch=next_epoch, i=next_i, losses=list(losses),
                          order=list(order), rng=rng.getstate(), where=f"phase 2, step {step} of {total}")
     bar.close()
+    gradient_checkpointing(vlm, False)
     finalize()
     for p in vlm.model.parameters():
         p.requires_grad_(False)
@@ -352,10 +389,13 @@ def train_sft(vlm: VLM, rows: list[dict], cfg: SFTConfig, fresh: bool, log: LogF
     return summary, run
 
 
-def resume_key(cfg: SFTConfig, input_digest: str, model_digest: str | None) -> str:
-    """The content key of an SFT run's checkpoints: the rows, the config, the start model, the code."""
+def resume_key(cfg: SFTConfig, input_digest: str, model_digest: str | None, processes: int = 1) -> str:
+    """The content key of an SFT run's checkpoints: the rows, the config, the start model, the code,
+    and the number of processes (phase 2 splits each batch among them)."""
     from pipeline.fingerprint import code_version, fingerprint
 
     code = code_version(["pipeline.training", "pipeline.batching", "pipeline.models", "pipeline.metrics"])
     steps = {k: v for k, v in cfg.to_dict().items() if k != "checkpoint_every"}  # how often is not what
-    return fingerprint("sft", input_digest, model_digest, steps, code)
+    if processes == 1:  # the key of every run made before processes counted
+        return fingerprint("sft", input_digest, model_digest, steps, code)
+    return fingerprint("sft", input_digest, model_digest, steps, code, processes)
