@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pipeline.metrics import ARTICLES, CONTRACTIONS, NUMBER_WORDS
@@ -186,3 +186,20 @@ def legacy_reports(predictions: dict[str, list[dict]]) -> dict[str, dict[str, An
         return {}
     candidates = candidate_answers(next(iter(predictions.values())))
     return {key: legacy_summary(rows, candidates) for key, rows in predictions.items()}
+
+
+def legacy_reports_by_dataset(predictions: dict[str, list[dict]], dataset_of: Mapping[str, str]
+                              ) -> dict[str, dict[str, dict[str, Any]]]:
+    """`legacy_reports` of each dataset of the test split on its own (`{"sft": {"vqa-rad": ...}}`),
+    as LLaVA-Med runs `run_eval.py` once per benchmark, with that benchmark's answers as the
+    candidate list; `dataset_of` maps a test row's id to its dataset. Empty when the split holds
+    one dataset."""
+    if not predictions:
+        return {}
+    datasets = sorted({dataset_of[r["id"]] for r in next(iter(predictions.values()))})
+    if len(datasets) < 2:
+        return {}
+    per_dataset = {d: legacy_reports({k: [r for r in rows if dataset_of[r["id"]] == d]
+                                      for k, rows in predictions.items()})
+                   for d in datasets}
+    return {key: {d: per_dataset[d][key] for d in datasets} for key in predictions}

@@ -127,7 +127,7 @@ def files_config(root: Path, allow_leakage: bool) -> PrepareConfig:
 
     files = {"root": str(root), "dataset": "vqa-rad", "skip_bad": False, "turns": "first",
              "allow_leakage": allow_leakage, "train": split(["freeform", "para"]),
-             "test": split(["test_freeform", "test_para"]), "report": None}
+             "test": split(["test_freeform", "test_para"]), "benchmarks": [], "report": None}
     return project_config(PrepareConfig, "prepare", source="files", files=files)
 
 

@@ -13,7 +13,7 @@ from collections import Counter
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.errors import InputNotFoundError
 from pipeline.params import Config
@@ -65,6 +65,16 @@ class FileSplitConfig(Config):
     _check_path = field_validator("path", "image_root")(_inside_root)
 
 
+class BenchmarkFilesConfig(FileSplitConfig):
+    """One more VQA benchmark, from another dataset, evaluated beside the test split (HSCR Table 1:
+    VQA-RAD, SLAKE and PathVQA zero-shot). Never trained on; its rows join the test split under
+    their own `dataset`, their ids prefixed `<dataset>/`."""
+
+    dataset: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$",
+                         description="the benchmark's name: its rows' `dataset`, its key under `by_dataset` in the "
+                         "metrics and the prefix of its ids")
+
+
 class ReportFilesConfig(Config):
     """A report-generation benchmark of the user's, in R2Gen's `annotation.json` layout (IU-Xray,
     MIMIC-CXR; pipeline.data.reports). Evaluated only, never trained on."""
@@ -95,8 +105,21 @@ class FilesConfig(Config):
                                 "with train (found either way, reported in reports/prepare.json)")
     train: FileSplitConfig = Field(description="the training split")
     test: FileSplitConfig = Field(description="the test split")
+    benchmarks: list[BenchmarkFilesConfig] = Field(
+        strict=False, description="more VQA benchmarks from other datasets, evaluated beside the test split and "
+        "reported per dataset; [] = none")
     report: ReportFilesConfig | None = Field(description="a report-generation benchmark evaluated beside the VQA "
                                              "test split; null = none")
+
+
+    @model_validator(mode="after")
+    def _distinct_benchmarks(self) -> FilesConfig:
+        names = [self.dataset] + [b.dataset for b in self.benchmarks]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"prepare.files: dataset name(s) {twice} used twice; every benchmark needs its own name "
+                             "(files.dataset is the train and test splits')")
+        return self
 
 
 class PrepareConfig(Config):
@@ -109,12 +132,16 @@ class PrepareConfig(Config):
 
 
 def split_summary(rows: list[dict]) -> dict[str, Any]:
-    return {
+    summary = {
         "rows": len(rows),
         "answer_type": dict(Counter(r["answer_type"] for r in rows)),
         "modality": dict(Counter(r["modality"] for r in rows)),
         "question_type": dict(Counter(r["question_type"] for r in rows)),
     }
+    datasets = Counter(r["dataset"] for r in rows)
+    if len(datasets) > 1:  # only then: a one-dataset split keeps exactly its keys
+        summary["dataset"] = dict(datasets)
+    return summary
 
 
 def split_lesions(rows: list[dict]) -> list[dict]:
@@ -197,6 +224,20 @@ def prepare_splits(cfg: PrepareConfig) -> tuple[dict[str, list[dict]], list[dict
             report[f"{split}_excluded_by_where"] = result.excluded
             report[f"{split}_turns_left_out"] = result.turns_left_out
             splits[split] = result.rows
+        for bench in files.benchmarks:
+            where = None if bench.where is None else RowFilter(bench.where.field, tuple(bench.where.values))
+            result = ingest(
+                root / bench.path, fmt=bench.format,
+                image_root=root / bench.image_root if bench.image_root is not None else None,
+                split="test", dataset=bench.dataset, skip_bad=files.skip_bad, turns=files.turns, where=where,
+            )
+            skipped.extend({"split": f"test:{bench.dataset}", **row} for row in result.skipped)
+            report.setdefault("benchmarks", {})[bench.dataset] = {
+                "rows": len(result.rows), "skipped": len(result.skipped), "excluded_by_where": result.excluded,
+                "turns_left_out": result.turns_left_out}
+            # Datasets number their questions alike (VQA-RAD's qid 1, SLAKE's qid 1): the prefix keeps
+            # every id of the combined test split unique.
+            splits["test"].extend({**row, "id": f"{bench.dataset}/{row['id']}"} for row in result.rows)
     leakage = find_leakage(splits["train"], splits["test"])
     allowed = cfg.source == "files" and cfg.files.allow_leakage
     report["leakage"] = leakage_report(leakage, allowed)

@@ -64,7 +64,7 @@ def main(
     from pipeline.evaluation import EvaluateConfig, combine_reports, logprob_gap_report, prediction_models
     from pipeline.fingerprint import file_digest, folder_digest
     from pipeline.heldout_gaps import TRAIN_DATA, heldout_gap_report
-    from pipeline.legacy_metrics import legacy_reports
+    from pipeline.legacy_metrics import legacy_reports, legacy_reports_by_dataset
     from pipeline.models.profiles import load_vlm
     from pipeline.params import load_config
     from pipeline.reporting import write_json
@@ -90,7 +90,8 @@ def main(
     digests = {name: folder_digest(folder) for name, folder in models}
     train_gaps = logprob_gap_report(load_vlm, models, pref_rows, config.batch_size, work_dir / "train",
                                     {"preferences": file_digest(preferences), "models": digests})
-    gaps = heldout_gap_report(load_vlm, models, sampler, read_rows(test, VQA_SCHEMA), {r["id"] for r in pref_rows},
+    test_rows = read_rows(test, VQA_SCHEMA)
+    gaps = heldout_gap_report(load_vlm, models, sampler, test_rows, {r["id"] for r in pref_rows},
                               sample_config, config.heldout_gap, config.batch_size, work_dir / "heldout",
                               {"test": file_digest(test), "models": digests})
     # The training-pool gaps only as a labelled aside: the plots are the held-out ones.
@@ -99,6 +100,10 @@ def main(
     tables = {key: read_rows(predictions / f"{key}.parquet", PREDICTION_SCHEMA) for key in prediction_models(report)}
     for key, legacy in legacy_reports(tables).items():
         report[key] = {**report[key], "legacy": legacy}
+    dataset_of = {r["id"]: r["dataset"] for r in test_rows}
+    for key, by_dataset in legacy_reports_by_dataset(tables, dataset_of).items():  # a split of several benchmarks
+        for dataset, legacy in by_dataset.items():
+            report[key]["by_dataset"][dataset]["legacy"] = legacy
     plots.mkdir(parents=True, exist_ok=True)
     for stale in plots.glob("*.csv"):  # a modality no longer present must not linger in the plot
         stale.unlink()
