@@ -16,7 +16,7 @@ if [ -n "${MEDALIGN_TORCH:-}" ]; then
 else
   pip install --quiet --no-deps -r requirements.lock
 fi
-pip install --quiet --no-deps -e ".[dev,dicom,bench]"
+pip install --quiet --no-deps -e ".[dev,dicom,bench,qlora]"
 # Convert the GGUF once to a cached Hugging Face folder (~20 s, then ~1 s per load).
 python -c "from pipeline.models.smollm2 import smollm2_dir; print('SmolLM2 weights:', smollm2_dir())"
 # METEOR (the report-generation metric of `evaluate`, pycocoevalcap) runs METEOR 1.5's jar:

@@ -47,6 +47,9 @@ class Family:
 
     name: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]]
+    # Module names (as bitsandbytes' `llm_int8_skip_modules` matches them) kept in full precision
+    # when the language model is loaded in 4 bits (QLoRA): the vision side and the LM head.
+    full_precision_modules: ClassVar[tuple[str, ...]] = ("vision_tower", "multi_modal_projector", "lm_head")
     # crop (`pixel`) and vision-attention (`patch`, `latent`) mask strategies need a CLIP tower
     # on (B, C, H, W) pixels; families without one support the `token` strategy only.
     supports_vision_masks: ClassVar[bool] = False
@@ -189,6 +192,7 @@ class Qwen2VLFamily(Family):
 
     name = "qwen2_vl"
     model_types = ("qwen2_vl", "qwen2_5_vl")
+    full_precision_modules = ("visual", "lm_head")
     # The side used for a checkpoint made elsewhere: 448 px, 16 x 16 = 256 visual tokens.
     DEFAULT_SIDE: ClassVar[int] = 448
 
@@ -382,6 +386,7 @@ class Idefics3Family(LlavaFamily):
 
     name = "idefics3"
     model_types = ("idefics3",)
+    full_precision_modules = ("vision_model", "connector", "lm_head")
     supports_vision_masks = False
 
     @property
@@ -476,14 +481,17 @@ class LlavaNextFamily(LlavaFamily):
 FAMILIES: tuple[type[Family], ...] = (LlavaFamily, LlavaNextFamily, Qwen2VLFamily, Gemma3Family, Idefics3Family)
 
 
-def family_for(model: torch.nn.Module, image_processor: Any, image_size: int | None = None) -> Family:
-    """The family of a loaded model, by its config's `model_type`; a clear error for any other."""
-    model_type = getattr(model.config, "model_type", None)
+def family_class(model_type: str | None) -> type[Family]:
+    """The family of a config's `model_type`; a clear error for any other."""
     for family in FAMILIES:
         if model_type in family.model_types:
-            return family(model, image_processor, image_size)
+            return family
     supported = ", ".join(t for f in FAMILIES for t in f.model_types)
     raise NotImplementedError(
-        f"model_type {model_type!r} ({type(model).__name__}) has no adapter yet; supported: {supported} "
-        "(docs/models.md § Model families)"
+        f"model_type {model_type!r} has no adapter yet; supported: {supported} (docs/models.md § Model families)"
     )
+
+
+def family_for(model: torch.nn.Module, image_processor: Any, image_size: int | None = None) -> Family:
+    """The family of a loaded model, by its config's `model_type`; a clear error for any other."""
+    return family_class(getattr(model.config, "model_type", None))(model, image_processor, image_size)

@@ -33,7 +33,7 @@ from transformers import (
 
 from pipeline.device import default_device, default_dtype
 from pipeline.errors import InputNotFoundError, ModelLoadError
-from pipeline.models.families import family_for
+from pipeline.models.families import family_class, family_for
 from pipeline.models.smollm2 import SMOLLM2_NAME, smollm2_dir
 from pipeline.models.sources import is_hub_id, model_load_errors
 from pipeline.models.tiny_tokenizer import build_tiny_tokenizer
@@ -165,8 +165,12 @@ def check_model_folder(folder: Path) -> None:
 
 
 def load_vlm(source: str | Path, device: torch.device | str | None = None,
-             dtype: torch.dtype | None = None) -> VLM:
+             dtype: torch.dtype | None = None, quantize: str | None = None) -> VLM:
     """Load a saved `VLM` folder, or a checkpoint of a supported family by local path or hub id.
+
+    `quantize="4bit"` loads the language model's linear layers in 4-bit NF4 with bitsandbytes
+    (double quantization, computing in `dtype`; QLoRA's base), the vision side and the LM head in
+    full precision (`Family.full_precision_modules`).
 
     Raises `InputNotFoundError` for a local path that does not exist (and is not a hub id), and
     `ModelLoadError` naming the folder (and file) for an incomplete or corrupt local folder.
@@ -183,7 +187,12 @@ def load_vlm(source: str | Path, device: torch.device | str | None = None,
             "(`dvc repro`), or give a Hugging Face hub id (`org/name`)"
         )
     with model_load_errors(source, _RECREATE):
-        model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype)
+        if quantize is None:
+            model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype)
+        else:
+            model = AutoModelForImageTextToText.from_pretrained(
+                source, dtype=dtype, quantization_config=four_bit_config(source, quantize, dtype),
+                device_map={"": str(device)})
     # The language model's name is what peft records as an adapter's base: the folder it was
     # loaded from, as given (e.g. `models/sft`), not whatever path the checkpoint was built from.
     model.config.get_text_config()._name_or_path = source
@@ -225,7 +234,27 @@ def load_vlm(source: str | Path, device: torch.device | str | None = None,
                                   profile="external", image_size=family.image_size)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return VLM(model.to(device).eval(), tokenizer, image_processor, settings, processor=processor)
+    if quantize is None:
+        model = model.to(device)  # a bitsandbytes model is placed by device_map and cannot be moved
+    return VLM(model.eval(), tokenizer, image_processor, settings, processor=processor)
+
+
+def four_bit_config(source: str, quantize: str, dtype: torch.dtype):
+    """bitsandbytes' 4-bit NF4 config for `source`'s family: QLoRA's (NF4, double quantization),
+    computing in `dtype`, the family's vision side and LM head left in full precision."""
+    from transformers import AutoConfig, BitsAndBytesConfig
+
+    if quantize != "4bit":
+        raise ValueError(f"quantize: {quantize!r}; only 4bit (QLoRA's NF4) is implemented")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise ModelLoadError("a 4-bit base needs bitsandbytes: pip install 'medalign[qlora]' (or bitsandbytes)") from e
+    family = family_class(AutoConfig.from_pretrained(source).model_type)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype,
+                              # patterns match from a name's start: `.*` finds the module at any depth
+                              llm_int8_skip_modules=[f".*{name}" for name in family.full_precision_modules])
 
 
 def processor_chat_template(folder: Path) -> str | None:

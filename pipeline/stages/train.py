@@ -63,7 +63,7 @@ def main(
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     check_model_folder(model)
     key = resume_key(cfg, file_digest(input), folder_digest(model), state.num_processes)
-    vlm = load_vlm(model, device=state.device)
+    vlm = load_vlm(model, device=state.device, quantize=None if cfg.quantize_base == "none" else cfg.quantize_base)
     trainer = PreferenceTrainer(vlm, rows, cfg, work_dir=work_dir, key=key)
 
     logger = Live(str(live), save_dvc_exp=False, dvcyaml=None) if state.is_main_process else None
@@ -79,7 +79,7 @@ def main(
             logger.end()
 
     if state.is_main_process:
-        write_folder(output, trainer.save)
+        write_folder(output, lambda folder: trainer.save(folder, full_precision=lambda: load_vlm(model, device=state.device)))
     else:
         trainer.save(None)  # the other processes only join its barriers
     if state.is_main_process:

@@ -107,6 +107,10 @@ class PreferenceConfig(LoraSettings):
         description="recompute activations in the backward pass (less memory, ~1/3 more compute; 7B on one GPU); "
         "needs share_prompt: false"
     )
+    quantize_base: Literal["none", "4bit"] = Field(
+        description="4bit: QLoRA, the SFT model's language model loaded in 4-bit NF4 (bitsandbytes) under the adapters; "
+        "the merged model is written from the full-precision SFT weights"
+    )
 
     @model_validator(mode="after")
     def _trainable(self) -> PreferenceConfig:
@@ -699,21 +703,35 @@ class PreferenceTrainer:
         values["epoch"] = epoch
         return values
 
-    def save(self, folder: str | Path | None) -> None:
+    def save(self, folder: str | Path | None, full_precision: Callable[[], VLM] | None = None) -> None:
         """Adapter into `folder/adapter`, then the merged model as a full VLM folder into `folder`.
 
         Every process calls it (it holds barriers); only the main process writes, and the others
         may pass None. Merging folds the adapter into the weights, so the trainer is finished
-        afterwards.
+        afterwards. With a 4-bit base (`quantize_base: 4bit`), `full_precision` loads the same
+        model in full precision: the adapter is put on it and merged there, since folding it into
+        4-bit weights would round it away.
         """
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             folder = Path(folder)
             self.peft_lm.save_pretrained(folder / "adapter")
             _sort_target_modules(folder / "adapter" / "adapter_config.json")
-            merge_lora(self.vlm, self.peft_lm)
-            self.vlm.model.eval()
-            self.vlm.save(folder)
+            if self.cfg.quantize_base == "none":
+                merge_lora(self.vlm, self.peft_lm)
+                self.vlm.model.eval()
+                self.vlm.save(folder)
+            else:
+                if full_precision is None:
+                    raise ValueError("save: a 4-bit base needs `full_precision`, the SFT model in full precision")
+                from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+                full = full_precision()
+                full_lm = apply_lora(full, self.cfg)
+                set_peft_model_state_dict(full_lm, get_peft_model_state_dict(self.peft_lm))
+                merge_lora(full, full_lm)
+                full.model.eval()
+                full.save(folder)
         self.accelerator.wait_for_everyone()
 
 
