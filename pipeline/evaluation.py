@@ -124,6 +124,7 @@ def score_reports(predictions: list[dict], cleaning: Mapping[str, str]) -> tuple
     their references (`pipeline.report_metrics.report_scores`, with the benchmark's R2Gen cleaner
     from `cleaning`), plus its report count `n`; and the rows with their per-report ROUGE-L and METEOR."""
     from pipeline.report_metrics import report_scores
+    from pipeline.statistics import bootstrap_ci
 
     scored = [dict(r) for r in predictions]
     groups: dict[str, list[int]] = {}
@@ -139,7 +140,10 @@ def score_reports(predictions: list[dict], cleaning: Mapping[str, str]) -> tuple
         for j, i in enumerate(idx):
             for metric, values in done.per_item.items():
                 scored[i][metric] = values[j]
-        out[dataset] = {**done.scores, "n": len(idx)}
+        # ROUGE-L is the mean of per-report scores, so it has an interval over the reports; BLEU and
+        # METEOR are corpus-level scores (their n-gram counts are pooled first) and get none.
+        ci = bootstrap_ci([scored[i]["rouge_l"] for i in idx], seed=0)
+        out[dataset] = {**done.scores, "rouge_l_ci95": [ci.low, ci.high], "n": len(idx)}
     return scored, out
 
 
@@ -322,9 +326,17 @@ def gap_histograms(gaps: dict[str, list[float]], modalities: list[str], bins: in
 
 
 def gap_summary(gaps: list[float], modalities: list[str]) -> dict:
+    """Mean, median and count of the gaps, overall and per modality, each mean with its 95%
+    bootstrap interval over the entries (`pipeline.statistics.bootstrap_ci`, seeded: the same gaps
+    give the same interval)."""
+    from pipeline.statistics import bootstrap_ci
+
     def stats(xs: list[float]) -> dict:
         xs = sorted(xs)
-        return {"mean": sum(xs) / len(xs), "median": xs[len(xs) // 2], "n": len(xs)} if xs else {}
+        if not xs:
+            return {}
+        ci = bootstrap_ci(xs, seed=0)
+        return {"mean": sum(xs) / len(xs), "mean_ci95": [ci.low, ci.high], "median": xs[len(xs) // 2], "n": len(xs)}
 
     return {**stats(gaps), "by_modality": {m: stats([g for g, mm in zip(gaps, modalities, strict=True) if mm == m])
                                            for m in sorted(set(modalities))}}

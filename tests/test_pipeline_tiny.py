@@ -128,6 +128,8 @@ def test_tiny_pipeline_end_to_end(tmp_path, monkeypatch):
         assert heldout["data"] == "test (held out)" and heldout["entries"] == 12
         assert 0 < heldout["n"] == 12 - heldout["without_candidate"]
         assert sum(m["n"] for m in heldout["by_modality"].values()) == heldout["n"]
+        low, high = heldout["mean_ci95"]  # a bootstrap interval over the entries, around the mean
+        assert low <= heldout["mean"] <= high and low < high
         train = metrics[f"{key}_logprob_gap_train"]
         assert train["data"] == "train (preference pool)" and train["n"] == len(scored)
     assert not {r["id"] for r in test_rows} & {r["id"] for r in scored}
@@ -149,6 +151,7 @@ def test_tiny_pipeline_end_to_end(tmp_path, monkeypatch):
         assert scores["n"] == 8 and scores["max_new_tokens"] == 6
         assert all(0.0 <= scores[m] <= 1.0 for m in ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "meteor"))
         assert scores["rouge_l"] == pytest.approx(sum(r["rouge_l"] for r in generated) / 8)
+        assert scores["rouge_l_ci95"][0] <= scores["rouge_l"] <= scores["rouge_l_ci95"][1]
         model = key.removesuffix("_blind")
         assert metrics[f"{key}_report_generation"] == per_model[model][f"{key}_report_generation"]
     generation_delta = metrics["report_generation_deltas"]["aligned_minus_sft"]["phantom"]
