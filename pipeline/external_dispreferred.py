@@ -80,7 +80,7 @@ from pipeline.judges.prompts import (
     read_prompt_file,
 )
 from pipeline.params import Config
-from pipeline.schema import VQA_NAMES
+from pipeline.schema import VQA_NAMES, question_in_context
 
 if TYPE_CHECKING:
     from pipeline.models.vlm import VLM
@@ -149,7 +149,8 @@ class ExternalPrompts:
     def request(self, row: dict, k: int, role: str, prefill: bool, send_image: bool) -> JudgeRequest:
         """The request for one entry: k wrong answers to its question, avoiding its answer."""
         note = self.image_attached if send_image else self.image_absent
-        user = self.request_turn.substitute(question=row["question"].strip(), answer=row["answer"].strip(),
+        question = question_in_context(row["question"].strip(), row.get("context") or [])
+        user = self.request_turn.substitute(question=question, answer=row["answer"].strip(),
                                             k=str(k), image_note=note)
         messages = (("system", self.roles[role]), ("user", user))
         start = self.prefill if prefill else ""

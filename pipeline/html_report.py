@@ -654,6 +654,11 @@ def entry_block(index: int, row: Mapping[str, Any], candidates: Mapping[str, Map
                    f'{_pct(visual.get("region_fraction"))}% noised, confidence {_num(visual.get("confidence"))}, '
                    f"weight {weight}</figcaption></figure>")
     out.append("<div>")
+    context = row.get("context") or []
+    if context:  # a multi-turn entry: the earlier turns its question follows
+        turns = "".join(f'<li>{text(t["question"])} <span class="ci">→ {text(t["answer"])}</span></li>'
+                        for t in context)
+        out.append(f'<ol class="context" title="earlier turns of the conversation">{turns}</ol>')
     out.append(f'<p class="question"><strong>Q:</strong> {text(row["question"])}</p>')
     chosen = f'<p><strong>Chosen:</strong> <span class="chosen">{text(row["answer"])}</span>'
     rationale = _rationale(row.get("rationale"))

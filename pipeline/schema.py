@@ -7,6 +7,7 @@ user's notebook, agrees on column names and types.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TypedDict
 
@@ -23,6 +24,16 @@ class Turn(TypedDict):
 
     question: str
     answer: str
+
+
+def question_in_context(question: str, context: Sequence[Turn]) -> str:
+    """The question as a reader of text alone needs it (the judges, the external writer): the
+    conversation's earlier turns first, then the question. Exactly `question` when there are none,
+    so a single-turn entry's prompts (and their cached answers) are what they always were."""
+    if not context:
+        return question
+    turns = "\n".join(f"Q: {turn['question'].strip()}\nA: {turn['answer'].strip()}" for turn in context)
+    return f"Earlier in this conversation about the same image:\n{turns}\nNow: {question.strip()}"
 
 
 # The earlier turns of a multi-turn conversation, oldest first, that the entry's question follows:

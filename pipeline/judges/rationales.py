@@ -33,6 +33,7 @@ from pipeline.judges.cache import ResponseCache
 from pipeline.judges.judge import CachedJudge, JudgeRequest
 from pipeline.judges.panel import RationaleConfig
 from pipeline.judges.prompts import RationalePrompts
+from pipeline.schema import question_in_context
 
 MIN_WORDS = 3  # the judge's own words (after any prefill) a rationale must have
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
@@ -101,10 +102,11 @@ def add_rationales(rows: Sequence[dict], judge: CachedJudge, prompts: RationaleP
     requests: list[JudgeRequest] = []
     where: list[tuple[int, int | None]] = []  # (row, None) = its rationale; (row, j) = counterfactual j
     for r, row in enumerate(rows):
-        requests.append(prompts.rationale(row["question"], row["answer"], judge.prefill))
+        question = question_in_context(row["question"], row.get("context") or [])
+        requests.append(prompts.rationale(question, row["answer"], judge.prefill))
         where.append((r, None))
         for j, rejected in enumerate(row["rejected"] or []):
-            requests.append(prompts.counterfactual(row["question"], rejected["text"], row["answer"], judge.prefill))
+            requests.append(prompts.counterfactual(question, rejected["text"], row["answer"], judge.prefill))
             where.append((r, j))
     answers, error = judge.ask_each(requests) if requests else ([], None)
     keys = [judge.key(r) for r in requests]

@@ -25,6 +25,7 @@ from pipeline.judges.panel import PanelConfigError, ScoreConfig
 from pipeline.judges.prompts import Case, PromptSet, load_prompts
 from pipeline.judges.rationales import RationaleResult, add_rationales, disabled_metrics, rationale_judge
 from pipeline.judges.weights import clinical_weights, visual_weights
+from pipeline.schema import question_in_context
 
 
 def check_panel(config: ScoreConfig, prompts: PromptSet) -> None:
@@ -48,7 +49,8 @@ def cases_from_rows(rows: Sequence[dict]) -> tuple[list[Case], list[tuple[int, i
     cases, where = [], []
     for r, row in enumerate(rows):
         for j, rejected in enumerate(row["rejected"] or []):
-            cases.append(Case(question=row["question"], reference=row["answer"], response=rejected["text"]))
+            cases.append(Case(question=question_in_context(row["question"], row.get("context") or []),
+                              reference=row["answer"], response=rejected["text"]))
             where.append((r, j))
     return cases, where
 
