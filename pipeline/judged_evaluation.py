@@ -25,7 +25,7 @@ from __future__ import annotations
 import random
 import re
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
@@ -46,6 +46,7 @@ from pipeline.judges.prompts import (
     read_prompt_file,
 )
 from pipeline.params import Config
+from pipeline.schema import Turn, question_in_context
 
 SCORE_MIN, SCORE_MAX = 1.0, 10.0
 _NUMBER = r"(10(?:\.0+)?|[1-9](?:\.\d+)?)"
@@ -250,19 +251,24 @@ def select_ids(rows: Sequence[dict[str, Any]], answer_types: Sequence[str], max_
     return ids
 
 
-def item_input(row: dict[str, Any]) -> JudgedItemInput:
-    """A prediction row (reports/predictions/<model>.parquet) as an item for the judge."""
-    return JudgedItemInput(id=row["id"], question=row["question"], about_image=f"a {row['modality']} image",
+def item_input(row: dict[str, Any], context: Sequence[Turn] = ()) -> JudgedItemInput:
+    """A prediction row (reports/predictions/<model>.parquet) as an item for the judge; `context`
+    is its test entry's earlier turns, which the judge reads before the question."""
+    return JudgedItemInput(id=row["id"], question=question_in_context(row["question"], context),
+                           about_image=f"a {row['modality']} image",
                            reference=row["answer"], answer=row["prediction"],
                            groups={"answer_type": row["answer_type"], "modality": row["modality"]})
 
 
 def evaluate_models(judge: CachedJudge, prompts: JudgedEvalPrompts, config: JudgedEvalConfig,
-                    predictions: dict[str, Sequence[dict[str, Any]]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                    predictions: dict[str, Sequence[dict[str, Any]]],
+                    contexts: Mapping[str, Sequence[Turn]] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Judge every model's answers on the same items: (metrics, one transcript row per model and item).
 
     The items are chosen from the first model's predictions; every other model must have answered
-    each of them (a clear error otherwise), so the relative scores are paired."""
+    each of them (a clear error otherwise), so the relative scores are paired. `contexts` maps a
+    test entry's id to its earlier turns (the prediction files carry none; absent ids: none)."""
+    contexts = contexts or {}
     if not predictions:
         raise ValueError("no model to judge")
     first = next(iter(predictions))
@@ -281,7 +287,8 @@ def evaluate_models(judge: CachedJudge, prompts: JudgedEvalPrompts, config: Judg
             raise DataError(f"judged_eval: model {model!r} has no prediction for {len(missing)} judged item(s), "
                             f"e.g. {missing[:3]}; evaluate every model on the same test split")
         chosen = [by_id[i] for i in ids]
-        judged = judge_answers(judge, prompts, [item_input(row) for row in chosen], config.retries)
+        judged = judge_answers(judge, prompts, [item_input(row, contexts.get(row["id"], ())) for row in chosen],
+                               config.retries)
         metrics["models"][model] = summarize(judged)
         for row, verdict in zip(chosen, judged, strict=True):
             transcripts.append({"model": model, "question": row["question"], "reference": row["answer"],

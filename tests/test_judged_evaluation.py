@@ -199,6 +199,19 @@ def test_every_model_is_judged_on_the_same_seeded_items(tmp_path):
     assert lines[0]["transcript"][0]["reply"] == "8 4"
 
 
+def test_the_judge_reads_an_entrys_earlier_turns_before_its_question(tmp_path):
+    prompts = load_judged_eval_prompts(PROMPTS)
+    sft = [prediction(i, f"a{i}") for i in range(3)]
+    contexts = {"t1": [{"question": "Which modality is this?", "answer": "a CT scan"}]}
+    backend = ScriptedJudgeBackend({f"a{i}": ["8 8"] for i in range(3)})
+    with ResponseCache(tmp_path / "c.sqlite") as cache:
+        judge = cached_judge(cache, backend, prompts.version)
+        evaluate_models(judge, prompts, config(max_items=None), {"sft": sft}, contexts)
+    users = {r.messages[1][1].split("[Assistant 2]\n")[1].split("\n")[0]: r.messages[1][1] for r in backend.asked}
+    assert "Earlier in this conversation about the same image:\nQ: Which modality is this?\nA: a CT scan" in users["a1"]
+    assert "Earlier in this conversation" not in users["a0"] and "Earlier in this conversation" not in users["a2"]
+
+
 def test_a_model_without_a_judged_item_is_an_error(tmp_path):
     prompts = load_judged_eval_prompts(PROMPTS)
     with ResponseCache(tmp_path / "c.sqlite") as cache, pytest.raises(DataError, match="no prediction for 1"):
@@ -214,8 +227,10 @@ def test_prefill_is_refused_and_the_stage_off_writes_only_that(tmp_path):
     params.write_text((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
     (tmp_path / "predictions").mkdir()
     (tmp_path / "judges").mkdir()
+    (tmp_path / "test.parquet").write_bytes(b"")  # off: never read
     result = CliRunner().invoke(stage.app, [
-        "--params", str(params), "--predictions", str(tmp_path / "predictions"), "--model", "sft",
+        "--params", str(params), "--predictions", str(tmp_path / "predictions"),
+        "--test", str(tmp_path / "test.parquet"), "--model", "sft",
         "--model-root", str(tmp_path / "judges"), "--cache", str(tmp_path / "c.sqlite"),
         "--metrics", str(tmp_path / "m.json"), "--transcripts", str(tmp_path / "t" / "t.jsonl")])
     assert result.exit_code == 0, result.output

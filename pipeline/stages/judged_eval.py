@@ -23,7 +23,7 @@ from pipeline.judged_evaluation import (
 )
 from pipeline.params import load_config
 from pipeline.reporting import write_json, write_jsonl
-from pipeline.schema import PREDICTION_SCHEMA, read_rows, require_rows
+from pipeline.schema import PREDICTION_SCHEMA, VQA_SCHEMA, read_rows, require_rows
 from pipeline.stages._cli import input_option, metrics_option, output_option, params_option, run, stage_app
 
 app = stage_app(__doc__)
@@ -33,6 +33,7 @@ app = stage_app(__doc__)
 def main(
     params: Path = params_option("judged_eval"),
     predictions: Path = input_option("folder of <model>.parquet predictions (the evaluate stage's)", "--predictions"),
+    test: Path = input_option("the test split the predictions answer (its entries' earlier turns)", "--test"),
     model: list[str] = typer.Option(..., "--model", help="a model whose predictions are judged (repeat; the "
                                     "first one's items are sampled)"),
     model_root: Path = input_option("folder that holds local judge models (a dep of this stage)", "--model-root"),
@@ -60,9 +61,10 @@ def main(
                                  f"(roles: {sorted(prompts.roles)})")
     rows = {name: require_rows(read_rows(predictions / f"{name}.parquet", PREDICTION_SCHEMA),
                                predictions / f"{name}.parquet") for name in model}
+    contexts = {row["id"]: row["context"] for row in read_rows(test, VQA_SCHEMA) if row["context"]}
     with ResponseCache(cache) as store:
         (judge,) = build_judges([config.judge], store, {"judged_eval": prompts.version}, config.request_retry)
-        result, lines = evaluate_models(judge, prompts, config, rows)
+        result, lines = evaluate_models(judge, prompts, config, rows, contexts)
     write_json(metrics, result)
     write_jsonl(transcripts, lines, sort_keys=True)
     scores = ", ".join(f"{name} {summary['overall']['relative_score']}" for name, summary in result["models"].items())
