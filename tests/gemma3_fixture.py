@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from tests.llava_med_fixture import random_tensor
+from tests.llava_med_fixture import randomize
 from tests.word_tokenizer import word_tokenizer
 
 IMAGE_SIZE, PATCH, NUM_IMAGE_TOKENS = 32, 4, 16
@@ -99,10 +99,7 @@ def write_gemma3_checkpoint(folder: Path, seed: int = 0, texts: tuple[str, ...] 
                           image_token_index=ids["<image_soft_token>"])
     torch.manual_seed(seed)
     model = Gemma3ForConditionalGeneration(config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.copy_(random_tensor(name, tuple(param.shape), generator))
+    randomize(model, seed)
     model.generation_config.eos_token_id = [ids["<eos>"], ids["<end_of_turn>"]]
     model.generation_config.pad_token_id = ids["<pad>"]
     model.save_pretrained(folder)

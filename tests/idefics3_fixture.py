@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from tests.llava_med_fixture import random_tensor
+from tests.llava_med_fixture import randomize
 from tests.word_tokenizer import word_tokenizer
 
 IMAGE_SIZE, PATCH, NUM_IMAGE_TOKENS = 32, 4, 16
@@ -56,10 +56,7 @@ def write_idefics3_checkpoint(folder: Path, seed: int = 0) -> Path:
                             pad_token_id=ids["<|finetune_right_pad_id|>"], tie_word_embeddings=False)
     torch.manual_seed(seed)
     model = Idefics3ForConditionalGeneration(config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.copy_(random_tensor(name, tuple(param.shape), generator))
+    randomize(model, seed)
     model.generation_config.eos_token_id = ids["<end_of_utterance>"]
     model.generation_config.pad_token_id = ids["<|finetune_right_pad_id|>"]
     model.save_pretrained(folder)

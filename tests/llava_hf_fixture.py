@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from tests.llava_med_fixture import CLIP_MEAN, CLIP_STD, TEXT, VISION, random_tensor, write_mistral_tokenizer
+from tests.llava_med_fixture import CLIP_MEAN, CLIP_STD, TEXT, VISION, randomize, write_mistral_tokenizer
 
 NUM_IMAGE_TOKENS = (VISION["image_size"] // VISION["patch_size"]) ** 2
 
@@ -35,19 +35,11 @@ LLAVA_15_TEMPLATE = (
 )
 
 
-def write_llava_hf_checkpoint(folder: Path, seed: int = 0, template_file: str | None = "chat_template.json") -> Path:
-    """Write the checkpoint; `template_file` is `chat_template.json`, `chat_template.jinja` or None (no
-    template anywhere)."""
-    from transformers import (
-        AddedToken,
-        AutoTokenizer,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-    )
+def write_llava_tokenizer(folder: Path):
+    """The llava-hf tokenizer in `folder`: the Mistral-style one of `tests/llava_med_fixture.py`
+    with `<image>` and `<pad>` added, and no chat template (llava-hf keeps it in the processor)."""
+    from transformers import AddedToken, AutoTokenizer
 
-    folder.mkdir(parents=True)
     write_mistral_tokenizer(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     tokenizer.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
@@ -56,6 +48,21 @@ def write_llava_hf_checkpoint(folder: Path, seed: int = 0, template_file: str | 
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         (folder / name).unlink()
     tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def write_llava_hf_checkpoint(folder: Path, seed: int = 0, template_file: str | None = "chat_template.json") -> Path:
+    """Write the checkpoint; `template_file` is `chat_template.json`, `chat_template.jinja` or None (no
+    template anywhere)."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
+
+    folder.mkdir(parents=True)
+    tokenizer = write_llava_tokenizer(folder)
     image_id, pad_id = tokenizer.convert_tokens_to_ids("<image>"), tokenizer.pad_token_id
 
     text = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=256, rms_norm_eps=1e-5,
@@ -66,11 +73,7 @@ def write_llava_hf_checkpoint(folder: Path, seed: int = 0, template_file: str | 
                          projector_hidden_act="gelu", image_seq_length=NUM_IMAGE_TOKENS, pad_token_id=pad_id)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
-    # Trained-looking scales, so that greedy choices are not near-ties of a 0.02-std init.
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.copy_(random_tensor(name, tuple(param.shape), generator))
+    randomize(model, seed)
     model.save_pretrained(folder)
     saved = json.loads((folder / "config.json").read_text())
     saved["image_token_index"] = image_id  # llava-hf's config names it so (transformers reads both)

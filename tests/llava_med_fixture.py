@@ -142,6 +142,16 @@ def random_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator)
     return noise / fan_in ** 0.5
 
 
+def randomize(module: torch.nn.Module, seed: int) -> None:
+    """Overwrite every parameter with `random_tensor`'s trained-looking values, drawn in parameter
+    order from a generator seeded with `seed` (greedy choices are then not near-ties of a
+    0.02-std init)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            param.copy_(random_tensor(name, tuple(param.shape), generator))
+
+
 def original_config(vocab_size: int, vision_tower: str = TOWER_ID) -> dict:
     """config.json of LLaVA-Med v1.5, its Mistral sizes shrunk."""
     return {
@@ -234,10 +244,7 @@ def write_clip_tower(folder: Path, seed: int = 1, hidden_size: int = VISION["hid
     text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64,
                 max_position_embeddings=16, projection_dim=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
     model = CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=16))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.vision_model.named_parameters():
-            param.copy_(random_tensor(name, tuple(param.shape), generator))
+    randomize(model.vision_model, seed)
     model.save_pretrained(folder)
     (folder / "preprocessor_config.json").write_text(json.dumps({
         "crop_size": VISION["image_size"], "do_center_crop": True, "do_normalize": True, "do_resize": True,

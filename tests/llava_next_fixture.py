@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from tests.llava_hf_fixture import LLAVA_15_TEMPLATE
-from tests.llava_med_fixture import CLIP_MEAN, CLIP_STD, TEXT, random_tensor, write_mistral_tokenizer
+from tests.llava_hf_fixture import LLAVA_15_TEMPLATE, write_llava_tokenizer
+from tests.llava_med_fixture import CLIP_MEAN, CLIP_STD, TEXT, randomize
 
 VIEW, PATCH = 16, 4
 PINPOINTS = [[16, 32], [32, 16], [32, 32]]
@@ -24,8 +24,6 @@ PINPOINTS = [[16, 32], [32, 16], [32, 32]]
 
 def write_llava_next_checkpoint(folder: Path, seed: int = 0) -> Path:
     from transformers import (
-        AddedToken,
-        AutoTokenizer,
         CLIPVisionConfig,
         LlamaConfig,
         LlavaNextConfig,
@@ -33,13 +31,7 @@ def write_llava_next_checkpoint(folder: Path, seed: int = 0) -> Path:
     )
 
     folder.mkdir(parents=True)
-    write_mistral_tokenizer(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    tokenizer.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
-    tokenizer.add_special_tokens({"pad_token": "<pad>"})
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        (folder / name).unlink()
-    tokenizer.save_pretrained(folder)
+    tokenizer = write_llava_tokenizer(folder)
     image_id, pad_id = tokenizer.convert_tokens_to_ids("<image>"), tokenizer.pad_token_id
 
     text = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=512, rms_norm_eps=1e-5, bos_token_id=1,
@@ -53,10 +45,7 @@ def write_llava_next_checkpoint(folder: Path, seed: int = 0) -> Path:
                              pad_token_id=pad_id, tie_word_embeddings=False)
     torch.manual_seed(seed)
     model = LlavaNextForConditionalGeneration(config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.copy_(random_tensor(name, tuple(param.shape), generator))
+    randomize(model, seed)
     model.save_pretrained(folder)
 
     (folder / "preprocessor_config.json").write_text(json.dumps({

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from pipeline.models.tiny_tokenizer import build_tiny_tokenizer
-from tests.llava_med_fixture import random_tensor
+from tests.llava_med_fixture import randomize
 
 IMAGE_SIZE, PATCH, MERGE = 32, 4, 2
 NUM_IMAGE_TOKENS = (IMAGE_SIZE // (PATCH * MERGE)) ** 2
@@ -92,11 +92,7 @@ def write_qwen2_vl_checkpoint(folder: Path, seed: int = 0, model_type: str = "qw
                         vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
     torch.manual_seed(seed)
     model = model_cls(config)
-    # Trained-looking scales, so that greedy choices are not near-ties of a 0.02-std init.
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.copy_(random_tensor(name, tuple(param.shape), generator))
+    randomize(model, seed)
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(folder)
