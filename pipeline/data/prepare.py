@@ -210,27 +210,25 @@ def prepare_splits(cfg: PrepareConfig) -> tuple[dict[str, list[dict]], list[dict
         root = Path(files.root)
         if not root.is_dir():
             raise InputNotFoundError(f"prepare.files.root: folder {root} not found; create it and put the data there")
-        splits = {}
-        for split in SPLITS:
-            spec: FileSplitConfig = getattr(files, split)
+
+        def read(spec: FileSplitConfig, split: str, dataset: str):
             where = None if spec.where is None else RowFilter(spec.where.field, tuple(spec.where.values))
-            result = ingest(
+            return ingest(
                 root / spec.path, fmt=spec.format,
                 image_root=root / spec.image_root if spec.image_root is not None else None,
-                split=split, dataset=files.dataset, skip_bad=files.skip_bad, turns=files.turns, where=where,
+                split=split, dataset=dataset, skip_bad=files.skip_bad, turns=files.turns, where=where,
             )
+
+        splits = {}
+        for split in SPLITS:
+            result = read(getattr(files, split), split, files.dataset)
             skipped.extend({"split": split, **row} for row in result.skipped)
             report[f"{split}_skipped"] = len(result.skipped)
             report[f"{split}_excluded_by_where"] = result.excluded
             report[f"{split}_turns_left_out"] = result.turns_left_out
             splits[split] = result.rows
         for bench in files.benchmarks:
-            where = None if bench.where is None else RowFilter(bench.where.field, tuple(bench.where.values))
-            result = ingest(
-                root / bench.path, fmt=bench.format,
-                image_root=root / bench.image_root if bench.image_root is not None else None,
-                split="test", dataset=bench.dataset, skip_bad=files.skip_bad, turns=files.turns, where=where,
-            )
+            result = read(bench, "test", bench.dataset)
             skipped.extend({"split": f"test:{bench.dataset}", **row} for row in result.skipped)
             report.setdefault("benchmarks", {})[bench.dataset] = {
                 "rows": len(result.rows), "skipped": len(result.skipped), "excluded_by_where": result.excluded,

@@ -42,6 +42,18 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def square_images(images: list[Image.Image], side: int) -> list[Image.Image]:
+    """RGB copies resized to `side` x `side` (bicubic): one grid, one visual-token count for all."""
+    return [im.convert("RGB").resize((side, side), Image.Resampling.BICUBIC) for im in images]
+
+
+def refuse_vision_mask(family: str, vision_attention_mask: torch.Tensor | None) -> None:
+    """The `patch` and `latent` strategies mask a single-view CLIP tower's attention; refuse them."""
+    if vision_attention_mask is not None:
+        raise NotImplementedError(f"{family}: masking the vision tower's attention is implemented for single-view "
+                                  "CLIP towers only; use sample.mask_strategy token")
+
+
 class Family:
     """One model family. Subclasses set the class attributes and override what differs."""
 
@@ -50,6 +62,9 @@ class Family:
     # Module names (as bitsandbytes' `llm_int8_skip_modules` matches them) kept in full precision
     # when the language model is loaded in 4 bits (QLoRA): the vision side and the LM head.
     full_precision_modules: ClassVar[tuple[str, ...]] = ("vision_tower", "multi_modal_projector", "lm_head")
+    # The token an instruction-tuned model ends a turn with, where it is not the tokenizer's EOS
+    # (used when the vocabulary has it); None: the EOS.
+    end_of_turn_token: ClassVar[str | None] = None
     # crop (`pixel`) and vision-attention (`patch`, `latent`) mask strategies need a CLIP tower
     # on (B, C, H, W) pixels; families without one support the `token` strategy only.
     supports_vision_masks: ClassVar[bool] = False
@@ -122,7 +137,12 @@ class Family:
         raise NotImplementedError
 
     def end_of_turn_id(self, tokenizer: Any) -> int:
-        """The token an answer ends with, which the model learns to emit and decoding stops at."""
+        """The token an answer ends with, which the model learns to emit and decoding stops at:
+        `end_of_turn_token` where the vocabulary has it, else the tokenizer's EOS."""
+        if self.end_of_turn_token is not None:
+            token = tokenizer.convert_tokens_to_ids(self.end_of_turn_token)
+            if token is not None and token != tokenizer.unk_token_id:
+                return int(token)
         return int(tokenizer.eos_token_id)
 
     # ----- positions and attention
@@ -261,8 +281,7 @@ class Qwen2VLFamily(Family):
 
     def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
         side = self.image_size
-        resized = [im.convert("RGB").resize((side, side), Image.Resampling.BICUBIC) for im in images]
-        out = self.image_processor(images=resized, return_tensors="pt")
+        out = self.image_processor(images=square_images(images, side), return_tensors="pt")
         grids = out["image_grid_thw"]
         if not bool((grids == self.grid_thw).all()):
             raise ValueError(f"{self.name}: the image processor made grids {grids.tolist()} for {side} px images, "
@@ -272,9 +291,7 @@ class Qwen2VLFamily(Family):
 
     def image_features(self, pixel_values: torch.Tensor,
                        vision_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if vision_attention_mask is not None:
-            raise NotImplementedError(f"{self.name}: masking the vision tower's attention is implemented for CLIP "
-                                      "towers only; use sample.mask_strategy token")
+        refuse_vision_mask(self.name, vision_attention_mask)
         n = pixel_values.shape[0]
         grid = self.grid_thw.to(pixel_values.device).repeat(n, 1)
         out = self.model.model.get_image_features(pixel_values=pixel_values.reshape(-1, pixel_values.shape[-1]),
@@ -339,6 +356,7 @@ class Gemma3Family(LlavaFamily):
     name = "gemma3"
     model_types = ("gemma3",)
     supports_vision_masks = False
+    end_of_turn_token = "<end_of_turn>"  # the instruction-tuned models' turn end, not <eos>
 
     def image_token(self, tokenizer: Any, processor: Any | None) -> str:
         # Gemma3Processor's `image_token` is <start_of_image>, what the template writes; the
@@ -352,10 +370,6 @@ class Gemma3Family(LlavaFamily):
     def default_image_tokens(self, processor: Any | None = None) -> int:
         return int(self.model.config.mm_tokens_per_image)
 
-    def end_of_turn_id(self, tokenizer: Any) -> int:
-        # The instruction-tuned models end a turn with <end_of_turn>, not the tokenizer's <eos>.
-        token = tokenizer.convert_tokens_to_ids("<end_of_turn>")
-        return int(token) if token is not None and token != tokenizer.unk_token_id else int(tokenizer.eos_token_id)
 
     def position_ids(self, attention_mask: torch.Tensor, image_mask: torch.Tensor | None) -> torch.Tensor:
         window = getattr(self.model.config.get_text_config(), "sliding_window", None)
@@ -387,6 +401,7 @@ class Idefics3Family(LlavaFamily):
     name = "idefics3"
     model_types = ("idefics3",)
     full_precision_modules = ("vision_model", "connector", "lm_head")
+    end_of_turn_token = "<end_of_utterance>"
     supports_vision_masks = False
 
     @property
@@ -423,9 +438,6 @@ class Idefics3Family(LlavaFamily):
         patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
         return patches // config.scale_factor ** 2
 
-    def end_of_turn_id(self, tokenizer: Any) -> int:
-        token = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
-        return int(token) if token is not None and token != tokenizer.unk_token_id else int(tokenizer.eos_token_id)
 
     def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
         out = self.image_processor([[im.convert("RGB")] for im in images], do_image_splitting=False,
@@ -464,15 +476,12 @@ class LlavaNextFamily(LlavaFamily):
         return sum(1 for i in ids if int(i) == int(self.model.config.image_token_id))
 
     def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
-        side = self.image_size
-        resized = [im.convert("RGB").resize((side, side), Image.Resampling.BICUBIC) for im in images]
-        return self.image_processor(resized, return_tensors="pt")["pixel_values"]  # (B, tiles, C, H, W)
+        # (B, tiles, C, H, W)
+        return self.image_processor(square_images(images, self.image_size), return_tensors="pt")["pixel_values"]
 
     def image_features(self, pixel_values: torch.Tensor,
                        vision_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if vision_attention_mask is not None:
-            raise NotImplementedError(f"{self.name}: masking the vision tower's attention is implemented for "
-                                      "single-view CLIP towers only; use sample.mask_strategy token")
+        refuse_vision_mask(self.name, vision_attention_mask)
         sizes = torch.tensor([[self.image_size, self.image_size]] * pixel_values.shape[0], device=pixel_values.device)
         out = self.model.get_image_features(pixel_values=pixel_values, image_sizes=sizes, return_dict=True)
         return torch.stack(list(out.pooler_output))
