@@ -15,6 +15,10 @@ version is part of every cache key. A reply whose first line does not hold two s
 is re-asked with the reason appended (`retries` times), then the item is recorded as unscored,
 never guessed. Every item keeps its transcript: the messages sent and every raw reply.
 
+Generated reports (the report-generation benchmarks' `reports/report_predictions/<model>.parquet`)
+are judged the same way when `answer_types` names `report`: the instruction is the question, the
+reference report is Assistant 1 and the generated report Assistant 2 (`report_rows`).
+
 The judge never sees the image (as in LLaVA-Med, where GPT-4 reads a caption instead); the
 item's `about_image` text (a caption where the dataset has one, else the image's modality)
 stands in for it. See docs/evaluation.md § "LLM-judged evaluation".
@@ -49,6 +53,7 @@ from pipeline.params import Config
 from pipeline.schema import Turn, question_in_context
 
 SCORE_MIN, SCORE_MAX = 1.0, 10.0
+REPORT_ANSWER_TYPE = "report"  # the answer type generated reports are judged under
 _NUMBER = r"(10(?:\.0+)?|[1-9](?:\.\d+)?)"
 # The first line is exactly two scores, as LLaVA-Med's summarize_gpt_review.py reads it
 # (`split(' ')` of that line); a comma or slash between them is accepted too. Anything else
@@ -70,9 +75,10 @@ class JudgedEvalConfig(Config):
                           "(a 135M judge on one-word phantom answers measures little: off by default)")
     answer_types: tuple[NonEmpty, ...] = Field(strict=False, min_length=1,
                                                description="the answer types judged (e.g. [open]); closed yes/no "
-                                               "answers are scored exactly and need no judge")
-    max_items: int | None = Field(ge=1, description="per model, a seeded sample of this many test items of those "
-                                  "types, the same items for every model; null = all")
+                                               "answers are scored exactly and need no judge; `report` judges the "
+                                               "generated reports of the report-generation benchmarks")
+    max_items: int | None = Field(ge=1, description="per model and answer type, a seeded sample of this many "
+                                  "items of that type, the same items for every model; null = all")
     seed: int = Field(ge=0, description="seeds the item sample")
     retries: int = Field(ge=0, description="re-asks after a reply whose first line is not two scores, then the "
                          "item is unscored")
@@ -244,11 +250,23 @@ def summarize(items: Sequence[JudgedItem]) -> dict[str, Any]:
 
 def select_ids(rows: Sequence[dict[str, Any]], answer_types: Sequence[str], max_items: int | None,
                seed: int) -> list[str]:
-    """The ids judged: those of `answer_types`, sorted; a seeded sample of `max_items` of them."""
-    ids = sorted(row["id"] for row in rows if row["answer_type"] in set(answer_types))
-    if max_items is not None and len(ids) > max_items:
-        ids = sorted(random.Random(seed).sample(ids, max_items))
-    return ids
+    """The ids judged, sorted: per answer type of `answer_types`, its ids, or a seeded sample of
+    `max_items` of them (each type sampled on its own, so a rare type is not crowded out)."""
+    ids: list[str] = []
+    for answer_type in sorted(set(answer_types)):
+        of_type = sorted(row["id"] for row in rows if row["answer_type"] == answer_type)
+        if max_items is not None and len(of_type) > max_items:
+            of_type = random.Random(seed).sample(of_type, max_items)
+        ids.extend(of_type)
+    return sorted(ids)
+
+
+def report_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Report-generation predictions (`REPORT_PREDICTION_SCHEMA` rows) as prediction rows of answer
+    type `report`: the instruction is the question, the reference report the answer."""
+    return [{"id": row["id"], "question": row["prompt"] or "", "answer": row["report"] or "",
+             "prediction": row["prediction"] or "", "answer_type": REPORT_ANSWER_TYPE,
+             "modality": row["modality"] or "unknown"} for row in rows]
 
 
 def item_input(row: dict[str, Any], context: Sequence[Turn] = ()) -> JudgedItemInput:
@@ -272,10 +290,14 @@ def evaluate_models(judge: CachedJudge, prompts: JudgedEvalPrompts, config: Judg
     if not predictions:
         raise ValueError("no model to judge")
     first = next(iter(predictions))
+    present = {row["answer_type"] for row in predictions[first]}
+    absent = [answer_type for answer_type in config.answer_types if answer_type not in present]
+    if absent:
+        hint = (" (`report` needs a report-generation benchmark: prepare.phantom.n_report or "
+                "prepare.files.report)" if REPORT_ANSWER_TYPE in absent else "")
+        raise DataError(f"judged_eval: no item of answer type(s) {absent} in the predictions of {first!r} "
+                        f"(it has {sorted(present)}); check judged_eval.answer_types{hint}")
     ids = select_ids(predictions[first], config.answer_types, config.max_items, config.seed)
-    if not ids:
-        raise DataError(f"judged_eval: no test item of answer types {list(config.answer_types)} in the "
-                        f"predictions of {first!r}; check judged_eval.answer_types")
     metrics: dict[str, Any] = {"enabled": True, "judge": judge.backend.identity() | {"name": judge.name},
                                "prompt_version": prompts.version, "answer_types": list(config.answer_types),
                                "items": len(ids), "models": {}}
@@ -302,6 +324,7 @@ def disabled_metrics() -> dict[str, Any]:
 
 
 __all__ = [
+    "REPORT_ANSWER_TYPE",
     "JudgedEvalConfig",
     "JudgedEvalPrompts",
     "JudgedItem",
@@ -313,6 +336,7 @@ __all__ = [
     "judge_answers",
     "load_judged_eval_prompts",
     "parse_scores",
+    "report_rows",
     "select_ids",
     "summarize",
 ]

@@ -22,6 +22,7 @@ from pipeline.judged_evaluation import (
     judge_answers,
     load_judged_eval_prompts,
     parse_scores,
+    report_rows,
     select_ids,
     summarize,
 )
@@ -30,6 +31,8 @@ from pipeline.judges.judge import CachedJudge, JudgeError, JudgeRequest
 from pipeline.judges.panel import Generation, HFJudgeConfig
 from pipeline.judges.prompts import PromptFileError
 from pipeline.params import build_config
+from pipeline.schema import PREDICTION_SCHEMA, REPORT_PREDICTION_SCHEMA, VQA_SCHEMA, write_rows
+from tests.test_judges_openai import ENV, KEY, ChatServer
 
 PROMPTS = Path(__file__).resolve().parents[1] / "pipeline" / "judges" / "eval_prompts.yaml"
 
@@ -230,10 +233,100 @@ def test_prefill_is_refused_and_the_stage_off_writes_only_that(tmp_path):
     (tmp_path / "test.parquet").write_bytes(b"")  # off: never read
     result = CliRunner().invoke(stage.app, [
         "--params", str(params), "--predictions", str(tmp_path / "predictions"),
-        "--test", str(tmp_path / "test.parquet"), "--model", "sft",
+        "--report-predictions", str(tmp_path / "predictions"), "--test", str(tmp_path / "test.parquet"), "--model", "sft",
         "--model-root", str(tmp_path / "judges"), "--cache", str(tmp_path / "c.sqlite"),
         "--metrics", str(tmp_path / "m.json"), "--transcripts", str(tmp_path / "t" / "t.jsonl")])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "m.json").read_text()) == {"enabled": False}
     assert (tmp_path / "t" / "t.jsonl").read_text() == ""
     assert not (tmp_path / "c.sqlite").exists()  # nothing loaded, nothing asked
+
+
+def report_prediction(i: int, prediction: str) -> dict:
+    return {"id": f"r{i}", "model": "m", "dataset": "phantom", "modality": "ct",
+            "prompt": "Describe the findings of this image.", "report": f"Axial CT. Lesion {i}.",
+            "prediction": prediction, "rouge_l": 0.0, "meteor": 0.0}
+
+
+def test_generated_reports_are_judged_as_their_own_answer_type_and_sampled_apart(tmp_path):
+    prompts = load_judged_eval_prompts(PROMPTS)
+    vqa = [prediction(i, f"a{i}") for i in range(30)]
+    reports = report_rows([report_prediction(i, f"report{i}") for i in range(3)])
+    assert reports[1] | {"prediction": None} == {
+        "id": "r1", "question": "Describe the findings of this image.", "answer": "Axial CT. Lesion 1.",
+        "prediction": None, "answer_type": "report", "modality": "ct"}
+    # each type is sampled on its own: 2 of the 3 reports, not a share of 2 among 33 rows
+    chosen = select_ids(vqa + reports, ["open", "report"], 2, 0)
+    assert len(chosen) == 4 and sum(i.startswith("r") for i in chosen) == 2
+    assert select_ids(vqa, ["open"], 2, 0) == [i for i in chosen if i.startswith("t")]  # one type: as before
+    backend = ScriptedJudgeBackend({f"a{i}": ["8 8"] for i in range(30)} | {f"report{i}": ["8 2"] for i in range(3)})
+    with ResponseCache(tmp_path / "c.sqlite") as cache:
+        judge = cached_judge(cache, backend, prompts.version)
+        metrics, lines = evaluate_models(judge, prompts, config(answer_types=["open", "report"], max_items=None),
+                                         {"sft": vqa + reports})
+    by_type = metrics["models"]["sft"]["answer_type"]
+    assert by_type["report"]["items"] == 3 and by_type["report"]["relative_score"] == pytest.approx(25.0)
+    assert by_type["open"]["relative_score"] == pytest.approx(100.0)
+    asked = next(r.messages[1][1] for r in backend.asked if "report1" in r.messages[1][1])
+    assert "[Question]\nDescribe the findings of this image." in asked
+    assert "[Assistant 1]\nAxial CT. Lesion 1.\n[End of Assistant 1]" in asked
+    assert {line["reference"] for line in lines if line["id"] == "r2"} == {"Axial CT. Lesion 2."}
+
+
+def test_an_answer_type_without_items_is_an_error_naming_it(tmp_path):
+    prompts = load_judged_eval_prompts(PROMPTS)
+    with ResponseCache(tmp_path / "c.sqlite") as cache, pytest.raises(DataError, match=r"\['report'\].*n_report"):
+        judge = cached_judge(cache, ScriptedJudgeBackend({"x": ["5 5"]}), prompts.version)
+        evaluate_models(judge, prompts, config(answer_types=["open", "report"], max_items=None),
+                        {"sft": [prediction(0, "x")]})
+
+
+class EvaluatorServer(ChatServer):
+    """The loopback OpenAI-compatible server as an evaluator: a model's answer `RESPONSE<<x>>` gets
+    the reply scripted for x in `scores`."""
+
+    scores = {"vqa-good": "8 8", "vqa-bad": "8 4", "report-good": "6 6\nBoth describe the lesion.",
+              "report-bad": "8 2\nAssistant 2 invents findings."}
+
+    def verdict(self, model: str, user: str, response: str) -> str:
+        return self.scores[response]
+
+
+def test_the_stage_judges_answers_and_reports_through_an_openai_server(tmp_path, monkeypatch):
+    monkeypatch.setenv(ENV, KEY)
+    root = Path(__file__).resolve().parents[1]
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    with EvaluatorServer() as server:
+        raw["judged_eval"] |= {"enabled": True, "answer_types": ["open", "report"], "max_items": None, "judge": {
+            "name": "evaluator", "role": "evaluator", "backend": "openai", "model": "judge-a", "base_url": server.url,
+            "api_key_env": ENV, "timeout_s": 5.0, "max_concurrency": 2, "max_new_tokens": 48, "temperature": 0.0,
+            "extra_body": {}, "preflight": True, "structured_output": "none", "sampling_fields": {}}}
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+        for folder in ("predictions", "reports", "judges"):
+            (tmp_path / folder).mkdir()
+        for name, quality in (("sft", "bad"), ("aligned", "good")):
+            vqa = [prediction(i, f"RESPONSE<<vqa-{quality}>>") for i in range(2)] + [prediction(2, "yes", "closed")]
+            write_rows(vqa, tmp_path / "predictions" / f"{name}.parquet", PREDICTION_SCHEMA)
+            reports = [report_prediction(i, f"RESPONSE<<report-{quality}>>") for i in range(3)]
+            write_rows(reports, tmp_path / "reports" / f"{name}.parquet", REPORT_PREDICTION_SCHEMA)
+        write_rows([], tmp_path / "test.parquet", VQA_SCHEMA)
+        args = ["--params", str(tmp_path / "params.yaml"), "--predictions", str(tmp_path / "predictions"),
+                "--report-predictions", str(tmp_path / "reports"), "--test", str(tmp_path / "test.parquet"),
+                "--model", "sft", "--model", "aligned", "--model-root", str(tmp_path / "judges"),
+                "--cache", str(tmp_path / "c.sqlite"), "--metrics", str(tmp_path / "m.json"),
+                "--transcripts", str(tmp_path / "t.jsonl")]
+        result = CliRunner().invoke(stage.app, args)
+        assert result.exit_code == 0, result.output
+        asked = len(server.requests)
+        assert asked == 10  # 2 open answers + 3 reports, per model; the closed one is not judged
+        assert CliRunner().invoke(stage.app, args).exit_code == 0
+        assert len(server.requests) == asked  # the rerun answers from the cache
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    sft, aligned = metrics["models"]["sft"]["answer_type"], metrics["models"]["aligned"]["answer_type"]
+    assert (sft["open"]["relative_score"], sft["report"]["relative_score"]) == (pytest.approx(50.0), pytest.approx(25.0))
+    assert (aligned["open"]["relative_score"], aligned["report"]["relative_score"]) == (100.0, 100.0)
+    assert metrics["models"]["sft"]["overall"]["items"] == 5
+    lines = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
+    report_line = next(line for line in lines if line["model"] == "sft" and line["id"] == "r0")
+    assert (report_line["answer_type"], report_line["reference"]) == ("report", "Axial CT. Lesion 0.")
+    assert report_line["transcript"][0]["reply"].startswith("8 2")

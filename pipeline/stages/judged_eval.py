@@ -1,7 +1,9 @@
 """`judged_eval` stage: an LLM judge scores each model's free-text answers against the references on
 LLaVA-Med's relative-score protocol (HSCR Table 2; docs/evaluation.md § "LLM-judged evaluation").
 
-Reads `<predictions>/<model>.parquet` of every `--model` (the same items for each), writes the
+Reads `<predictions>/<model>.parquet` of every `--model` (the same items for each), and, when
+`judged_eval.answer_types` names `report`, `<report-predictions>/<model>.parquet` (the generated
+reports of the report-generation benchmarks); writes the
 scores per model, answer type and modality to `--metrics` and one JSON line per model and item, with
 the messages sent and every raw reply, to `--transcripts`. Every reply is kept in `--cache` the
 moment it arrives (resume; a rerun asks nothing twice). With `judged_eval.enabled: false` it writes
@@ -14,16 +16,18 @@ from pathlib import Path
 
 import typer
 
-from pipeline.errors import ParamsError
+from pipeline.errors import DataError, ParamsError
 from pipeline.judged_evaluation import (
+    REPORT_ANSWER_TYPE,
     JudgedEvalConfig,
     disabled_metrics,
     evaluate_models,
     load_judged_eval_prompts,
+    report_rows,
 )
 from pipeline.params import load_config
 from pipeline.reporting import write_json, write_jsonl
-from pipeline.schema import PREDICTION_SCHEMA, VQA_SCHEMA, read_rows, require_rows
+from pipeline.schema import PREDICTION_SCHEMA, REPORT_PREDICTION_SCHEMA, VQA_SCHEMA, read_rows, require_rows
 from pipeline.stages._cli import input_option, metrics_option, output_option, params_option, run, stage_app
 
 app = stage_app(__doc__)
@@ -33,6 +37,9 @@ app = stage_app(__doc__)
 def main(
     params: Path = params_option("judged_eval"),
     predictions: Path = input_option("folder of <model>.parquet predictions (the evaluate stage's)", "--predictions"),
+    report_predictions: Path = input_option("folder of <model>.parquet generated reports (the evaluate stage's "
+                                            "--report-output); read when answer_types names `report`",
+                                            "--report-predictions"),
     test: Path = input_option("the test split the predictions answer (its entries' earlier turns)", "--test"),
     model: list[str] = typer.Option(..., "--model", help="a model whose predictions are judged (repeat; the "
                                     "first one's items are sampled)"),
@@ -61,6 +68,14 @@ def main(
                                  f"(roles: {sorted(prompts.roles)})")
     rows = {name: require_rows(read_rows(predictions / f"{name}.parquet", PREDICTION_SCHEMA),
                                predictions / f"{name}.parquet") for name in model}
+    if REPORT_ANSWER_TYPE in config.answer_types:
+        for name in model:
+            reports = report_rows(read_rows(report_predictions / f"{name}.parquet", REPORT_PREDICTION_SCHEMA))
+            clash = sorted({row["id"] for row in reports} & {row["id"] for row in rows[name]})
+            if clash:
+                raise DataError(f"judged_eval: {len(clash)} id(s) of model {name!r} are both a test entry and a "
+                                f"report case, e.g. {clash[:3]}; give the report benchmark other ids")
+            rows[name] = [*rows[name], *reports]
     contexts = {row["id"]: row["context"] for row in read_rows(test, VQA_SCHEMA) if row["context"]}
     with ResponseCache(cache) as store:
         (judge,) = build_judges([config.judge], store, {"judged_eval": prompts.version}, config.request_retry)
