@@ -27,6 +27,7 @@ from tests.llava_hf_fixture import write_llava_hf_checkpoint
 from tests.llava_med_fixture import random_image
 from tests.llava_next_fixture import write_llava_next_checkpoint
 from tests.qwen2_vl_fixture import write_qwen2_vl_checkpoint
+from tests.smolvlm_fixture import write_smolvlm_checkpoint
 
 QUESTION = "what is shown in the image?"
 CONTEXT = [{"question": "which modality is this?", "answer": "a ct scan."},
@@ -39,9 +40,10 @@ WRITERS = {
     "qwen2_5_vl": lambda folder: write_qwen2_vl_checkpoint(folder, model_type="qwen2_5_vl"),
     "gemma3": lambda folder: write_gemma3_checkpoint(folder),
     "idefics3": lambda folder: write_idefics3_checkpoint(folder),
+    "smolvlm": lambda folder: write_smolvlm_checkpoint(folder),
 }
 FAMILY = {"llava": "llava", "llava_next": "llava_next", "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_vl", "gemma3": "gemma3",
-          "idefics3": "idefics3"}
+          "idefics3": "idefics3", "smolvlm": "smolvlm"}
 
 
 @pytest.fixture(scope="module", params=list(WRITERS))
@@ -82,7 +84,7 @@ def _reference_inputs(vlm, image, context) -> dict:
     processor = vlm.processor or AutoProcessor.from_pretrained(vlm.model.name_or_path)
     text = processor.apply_chat_template(vlm.prompt_messages(QUESTION, context), add_generation_prompt=True,
                                          tokenize=False)
-    kwargs = {"do_image_splitting": False} if vlm.family.name == "idefics3" else {}
+    kwargs = {"do_image_splitting": False} if vlm.family.name in ("idefics3", "smolvlm") else {}
     inputs = dict(processor(images=[image], text=[text], return_tensors="pt", **kwargs))
     assert inputs["input_ids"][0].tolist() == ids  # the family's prompt is the processor's
     return inputs
@@ -226,3 +228,20 @@ def test_save_and_reload_give_the_same_logits(vlm, tmp_path):
         before = vlm.forward(batch.attention_mask, batch.input_ids, batch.pixel_values).logits
         after = again.forward(batch.attention_mask, batch.input_ids, again.pixel_values(images)).logits
     assert torch.equal(before, after)
+
+
+def test_smolvlm_prompt_is_smolvlm_processors_own_expansion(tmp_path):
+    """SmolVLMProcessor needs torchvision, so SmolVLM's prompt is built by Idefics3Processor; it must
+    be what SmolVLMProcessor writes: its template, then its `get_image_prompt_string` for an image
+    that is not split."""
+    from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string
+
+    vlm = load_vlm(write_smolvlm_checkpoint(tmp_path / "smolvlm"), device="cpu", dtype=torch.float32)
+    text = vlm.processor.apply_chat_template(vlm.prompt_messages(QUESTION, CONTEXT), add_generation_prompt=True,
+                                             tokenize=False)
+    assert text.startswith("<|im_start|>User:<image>") and text.count("<image>") == 1
+    block = get_image_prompt_string(0, 0, vlm.settings.num_image_tokens, "<fake_token_around_image>", "<image>",
+                                    "<global-img>")
+    expected = vlm.tokenizer.encode(text.replace("<image>", block), add_special_tokens=False)
+    assert vlm.prompt_ids(QUESTION, CONTEXT) == expected
+    assert vlm.tokenizer.convert_ids_to_tokens(expected).count("<image>") == 16

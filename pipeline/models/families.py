@@ -23,7 +23,9 @@ tokens physically removed from the sequence and given those positions:
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -100,6 +102,12 @@ class Family:
         """Whether prompts are built by the family's processor (typed-part chat template and its
         expansion of the image token) rather than the tokenizer's plain-string template."""
         return not tokenizer_renders_text
+
+    def load_processor(self, source: str) -> Any:
+        """The family's multimodal processor for a checkpoint (folder or hub id)."""
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(source)
 
     def content_style(self, tokenizer: Any, processor: Any | None) -> ContentStyle:
         """How prompts are rendered (`pipeline.models.templates`); `ValueError` saying what to add
@@ -394,8 +402,7 @@ class Idefics3Family(LlavaFamily):
     `image_seq_len` image tokens). Images are not split into tiles (`do_image_splitting` off):
     every image is resized to one `max_image_size` square, so every image has the same tokens.
 
-    SmolVLM is the same architecture, but its processor cannot be built without torchvision (its
-    video half), which this project does not install; it is not supported yet.
+    SmolVLM is the same architecture (`SmolVLMFamily`).
     """
 
     name = "idefics3"
@@ -445,6 +452,38 @@ class Idefics3Family(LlavaFamily):
         return out["pixel_values"]  # (B, 1 image, C, side, side)
 
 
+class SmolVLMFamily(Idefics3Family):
+    """SmolVLM (`SmolVLMForConditionalGeneration`): Idefics3's architecture, parts and prompt for
+    one image. `SmolVLMProcessor` cannot be built without torchvision (its video processor needs
+    it), so the prompt is built by `Idefics3Processor` over the checkpoint's own tokenizer, image
+    processor (`SmolVLMImageProcessorPil`) and chat template: for an image that is not split,
+    both processors expand `<image>` to `<fake_token_around_image><global-img>`, `image_seq_len`
+    image tokens and `<fake_token_around_image>` (tests/test_families.py checks it against
+    SmolVLM's own `get_image_prompt_string`). A saved model keeps that processor's
+    `processor_config.json` (`Idefics3Processor`)."""
+
+    name = "smolvlm"
+    model_types = ("smolvlm",)
+
+    def load_processor(self, source: str) -> Any:
+        from transformers import AutoTokenizer, Idefics3Processor
+        from transformers.utils import cached_file
+
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        template = tokenizer.chat_template
+        for name in ("chat_template.jinja", "chat_template.json"):
+            if template is not None:
+                break
+            path = cached_file(source, name, _raise_exceptions_for_missing_entries=False)
+            if path is not None:
+                text = Path(path).read_text(encoding="utf-8")
+                template = text if name.endswith(".jinja") else json.loads(text).get("chat_template")
+        # image_seq_len is a property of the model (patches / scale_factor²), which the processor's
+        # config repeats; taking it from the model cannot disagree with the visual features.
+        return Idefics3Processor(image_processor=self.image_processor, tokenizer=tokenizer,
+                                 image_seq_len=self.default_image_tokens(), chat_template=template)
+
+
 class LlavaNextFamily(LlavaFamily):
     """LLaVA-NeXT (`LlavaNextForConditionalGeneration`, "any resolution"): an image is a base view
     plus tiles at the best of `image_grid_pinpoints`, packed with a newline feature per row, so the
@@ -487,7 +526,8 @@ class LlavaNextFamily(LlavaFamily):
         return torch.stack(list(out.pooler_output))
 
 
-FAMILIES: tuple[type[Family], ...] = (LlavaFamily, LlavaNextFamily, Qwen2VLFamily, Gemma3Family, Idefics3Family)
+FAMILIES: tuple[type[Family], ...] = (LlavaFamily, LlavaNextFamily, Qwen2VLFamily, Gemma3Family, Idefics3Family,
+                                      SmolVLMFamily)
 
 
 def family_class(model_type: str | None) -> type[Family]:

@@ -22,7 +22,6 @@ from transformers import (
     AutoImageProcessor,
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
-    AutoProcessor,
     AutoTokenizer,
     CLIPImageProcessorPil,
     CLIPVisionConfig,
@@ -212,7 +211,7 @@ def load_vlm(source: str | Path, device: torch.device | str | None = None,
         # The prompt is the processor's: llava-hf's typed-part template, Qwen2-VL's vision block;
         # the processor expands the image token, and its own tokenizer is used so both tokenize alike.
         with model_load_errors(source, _RECREATE):
-            processor = AutoProcessor.from_pretrained(source)
+            processor = family.load_processor(source)
         if not hasattr(processor, "tokenizer") or not hasattr(processor, "image_processor"):
             raise ModelLoadError(
                 f"{source}: the tokenizer has no chat template for plain-string messages and AutoProcessor gives a "

@@ -57,7 +57,7 @@ class VLM:
 
     `family` (`pipeline.models.families`) holds everything that differs between architectures:
     where the parts are, how images are processed and encoded, which positions tokens get.
-    `processor` (the family's `AutoProcessor`) is needed for checkpoints whose prompts the
+    `processor` (the family's processor, `Family.load_processor`) is needed for checkpoints whose prompts the
     processor builds (llava-hf's typed-part template, Qwen2-VL): it renders the prompt and
     expands the image token.
     """
