@@ -62,11 +62,10 @@ def current_shard() -> Shard:
     (several CPU processes without ACCELERATE_USE_CPU=1): each would do all the work and write
     the same outputs and clear the same work folder under the others' feet.
     """
-    from accelerate import PartialState
     from accelerate.utils import get_int_from_env, parse_flag_from_env
 
     cpu = parse_flag_from_env("ACCELERATE_USE_CPU")
-    state = PartialState(cpu=cpu)
+    state = process_state()
     launched = get_int_from_env(["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"], 1)
     if state.num_processes != launched:
         raise RuntimeError(
@@ -77,3 +76,28 @@ def current_shard() -> Shard:
         return Shard()  # exactly the unsharded run: load_vlm's own device choice
     return Shard(rank=state.process_index, world_size=state.num_processes, wait=state.wait_for_everyone,
                  device=state.device)
+
+
+def process_state():
+    """accelerate's `PartialState` of this process (a singleton: the first call decides it).
+
+    The launcher's CPU flag (ACCELERATE_USE_CPU) is read as an `Accelerator` would read it. Under
+    DeepSpeed without CUDA (DeepSpeed's CPU accelerator, DS_ACCELERATOR=cpu) accelerate leaves its
+    process-group backend unset, and then every process believes it is process 0 of 1, although
+    DeepSpeed did start the process group (gloo, or ccl with oneccl_bindings_for_pytorch): the
+    backend is named here as DeepSpeed's accelerator names it.
+    """
+    import os
+
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    cpu = parse_flag_from_env("ACCELERATE_USE_CPU")
+    kwargs = {}
+    if (not cpu and not torch.cuda.is_available() and int(os.environ.get("LOCAL_RANK", -1)) != -1
+            and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"):
+        from deepspeed.accelerator import get_accelerator
+
+        kwargs["backend"] = get_accelerator().communication_backend_name()
+    return PartialState(cpu=cpu, **kwargs)

@@ -17,6 +17,11 @@ else
   pip install --quiet --no-deps -r requirements.lock
 fi
 pip install --quiet --no-deps -e ".[dev,dicom,bench,qlora]"
+# DeepSpeed, for ZeRO-2 training (configs/accelerate/deepspeed_zero2.yaml, docs/training.md § Large
+# models). PyPI has only its source release, whose setup imports torch: built here against the
+# torch above (no build isolation, which would fetch another torch), with no op compiled now
+# (DS_BUILD_OPS=0; on a CPU its communication op is compiled on first use, which needs a C++ compiler).
+DS_BUILD_OPS=0 pip install --quiet --no-deps --no-build-isolation "deepspeed==0.19.8"
 # Convert the GGUF once to a cached Hugging Face folder (~20 s, then ~1 s per load).
 python -c "from pipeline.models.smollm2 import smollm2_dir; print('SmolLM2 weights:', smollm2_dir())"
 # METEOR (the report-generation metric of `evaluate`, pycocoevalcap) runs METEOR 1.5's jar:

@@ -1,8 +1,9 @@
 """`train` stage: DPO / weighted DPO / MLPO with LoRA on the SFT model.
 
 Single process (CPU or one GPU): `python -m pipeline.stages.train ...`. Several GPUs:
-`accelerate launch --config_file configs/accelerate/multi_gpu.yaml -m pipeline.stages.train ...`
-(see configs/accelerate/default.yaml and docs/training.md).
+`accelerate launch --config_file <config> -m pipeline.stages.train ...`, with DDP as
+configs/accelerate/default.yaml describes or DeepSpeed ZeRO-2 (configs/accelerate/deepspeed_zero2.yaml);
+docs/training.md § Large models.
 """
 
 from __future__ import annotations
@@ -36,8 +37,6 @@ def main(
                                    "output", "--work-dir"),
     timings: Path = timings_option(),
 ) -> None:
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
     from dvclive import Live
 
     from pipeline.fingerprint import file_digest, folder_digest
@@ -46,6 +45,7 @@ def main(
     from pipeline.params import load_config
     from pipeline.reporting import write_folder, write_json
     from pipeline.schema import SCORED_SCHEMA, read_rows, require_rows
+    from pipeline.sharding import process_state
     from pipeline.training.preference import (
         PreferenceConfig,
         PreferenceTrainer,
@@ -60,7 +60,7 @@ def main(
     check_visual_dispreference(rows, cfg)
     # Under `accelerate launch` each process loads the model onto its own device. The process
     # state is a singleton, so read the launcher's CPU flag here as the Accelerator would.
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    state = process_state()
     check_model_folder(model)
     key = resume_key(cfg, file_digest(input), folder_digest(model), state.num_processes)
     vlm = load_vlm(model, device=state.device, quantize=None if cfg.quantize_base == "none" else cfg.quantize_base)

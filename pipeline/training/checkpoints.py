@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -125,6 +126,14 @@ class Checkpoints:
         models.clear()
         self.weights.load(Path(input_dir))
 
+    def _engine_kwargs(self, load: bool) -> dict[str, Any]:
+        """Under DeepSpeed accelerate saves the engine's own checkpoint (every parameter, the frozen
+        ones too, and each process's part of the ZeRO optimizer state), not what the hooks give it:
+        leave the frozen weights out (the input model's; the hook saves the trained ones)."""
+        if self.accelerator.distributed_type != DistributedType.DEEPSPEED:
+            return {}
+        return {"load_module_strict": False} if load else {"exclude_frozen_parameters": True}
+
     def latest(self) -> Path | None:
         """The newest complete checkpoint (names sort by phase tag, then step)."""
         if self.folder is None or not self.folder.exists():
@@ -144,7 +153,7 @@ class Checkpoints:
             return False
         if not (latest / _RNG_FILE).is_file() or not (latest / WEIGHTS_FILE).is_file():
             raise DataError(f"{latest}: incomplete checkpoint (no {_RNG_FILE} or {WEIGHTS_FILE}); delete it")
-        self.accelerator.load_state(str(latest))
+        self.accelerator.load_state(str(latest), **self._engine_kwargs(load=True))
         if self.accelerator.is_main_process:
             tqdm.write(f"{self.desc}: resuming from {latest} ({self.state.values.get('where', '?')})")
         return True
@@ -161,7 +170,7 @@ class Checkpoints:
         if self.accelerator.is_main_process and tmp.exists():
             shutil.rmtree(tmp)
         self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(tmp))
+        self.accelerator.save_state(str(tmp), **self._engine_kwargs(load=False))
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             if final.exists():

@@ -74,6 +74,32 @@ def check_whole_parameters(accelerator) -> None:
         )
 
 
+def configure_deepspeed(accelerator, micro_batch: int, max_grad_norm: float | None) -> None:
+    """Under DeepSpeed, before `accelerator.prepare(model, optimizer, scheduler)`: what accelerate
+    cannot fill in itself. No-op under any other launch mode.
+
+    - `train_micro_batch_size_per_gpu`: accelerate takes it from a DataLoader passed to the same
+      `prepare` call; `train` prepares its loader in a call of its own and `sft`'s phase 2 has none
+      (it draws its rows itself), so both would fail with "requires you to pass at least one of
+      training or evaluation dataloaders". DeepSpeed uses it for its bookkeeping only (the loops
+      feed their own batches).
+    - `gradient_clipping`: under DeepSpeed the engine clips inside `accelerator.backward` and
+      `accelerator.clip_grad_norm_` ignores its max_norm, so the config's value (1.0 unless the
+      accelerate config says otherwise) would win over the trainer's `max_grad_norm`.
+    - `gradient_accumulation_steps`: a number in the accelerate config (not `auto`) silently
+      replaces the Accelerator's (`train.grad_accum`).
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = micro_batch
+    config["train_batch_size"] = "auto"  # micro batch x accumulation x processes, filled by prepare
+    config["gradient_clipping"] = max_grad_norm or 0.0  # 0: DeepSpeed does not clip
+    config["gradient_accumulation_steps"] = accelerator.gradient_accumulation_steps
+
+
 def merge_lora(vlm: VLM, peft_lm) -> None:
     """Fold the adapters into the language model's weights: the VLM is a plain model again."""
     vlm.language_model = peft_lm.merge_and_unload()

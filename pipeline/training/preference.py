@@ -56,6 +56,7 @@ from pipeline.training.checkpoints import Checkpoints, LoopState, TrainedWeights
 from pipeline.training.common import (
     LoraSettings,
     check_whole_parameters,
+    configure_deepspeed,
     gradient_checkpointing,
     merge_lora,
     warmup_cosine,
@@ -591,6 +592,7 @@ class PreferenceTrainer:
         total_steps = steps_per_epoch * cfg.epochs * accelerator.num_processes
         warmup = int(cfg.warmup_fraction * total_steps)
         scheduler = warmup_cosine(optimizer, warmup, total_steps)
+        configure_deepspeed(accelerator, cfg.batch_size, cfg.max_grad_norm)
         model, optimizer, scheduler = accelerator.prepare(self.scorer, optimizer, scheduler)
 
         start_epoch, skip = 0, 0

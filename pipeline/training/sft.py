@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from accelerate.utils import DistributedType
 from pydantic import Field, field_validator
 from torch import nn
 from tqdm.auto import tqdm
@@ -35,6 +36,7 @@ from pipeline.training.checkpoints import Checkpoints, Delegate, LoopState, Trai
 from pipeline.training.common import (
     LoraSettings,
     check_whole_parameters,
+    configure_deepspeed,
     gradient_checkpointing,
     merge_lora,
     warmup_cosine,
@@ -310,6 +312,13 @@ def train_llava(vlm: VLM, rows: list[dict], cfg: SFTConfig, run: SFTRun, tower_t
     warmup = max(1, int(cfg.warmup_fraction * total))
     scheduler = warmup_cosine(optimizer, warmup * processes, total * processes, warmup_from_first_step=True)
     run.optimizer.target, run.scheduler.target = optimizer, scheduler
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # ZeRO partitions the optimizer state: the engine's checkpoint holds each process's part. The
+        # slot is saved by the main process alone and loaded by all, which would give every process
+        # the main process's part.
+        run.optimizer.target = None
+    # each process's share of a batch's rows (below)
+    configure_deepspeed(accelerator, math.ceil(cfg.batch_size / processes), cfg.max_grad_norm)
     model, prepared_optimizer, prepared_scheduler = accelerator.prepare(AnswerLoss(vlm), optimizer, scheduler)
     trained = [p for g in groups for p in g["params"]]
     # What phase 1 or 2 changes: the tower (phase 1, or tower_lr), the projector, the LM's trained part.
