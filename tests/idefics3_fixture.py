@@ -36,28 +36,37 @@ IDEFICS3_TEMPLATE = (
 def write_idefics3_checkpoint(folder: Path, seed: int = 0) -> Path:
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessorPil
 
+    return write_idefics3_layout(folder, seed, special=SPECIAL, template=IDEFICS3_TEMPLATE,
+                                 pad="<|finetune_right_pad_id|>", eos="<|end_of_text|>", bos="<|begin_of_text|>",
+                                 config_class=Idefics3Config, model_class=Idefics3ForConditionalGeneration,
+                                 image_processor_class=Idefics3ImageProcessorPil, processor_class="Idefics3Processor")
+
+
+def write_idefics3_layout(folder: Path, seed: int, *, special: list[str], template: str, pad: str, eos: str, bos: str,
+                          config_class, model_class, image_processor_class, processor_class: str) -> Path:
+    """A tiny checkpoint of Idefics3's architecture and Hub layout (Idefics3, and SmolVLM with its
+    own classes, tokens and template): the sizes of this module's docstring."""
     folder.mkdir(parents=True)
-    tokenizer = word_tokenizer(SPECIAL, IDEFICS3_TEMPLATE, pad="<|finetune_right_pad_id|>", eos="<|end_of_text|>",
-                               bos="<|begin_of_text|>", unk="<unk>")
+    tokenizer = word_tokenizer(special, template, pad=pad, eos=eos, bos=bos, unk="<unk>")
     tokenizer.save_pretrained(folder)
-    Idefics3ImageProcessorPil(size={"longest_edge": IMAGE_SIZE}, max_image_size={"longest_edge": IMAGE_SIZE},
-                              do_image_splitting=False, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(folder)
+    image_processor_class(size={"longest_edge": IMAGE_SIZE}, max_image_size={"longest_edge": IMAGE_SIZE},
+                          do_image_splitting=False, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(folder)
     (folder / "processor_config.json").write_text(json.dumps(
-        {"image_seq_len": NUM_IMAGE_TOKENS, "processor_class": "Idefics3Processor"}, indent=2))
-    (folder / "chat_template.json").write_text(json.dumps({"chat_template": IDEFICS3_TEMPLATE}, indent=2))
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL}
+        {"image_seq_len": NUM_IMAGE_TOKENS, "processor_class": processor_class}, indent=2))
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": template}, indent=2))
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in special}
     text = dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                rms_norm_eps=1e-5, pad_token_id=ids["<|finetune_right_pad_id|>"], bos_token_id=ids["<|begin_of_text|>"],
+                rms_norm_eps=1e-5, pad_token_id=ids[pad], bos_token_id=ids[bos],
                 eos_token_id=ids["<end_of_utterance>"], tie_word_embeddings=False)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                   image_size=IMAGE_SIZE, patch_size=PATCH)
-    config = Idefics3Config(text_config=text, vision_config=vision, scale_factor=2, image_token_id=ids["<image>"],
-                            pad_token_id=ids["<|finetune_right_pad_id|>"], tie_word_embeddings=False)
+    config = config_class(text_config=text, vision_config=vision, scale_factor=2, image_token_id=ids["<image>"],
+                          pad_token_id=ids[pad], tie_word_embeddings=False)
     torch.manual_seed(seed)
-    model = Idefics3ForConditionalGeneration(config)
+    model = model_class(config)
     randomize(model, seed)
     model.generation_config.eos_token_id = ids["<end_of_utterance>"]
-    model.generation_config.pad_token_id = ids["<|finetune_right_pad_id|>"]
+    model.generation_config.pad_token_id = ids[pad]
     model.save_pretrained(folder)
     return folder

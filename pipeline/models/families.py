@@ -23,15 +23,18 @@ tokens physically removed from the sequence and given those positions:
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from PIL import Image
 
-from pipeline.models.templates import ContentStyle, content_style, tokenizer_renders_parts
+from pipeline.models.templates import (
+    ContentStyle,
+    content_style,
+    processor_chat_template,
+    tokenizer_renders_parts,
+)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -467,17 +470,9 @@ class SmolVLMFamily(Idefics3Family):
 
     def load_processor(self, source: str) -> Any:
         from transformers import AutoTokenizer, Idefics3Processor
-        from transformers.utils import cached_file
 
         tokenizer = AutoTokenizer.from_pretrained(source)
-        template = tokenizer.chat_template
-        for name in ("chat_template.jinja", "chat_template.json"):
-            if template is not None:
-                break
-            path = cached_file(source, name, _raise_exceptions_for_missing_entries=False)
-            if path is not None:
-                text = Path(path).read_text(encoding="utf-8")
-                template = text if name.endswith(".jinja") else json.loads(text).get("chat_template")
+        template = tokenizer.chat_template or processor_chat_template(source)
         # image_seq_len is a property of the model (patches / scale_factor²), which the processor's
         # config repeats; taking it from the model cannot disagree with the visual features.
         return Idefics3Processor(image_processor=self.image_processor, tokenizer=tokenizer,

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from pipeline.errors import InputNotFoundError, ModelLoadError
 from pipeline.models.families import family_class, family_for
 from pipeline.models.smollm2 import SMOLLM2_NAME, smollm2_dir
 from pipeline.models.sources import is_hub_id, model_load_errors
+from pipeline.models.templates import processor_chat_template
 from pipeline.models.tiny_tokenizer import build_tiny_tokenizer
 from pipeline.models.vlm import IMAGE_TOKEN, VLM, PromptSettings, tokenizer_renders_text
 
@@ -254,15 +254,6 @@ def four_bit_config(source: str, quantize: str, dtype: torch.dtype):
                               bnb_4bit_compute_dtype=dtype,
                               # patterns match from a name's start: `.*` finds the module at any depth
                               llm_int8_skip_modules=[f".*{name}" for name in family.full_precision_modules])
-
-
-def processor_chat_template(folder: Path) -> str | None:
-    """The chat template a folder keeps for its processor (`chat_template.json` / `.jinja`), if any."""
-    if (folder / "chat_template.jinja").is_file():
-        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
-    if (folder / "chat_template.json").is_file():
-        return json.loads((folder / "chat_template.json").read_text(encoding="utf-8")).get("chat_template")
-    return None
 
 
 # Profiles built here from configs, with a vision tower trained from scratch by `sft` phase 1.

@@ -7,6 +7,8 @@ it ("text": the `tiny`/`demo` profiles, converted LLaVA-Med) or as a list of typ
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Literal
 
 from jinja2 import TemplateError
@@ -70,3 +72,16 @@ def tokenizer_renders_parts(tokenizer) -> bool:
     return tokenizer.chat_template is not None and _renders(
         lambda m: tokenizer.apply_chat_template(m, tokenize=False),
         [{"type": "image"}, {"type": "text", "text": _PROBE}])
+
+
+def processor_chat_template(source: str | Path) -> str | None:
+    """The chat template a checkpoint (folder or hub id) keeps for its processor, in
+    `chat_template.jinja` or `chat_template.json`, which `AutoTokenizer` does not read; None if neither."""
+    from transformers.utils import cached_file
+
+    for name in ("chat_template.jinja", "chat_template.json"):
+        path = cached_file(str(source), name, _raise_exceptions_for_missing_entries=False)
+        if path is not None:
+            text = Path(path).read_text(encoding="utf-8")
+            return text if name.endswith(".jinja") else json.loads(text).get("chat_template")
+    return None
