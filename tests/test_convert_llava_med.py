@@ -266,6 +266,20 @@ def test_chat_template_renders_mistral_instruct(vlm):
         render([{"role": "assistant", "content": "no"}])
 
 
+def test_answer_tokens_are_llava_meds_training_tokens(converted, vlm):
+    """LLaVA-Med trains on `get_prompt()` of the whole conversation, an answer written
+    ` {answer} </s>`: the prompt and answer ids together are that conversation's
+    `tokenizer_image_token` ids, the `▁` before `</s>` included."""
+    original_tokenizer = AutoTokenizer.from_pretrained(converted[0])
+    answer = "A chest X-ray."
+    expected = tokenizer_image_token(f"{llava_med_prompt(QUESTION)} {answer} </s>", original_tokenizer)
+    ids = vlm.prompt_ids(QUESTION) + vlm.answer_ids(answer)
+    spliced = [IMAGE_TOKEN_INDEX if i == vlm.image_token_id else i for k, i in enumerate(ids)
+               if not (i == vlm.image_token_id and k and ids[k - 1] == vlm.image_token_id)]
+    assert spliced == expected
+    assert vlm.tokenizer.convert_ids_to_tokens(vlm.answer_ids(answer)[-2:]) == ["▁", "</s>"]
+
+
 def test_pad_to_square_is_llava_meds_expand2square():
     for size, mode in [((40, 24), "RGB"), ((24, 40), "RGB"), ((41, 24), "RGB"), ((30, 17), "L"), ((32, 32), "RGB")]:
         image = random_image(size).convert(mode)

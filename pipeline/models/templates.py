@@ -8,6 +8,7 @@ it ("text": the `tiny`/`demo` profiles, converted LLaVA-Med) or as a list of typ
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -85,3 +86,40 @@ def processor_chat_template(source: str | Path) -> str | None:
             text = Path(path).read_text(encoding="utf-8")
             return text if name.endswith(".jinja") else json.loads(text).get("chat_template")
     return None
+
+
+# A stand-in question: the assistant turn's tokens follow the generation prompt, whose end does
+# not depend on what was asked.
+_PROBE_QUESTION = "medalign answer probe"
+
+
+def assistant_turn_ids(render: Callable[[list[dict[str, Any]], bool], str], tokenize: Callable[[str], list[int]],
+                       decode: Callable[[list[int]], str], message: Callable[[str, str], dict[str, Any]],
+                       answer: str, end_of_turn_id: int) -> list[int]:
+    """The tokens a chat template writes for the assistant turn `answer` after the generation
+    prompt, up to and including `end_of_turn_id`.
+
+    These are the tokens the model was trained on: after `Assistant:` (Idefics3, SmolVLM) the
+    answer starts with the ` yes` token, not `yes`, and LLaVA-Med's ` yes </s>` keeps its `▁`
+    before `</s>`. They are the difference between the tokenized conversation with the answer and
+    the tokenized generation prompt. A template that writes no end-of-turn token (llava-hf's
+    LLaVA-1.5 template, which ends every turn with a space) gets it appended right after the
+    answer's last non-blank token, as LLaVA-1.5 was trained (`yes</s>`).
+    `render(messages, add_generation_prompt)` renders with the model's template, `tokenize` adds
+    no special tokens, `decode` turns ids back into text, `message(role, text)` builds a message in
+    the template's content style.
+    """
+    user = message("user", _PROBE_QUESTION)
+    prompt = tokenize(render([user], True))
+    full = tokenize(render([user, message("assistant", answer)], False))
+    if full[: len(prompt)] != prompt:
+        raise ValueError(
+            "the chat template's conversation does not start with its generation prompt once tokenized "
+            f"(answer {answer!r}): the tokens of the assistant turn cannot be told apart"
+        )
+    turn = full[len(prompt):]
+    if end_of_turn_id in turn:
+        return turn[: turn.index(end_of_turn_id) + 1]
+    while turn and not decode(turn[-1:]).strip():
+        turn = turn[:-1]
+    return turn + [end_of_turn_id]

@@ -20,7 +20,7 @@ from PIL import Image
 from transformers import PreTrainedModel
 
 from pipeline.models.families import Family, family_for, position_ids_from_mask
-from pipeline.models.templates import ContentStyle, content_style, tokenizer_renders_text
+from pipeline.models.templates import ContentStyle, assistant_turn_ids, content_style, tokenizer_renders_text
 from pipeline.schema import Turn
 
 __all__ = ["IMAGE_TOKEN", "VLM", "ContentStyle", "PromptSettings", "content_style", "position_ids_from_mask",
@@ -200,8 +200,24 @@ class VLM:
         return [int(i) for i in ids]
 
     def answer_ids(self, answer: str) -> list[int]:
-        """The answer's tokens followed by the end-of-turn token the model must learn to emit."""
-        return self.tokenizer.encode(answer.strip(), add_special_tokens=False) + [self.eos_token_id]
+        """The answer's tokens as the chat template writes an assistant turn after the generation
+        prompt (a leading space where it writes `Assistant: yes`), up to and including the
+        end-of-turn token the model must learn to emit (`assistant_turn_ids`)."""
+        return assistant_turn_ids(self._render_chat, self._tokenize, self.tokenizer.decode, self._message,
+                                  answer.strip(), self.eos_token_id)
+
+    def _render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+        # The template `prompt_ids` renders with: the processor's for typed parts where one is loaded.
+        owner = self.processor if self.content_style == "parts" and self.processor is not None else self.tokenizer
+        return owner.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+
+    def _tokenize(self, text: str) -> list[int]:
+        return [int(i) for i in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+    def _message(self, role: str, text: str) -> dict[str, Any]:
+        if self.content_style == "parts":
+            return {"role": role, "content": [{"type": "text", "text": text}]}
+        return {"role": role, "content": text}
 
     def decode(self, ids: list[int]) -> str:
         ids = [i for i in ids if i != self.eos_token_id and i != self.pad_token_id]
