@@ -38,11 +38,11 @@ What differs (also in docs/models.md, "Converting LLaVA-Med v1.5"):
 - `image_aspect_ratio: pad`. LLaVA-Med pads every image to a square with the image processor's
   mean colour (`expand2square`) before CLIP's resize (shortest edge) and centre crop.
   `CLIPImageProcessor` has no such step, so the converted folder's processor alone **centre-crops
-  a non-square image** (the ends of its long side are lost) where LLaVA-Med would shrink the whole
-  image into the square. Square images are unaffected. The converter keeps
-  `image_aspect_ratio: pad` in the converted config.json (transformers ignores it) and
-  `pad_to_square` here reproduces LLaVA-Med's padding; the pipeline must call it on each image
-  before the processor (in `VLM.pixel_values`) to match LLaVA-Med on non-square images.
+  a non-square image** where LLaVA-Med shrinks the whole image into the square. The converter
+  keeps `image_aspect_ratio: pad` in the converted config.json (transformers ignores it); the
+  pipeline reads it and pads each image first (`pipeline.models.families.pad_to_square`, in
+  `VLM.pixel_values`), so through the pipeline a non-square image is processed as LLaVA-Med
+  processes it. Plain transformers code using the folder must pad itself.
 - `tokenizer_model_max_length` (2048): LLaVA-Med truncates the spliced sequence (text + 576
   visual tokens) to that length; transformers' LLaVA does not truncate.
 - `mm_use_im_patch_token` true (or absent): LLaVA-Med's loader adds an unused `<im_patch>` token
@@ -63,7 +63,6 @@ from typing import Any
 
 import torch
 import typer
-from PIL import Image
 
 from pipeline.errors import ModelLoadError, PipelineError
 from pipeline.models.vlm import IMAGE_TOKEN
@@ -207,6 +206,9 @@ def read_original_config(config: Mapping[str, Any], ignore_fields: Iterable[str]
         )
     if config.get("mm_use_im_start_end", False):
         raise ConversionError("mm_use_im_start_end is true (<im_start><image><im_end> prompts): not supported")
+    if config.get("image_aspect_ratio") == "anyres":
+        raise ConversionError("image_aspect_ratio is 'anyres' (LLaVA-NeXT tiling): not supported; LLaVA-Med v1.5 "
+                              "uses 'pad'")
     if config.get("mm_patch_merge_type", "flat") != "flat":
         raise ConversionError(f"mm_patch_merge_type is {config['mm_patch_merge_type']!r}: only 'flat' is supported")
     feature = config.get("mm_vision_select_feature", "patch")
@@ -412,32 +414,6 @@ def add_image_token(tokenizer) -> int:
         raise RuntimeError(f"adding {IMAGE_TOKEN!r} gave id {image_id}, expected {old_size}")
     tokenizer.chat_template = CHAT_TEMPLATE
     return image_id
-
-
-def pad_to_square(image: Image.Image, image_mean: Iterable[float]) -> Image.Image:
-    """LLaVA-Med's `image_aspect_ratio: pad`: the image centred on a square of the mean colour.
-
-    The colour is `int(255 * m)` per channel of the image processor's `image_mean` (for a
-    grey-scale image, of their average). LLaVA-Med's `process_images` places the image at a
-    random offset of `d // 2` or `d // 2 + 1` pixels (d: side difference); this uses `d // 2`,
-    as upstream LLaVA does. Call it on the image as decoded (L or RGB), before any RGB
-    conversion: a grey-scale image is padded with a grey, as in LLaVA-Med.
-    """
-    if image.mode not in ("L", "RGB"):
-        raise ValueError(f"pad_to_square takes an L or RGB image, got mode {image.mode!r}; convert it first")
-    mean = list(image_mean)
-    width, height = image.size
-    if width == height:
-        return image
-    colour: int | tuple[int, ...]
-    if image.mode == "L":
-        colour = int(255 * sum(mean) / len(mean))
-    else:
-        colour = tuple(int(m * 255) for m in mean)
-    side = max(width, height)
-    square = Image.new(image.mode, (side, side), colour)
-    square.paste(image, ((side - width) // 2, (side - height) // 2))
-    return square
 
 
 def _processor_output_size(processor) -> tuple[int, int]:
@@ -699,8 +675,9 @@ def _differences(settings: LlavaMedSettings) -> list[str]:
     if settings.image_aspect_ratio == "pad":
         notes.append(
             "image_aspect_ratio pad: LLaVA-Med pads images to a square with the processor's mean colour before the "
-            "CLIP resize and centre crop; the converted image processor does not, so a non-square image is "
-            "centre-cropped instead unless the caller applies convert_llava_med.pad_to_square first"
+            "CLIP resize and centre crop; the converted image processor alone does not (the pipeline does, from the "
+            "config's image_aspect_ratio), so outside the pipeline a non-square image is centre-cropped unless the "
+            "caller applies pipeline.models.families.pad_to_square first"
         )
     if settings.tokenizer_model_max_length:
         notes.append(

@@ -27,7 +27,8 @@ from transformers import (
 
 from pipeline import convert_llava_med as conv
 from pipeline.batching import collate_prompts
-from pipeline.convert_llava_med import ConversionError, convert, pad_to_square
+from pipeline.convert_llava_med import ConversionError, convert
+from pipeline.models.families import pad_to_square
 from pipeline.models.profiles import load_vlm
 from pipeline.models.sources import check_model_source
 from tests.llava_med_fixture import (
@@ -292,12 +293,17 @@ def test_pad_to_square_is_llava_meds_expand2square():
         pad_to_square(random_image((30, 17)).convert("RGBA"), CLIP_MEAN)
 
 
-def test_processor_alone_crops_where_llava_med_pads(vlm):
-    """The documented difference: the converted processor centre-crops a non-square image."""
-    wide = random_image((64, 32))
-    assert not torch.equal(vlm.pixel_values([wide]), vlm.pixel_values([pad_to_square(wide, CLIP_MEAN)]))
+def test_pipeline_pads_non_square_images_as_llava_med(converted, vlm):
+    """The converted config keeps `image_aspect_ratio: pad`, so the pipeline pads to a square with the
+    mean colour before the processor, as LLaVA-Med's `process_images`; the processor alone would
+    centre-crop instead."""
+    tower_processor = CLIPImageProcessorPil.from_pretrained(converted[1])
+    for wide in (random_image((64, 32)), random_image((30, 52), seed=1)):
+        padded = tower_processor([expand2square_reference(wide, CLIP_MEAN)], return_tensors="pt")["pixel_values"]
+        assert torch.equal(vlm.pixel_values([wide]), padded)
+        assert not torch.equal(tower_processor([wide], return_tensors="pt")["pixel_values"], padded)
     square = random_image((48, 48))
-    assert torch.equal(vlm.pixel_values([square]), vlm.pixel_values([pad_to_square(square, CLIP_MEAN)]))
+    assert torch.equal(vlm.pixel_values([square]), tower_processor([square], return_tensors="pt")["pixel_values"])
 
 
 # ----------------------------------------------------------------------------- pure functions
@@ -386,6 +392,10 @@ def test_unknown_config_fields_and_unsupported_options(tmp_path):
     with pytest.raises(ConversionError, match="mlp2x_gelu"):
         conv.read_original_config({"model_type": "llava_mistral", "architectures": ["LlavaMistralForCausalLM"],
                                    "mm_vision_tower": "x", "mm_hidden_size": 8, "mm_projector_type": "linear"})
+    with pytest.raises(ConversionError, match="anyres"):
+        conv.read_original_config({"model_type": "llava_mistral", "architectures": ["LlavaMistralForCausalLM"],
+                                   "mm_vision_tower": "x", "mm_hidden_size": 8, "mm_projector_type": "mlp2x_gelu",
+                                   "image_aspect_ratio": "anyres"})
     ok = conv.read_original_config({"model_type": "llava_mistral", "architectures": ["LlavaMistralForCausalLM"],
                                     "mm_vision_tower": "x", "mm_hidden_size": 8, "mm_projector_type": "mlp2x_gelu",
                                     "mm_new_option": 3}, ignore_fields=["mm_new_option"])

@@ -24,6 +24,7 @@ tokens physically removed from the sequence and given those positions:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
@@ -50,6 +51,32 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 def square_images(images: list[Image.Image], side: int) -> list[Image.Image]:
     """RGB copies resized to `side` x `side` (bicubic): one grid, one visual-token count for all."""
     return [im.convert("RGB").resize((side, side), Image.Resampling.BICUBIC) for im in images]
+
+
+def pad_to_square(image: Image.Image, image_mean: Iterable[float]) -> Image.Image:
+    """LLaVA-Med's `image_aspect_ratio: pad`: the image centred on a square of the mean colour.
+
+    The colour is `int(255 * m)` per channel of the image processor's `image_mean` (for a
+    grey-scale image, of their average). LLaVA-Med's `process_images` places the image at a
+    random offset of `d // 2` or `d // 2 + 1` pixels (d: side difference); this uses `d // 2`,
+    as upstream LLaVA does. Call it on the image as decoded (L or RGB), before any RGB
+    conversion: a grey-scale image is padded with a grey, as in LLaVA-Med.
+    """
+    if image.mode not in ("L", "RGB"):
+        raise ValueError(f"pad_to_square takes an L or RGB image, got mode {image.mode!r}; convert it first")
+    mean = list(image_mean)
+    width, height = image.size
+    if width == height:
+        return image
+    colour: int | tuple[int, ...]
+    if image.mode == "L":
+        colour = int(255 * sum(mean) / len(mean))
+    else:
+        colour = tuple(int(m * 255) for m in mean)
+    side = max(width, height)
+    square = Image.new(image.mode, (side, side), colour)
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return square
 
 
 def refuse_vision_mask(family: str, vision_attention_mask: torch.Tensor | None) -> None:
@@ -199,6 +226,15 @@ class LlavaFamily(Family):
         return n
 
     def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
+        # LLaVA's `process_images`: `image_aspect_ratio: pad` (LLaVA-Med v1.5, kept in a converted
+        # config) pads to a square of the mean colour before the processor's resize and crop.
+        aspect = getattr(self.model.config, "image_aspect_ratio", None)
+        if aspect == "pad":
+            mean = self.image_processor.image_mean
+            images = [pad_to_square(im if im.mode in ("L", "RGB") else im.convert("RGB"), mean) for im in images]
+        elif aspect == "anyres":
+            raise NotImplementedError(f"{self.name}: image_aspect_ratio 'anyres' is LLaVA-NeXT's; load the model as "
+                                      "LlavaNextForConditionalGeneration (model_type llava_next)")
         return self.image_processor([im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
 
     def image_features(self, pixel_values: torch.Tensor,
