@@ -142,10 +142,11 @@ def generate_answers(vlm: VLM, rows: list[dict], max_new_tokens: MaxNewTokens) -
     """LLaVA-Med's loop: one question at a time through transformers' `generate`, greedy."""
     answers = []
     for row in rows:
-        prompt = vlm.prompt_ids(row["question"], row["context"])
-        input_ids = torch.tensor([prompt], device=vlm.device)
         image = row["image"]
-        pixel_values = vlm.pixel_values([decode_image(image) if isinstance(image, bytes) else image])
+        image = decode_image(image) if isinstance(image, bytes) else image
+        prompt = vlm.prompt_ids(row["question"], row["context"], image)
+        input_ids = torch.tensor([prompt], device=vlm.device)
+        pixel_values = vlm.pixel_values([image]).pixels
         out = vlm.model.generate(
             input_ids=input_ids,
             pixel_values=pixel_values,

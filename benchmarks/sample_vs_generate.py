@@ -161,7 +161,8 @@ def generate_two_view(vlm: VLM, images: list, questions: list[str], prefixes: li
                       strategy: MaskStrategy, *, contexts: Sequence[Sequence[Turn]]
                       ) -> tuple[list[list[int]], list[float]]:
     """`two_view_decode`'s contract, through transformers' `generate` with `DroppedViewPicks`."""
-    rows = [vlm.prompt_ids(q, c) + p for q, c, p in zip(questions, contexts, prefixes, strict=True)]
+    pil = [decode_image(im) if isinstance(im, bytes) else im for im in images]
+    rows = [vlm.prompt_ids(q, c, im) + p for im, q, c, p in zip(pil, questions, contexts, prefixes, strict=True)]
     width, n = max(len(r) for r in rows), len(rows)
     input_ids = torch.full((n, width), vlm.pad_token_id, dtype=torch.long)
     mask = torch.zeros((n, width), dtype=torch.long)
@@ -169,7 +170,7 @@ def generate_two_view(vlm: VLM, images: list, questions: list[str], prefixes: li
         input_ids[b, width - len(r):] = torch.tensor(r)
         mask[b, width - len(r):] = 1
     input_ids, mask = input_ids.to(vlm.device), mask.to(vlm.device)
-    pixel_values = vlm.pixel_values([decode_image(im) if isinstance(im, bytes) else im for im in images])
+    pixel_values = vlm.pixel_values(pil)
     embeds, masks = two_view_embeddings(vlm, input_ids, mask, pixel_values, strategy, mask_ratio, dropped_seeds)
     banned = _special_ids(vlm)
     picks = DroppedViewPicks(n, banned[banned != vlm.eos_token_id])

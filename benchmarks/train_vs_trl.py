@@ -425,7 +425,7 @@ def check_tokens(vlm: VLM, batch: dict, data: dict[str, list], rows: list[dict],
         prompt = ids[i][(attention[i] == 1) & (completion[i] == 0)].tolist()
         chosen = ids[i][completion[i] == 1].tolist()
         rejected = ids[half + i][completion[half + i] == 1].tolist()
-        want_prompt = vlm.prompt_ids(row["question"], row["context"])
+        want_prompt = vlm.prompt_ids(row["question"], row["context"], row["image"])
         if prompt != want_prompt:
             raise AssertionError(f"TRL prompt tokens differ from ours for row {i}: {prompt} vs {want_prompt}")
         for got, text in ((chosen, data["chosen"][i]), (rejected, data["rejected"][i])):

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from pipeline.data.images import decode_image
-from pipeline.models.vlm import VLM
+from pipeline.models.vlm import VLM, ImageBatch
 from pipeline.schema import Turn
 
 IGNORE_INDEX = -100
@@ -30,7 +30,7 @@ class SequenceBatch:
     image_mask: torch.Tensor
     answer_start: torch.Tensor
     answer_length: torch.Tensor
-    pixel_values: torch.Tensor
+    pixel_values: ImageBatch
 
     def to(self, device: torch.device) -> SequenceBatch:
         return SequenceBatch(**{k: v.to(device) for k, v in self.__dict__.items()})
@@ -43,7 +43,7 @@ class PromptBatch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     image_mask: torch.Tensor
-    pixel_values: torch.Tensor
+    pixel_values: ImageBatch
 
 
 def collate_sequences(
@@ -59,9 +59,10 @@ def collate_sequences(
     `contexts` holds each row's earlier turns (its `context` column, `[]` for a single-turn row):
     they are part of the prompt, never of the labelled answer.
     """
+    pil = [im if isinstance(im, Image.Image) else decode_image(im) for im in images]
     rows = []
-    for question, answer, context in zip(questions, answers, contexts, strict=True):
-        prompt = vlm.prompt_ids(question, context)
+    for image, question, answer, context in zip(pil, questions, answers, contexts, strict=True):
+        prompt = vlm.prompt_ids(question, context, image)
         answer_ids = vlm.answer_ids(answer) if isinstance(answer, str) else list(answer)
         rows.append((prompt, answer_ids))
     width = max(len(p) + len(a) for p, a in rows)
@@ -78,7 +79,6 @@ def collate_sequences(
         labels[b, len(prompt) : len(seq)] = torch.tensor(answer_ids)
         answer_start[b] = len(prompt)
         answer_length[b] = len(answer_ids)
-    pil = [im if isinstance(im, Image.Image) else decode_image(im) for im in images]
     return SequenceBatch(
         input_ids=input_ids.to(vlm.device),
         attention_mask=attention_mask.to(vlm.device),
@@ -95,7 +95,8 @@ def collate_prompts(vlm: VLM, images: Sequence[bytes | Image.Image], questions: 
     """Left-padded prompts of (image, question) rows, each after its earlier turns in `contexts`
     (the rows' `context` column; an empty list for a single-turn row). Required: a multi-turn
     row's prompt without its earlier turns is a different question."""
-    prompts = [vlm.prompt_ids(q, c) for q, c in zip(questions, contexts, strict=True)]
+    pil = [im if isinstance(im, Image.Image) else decode_image(im) for im in images]
+    prompts = [vlm.prompt_ids(q, c, im) for im, q, c in zip(pil, questions, contexts, strict=True)]
     width = max(len(p) for p in prompts)
     n = len(prompts)
     input_ids = torch.full((n, width), vlm.pad_token_id, dtype=torch.long)
@@ -103,7 +104,6 @@ def collate_prompts(vlm: VLM, images: Sequence[bytes | Image.Image], questions: 
     for b, prompt in enumerate(prompts):
         input_ids[b, width - len(prompt) :] = torch.tensor(prompt)
         attention_mask[b, width - len(prompt) :] = 1
-    pil = [im if isinstance(im, Image.Image) else decode_image(im) for im in images]
     return PromptBatch(
         input_ids=input_ids.to(vlm.device),
         attention_mask=attention_mask.to(vlm.device),

@@ -301,7 +301,7 @@ def logprob_gap_batch(vlm: VLM, rows: list[dict]) -> list[float]:
 
     with torch.no_grad():
         batch = collate_groups(
-            vlm, [r["image"] for r in rows], [vlm.prompt_ids(r["question"], r["context"]) for r in rows],
+            vlm, [r["image"] for r in rows], [vlm.prompt_ids(r["question"], r["context"], r["image"]) for r in rows],
             [[vlm.answer_ids(r["answer"]), vlm.answer_ids(r["rejected"][0]["text"])] for r in rows],
         )
         table = group_logprobs(vlm, {k: v.to(vlm.device) for k, v in batch.items()}, share_prompt=True)

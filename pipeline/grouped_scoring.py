@@ -54,7 +54,8 @@ def collate_groups(
       own extra row. `group_logprobs` gathers the prompt's mask and KV cache by it.
     - `slots` (E, width): the row of each group's answer k, −1 where a group has fewer answers
       (`width` defaults to the most answers any group has).
-    - `pixel_values` (E + X, C, H, W): one image per prompt row.
+    - `pixel_values` (`ImageBatch`, E + X images): one image per prompt row. An answer's own image
+      must have as many visual tokens as its group's (a noised copy of it does).
 
     Positions follow the attention mask, so padding between prompt and answer is invisible.
     """
@@ -105,6 +106,11 @@ def collate_groups(
         answer_mask[r, : len(ids)] = 1
     pil = [im if isinstance(im, Image.Image) else decode_image(im) for im in row_images]
     pixel_values = vlm.pixel_values(pil, on_model=False)
+    counts = pixel_values.token_counts.tolist()
+    for j, (b, _) in enumerate(extra):
+        if counts[n + j] != counts[b]:
+            raise ValueError(f"collate_groups: group {b}'s answer image has {counts[n + j]} visual tokens, its prompt "
+                             f"{counts[b]}: an answer's own image must be the size of the group's")
     return {
         "pixel_values": pixel_values,
         "prompt_ids": prompt_ids,
@@ -114,17 +120,6 @@ def collate_groups(
         "row_entry": torch.tensor(row_entry, dtype=torch.long),
         "slots": slots,
     }
-
-
-def embed_with_features(vlm: VLM, input_ids: Tensor, features: Tensor) -> Tensor:
-    """`VLM.embed` with image features computed beforehand (so the tower can run once per prompt row)."""
-    image_mask = input_ids == vlm.image_token_id
-    if features.shape[0] * features.shape[1] != int(image_mask.sum()):
-        raise ValueError(
-            f"{int(image_mask.sum())} image tokens but {features.shape[0]}x{features.shape[1]} image features"
-        )
-    embeds = vlm.embed(input_ids.masked_fill(image_mask, vlm.pad_token_id), None)
-    return embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))
 
 
 def group_logprobs(vlm: VLM, batch: dict[str, Tensor], share_prompt: bool) -> Tensor:
@@ -142,8 +137,9 @@ def group_logprobs(vlm: VLM, batch: dict[str, Tensor], share_prompt: bool) -> Te
     answer_ids, answer_mask = batch["answer_ids"], batch["answer_mask"]
     row_entry = batch["row_entry"]
     with torch.no_grad():
-        features = vlm.image_features(batch["pixel_values"].to(vlm.dtype))
-    prompt_embeds = embed_with_features(vlm, prompt_ids, features)
+        images = batch["pixel_values"].to(vlm.dtype)
+        features = vlm.image_features(images)
+    prompt_embeds = vlm.embed_features(prompt_ids, features, images.token_counts)
     answer_embeds = vlm.embed(answer_ids, None)
     mask = torch.cat([prompt_mask[row_entry], answer_mask], dim=1)
     prompt_image_mask = prompt_ids == vlm.image_token_id

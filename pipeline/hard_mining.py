@@ -41,6 +41,7 @@ from pipeline.batching import collate_prompts
 from pipeline.errors import DataError
 from pipeline.generation import greedy_generate_with_probs
 from pipeline.metrics import score_prediction
+from pipeline.models.image_batch import mean_visual_token
 from pipeline.models.vlm import VLM
 from pipeline.params import Config
 
@@ -97,7 +98,7 @@ def visual_batch(vlm: VLM, rows: Sequence[Mapping[str, Any]]) -> list[dict]:
     from pipeline.batching import decode_image
 
     pixels = vlm.pixel_values([decode_image(r["image"]) for r in rows])
-    pooled = vlm.image_features(pixels).float().mean(1).cpu()
+    pooled = mean_visual_token(vlm.image_features(pixels).float(), pixels.token_counts).cpu()
     return [{"id": r["id"], "vector": v.tolist()} for r, v in zip(rows, pooled, strict=True)]
 
 

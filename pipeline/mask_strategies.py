@@ -38,7 +38,7 @@ from typing import Literal
 
 import torch
 
-from pipeline.models.vlm import VLM
+from pipeline.models.vlm import VLM, ImageBatch
 from pipeline.visual_dropout import drop_visual_tokens, dropped_indices
 
 MaskStrategy = Literal["token", "pixel", "patch", "latent"]
@@ -103,7 +103,7 @@ def tower_key_mask(layout: TowerLayout, dropped: Sequence[torch.Tensor], dtype: 
 
 @torch.no_grad()
 def two_view_embeddings(vlm: VLM, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        pixel_values: torch.Tensor, strategy: MaskStrategy, ratio: float,
+                        pixel_values: ImageBatch, strategy: MaskStrategy, ratio: float,
                         seeds: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Input embeddings and attention masks of the stacked [full; degraded] batch, (2B, L, D) and
     (2B, L), for one language-model forward."""
@@ -123,18 +123,21 @@ def two_view_embeddings(vlm: VLM, input_ids: torch.Tensor, attention_mask: torch
         )
     ids = torch.cat([input_ids, input_ids])
     if strategy == "pixel":
-        features = vlm.image_features(torch.cat([pixel_values, crop_pixels(pixel_values, ratio, seeds)]))
-        return vlm.embed_features(ids, features), torch.cat([attention_mask, attention_mask])
+        cropped = pixel_values.with_pixels(crop_pixels(pixel_values.pixels, ratio, seeds))
+        views = ImageBatch.cat([pixel_values, cropped])
+        return vlm.embed_features(ids, vlm.image_features(views), views.token_counts), torch.cat(
+            [attention_mask, attention_mask])
     if strategy not in ("patch", "latent"):
         raise ValueError(f"unknown mask strategy {strategy!r}; one of {', '.join(MASK_STRATEGIES)}")
     layout = TowerLayout(vlm)
     dropped_patches = [dropped_indices(layout.patches, ratio, seed) for seed in seeds]
     keep_all = [torch.zeros(0, dtype=torch.long)] * len(seeds)
     key_mask = tower_key_mask(layout, keep_all + dropped_patches, vlm.dtype, vlm.device)
-    features = vlm.image_features(torch.cat([pixel_values, pixel_values]), vision_attention_mask=key_mask)
+    views = ImageBatch.cat([pixel_values, pixel_values])
+    features = vlm.image_features(views, vision_attention_mask=key_mask)
     degraded_mask = attention_mask.clone()
     if strategy == "patch":
         for b, patches in enumerate(dropped_patches):
             positions = image_mask[b].nonzero().squeeze(-1)
             degraded_mask[b, positions[patches.to(positions.device) + layout.first_patch_feature]] = 0
-    return vlm.embed_features(ids, features), torch.cat([attention_mask, degraded_mask])
+    return vlm.embed_features(ids, features, views.token_counts), torch.cat([attention_mask, degraded_mask])

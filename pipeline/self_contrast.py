@@ -223,7 +223,8 @@ def two_view_decode(vlm: VLM, images: list, questions: list[str], prefixes: list
     continuations (EOS appended when reached) and the full-view log-probability of each
     continuation's tokens, EOS included. `contexts` holds each row's earlier turns (`[]`: none).
     """
-    rows = [vlm.prompt_ids(q, c) + p for q, c, p in zip(questions, contexts, prefixes, strict=True)]
+    pil = [im if not isinstance(im, bytes) else decode_image(im) for im in images]
+    rows = [vlm.prompt_ids(q, c, im) + p for im, q, c, p in zip(pil, questions, contexts, prefixes, strict=True)]
     width = max(len(r) for r in rows)
     n = len(rows)
     device = vlm.device
@@ -233,7 +234,7 @@ def two_view_decode(vlm: VLM, images: list, questions: list[str], prefixes: list
         input_ids[b, width - len(r):] = torch.tensor(r)
         mask[b, width - len(r):] = 1
     input_ids, mask = input_ids.to(device), mask.to(device)
-    pixel_values = vlm.pixel_values([im if not isinstance(im, bytes) else decode_image(im) for im in images])
+    pixel_values = vlm.pixel_values(pil)
     embeds, masks = two_view_embeddings(vlm, input_ids, mask, pixel_values, strategy, mask_ratio, dropped_seeds)
     cache = DynamicCache()
     image_mask = (input_ids == vlm.image_token_id).repeat(2, 1)
@@ -286,7 +287,7 @@ def score_candidates(vlm: VLM, images: list, questions: list[str], candidates: l
         where.append((group_of[b], len(answers[group_of[b]])))
         answers[group_of[b]].append(ids)
     batch = collate_groups(vlm, [images[b] for b in entries],
-                           [vlm.prompt_ids(questions[b], contexts[b]) for b in entries], answers)
+                           [vlm.prompt_ids(questions[b], contexts[b], images[b]) for b in entries], answers)
     # Candidates always share their entry's prompt cache here (sampling has no switch for it).
     table = group_logprobs(vlm, {k: v.to(vlm.device) for k, v in batch.items()}, share_prompt=True).tolist()
     return [table[g][k] for g, k in where]

@@ -117,16 +117,15 @@ def token_grid(vlm: VLM) -> tuple[int, int]:
 
 def token_saliency(vlm: VLM, rows: Sequence[dict]) -> torch.Tensor:
     """(B, visual tokens) gradient × input of log p(answer | image, question) per visual token."""
-    from pipeline.grouped_scoring import embed_with_features
-
     batch = collate_sequences(vlm, [r["image"] for r in rows], [r["question"] for r in rows],
                               [r["answer"] for r in rows], contexts=[r["context"] for r in rows])
     device = vlm.device
     with torch.no_grad():
-        features = vlm.image_features(batch.pixel_values.to(device, vlm.dtype))
+        images = batch.pixel_values.to(device, vlm.dtype)
+        features = vlm.image_features(images)
     features = features.detach().requires_grad_(True)
     with torch.enable_grad():
-        embeds = embed_with_features(vlm, batch.input_ids.to(device), features)
+        embeds = vlm.embed_features(batch.input_ids.to(device), features, images.token_counts)
         logits = vlm.forward(batch.attention_mask.to(device), inputs_embeds=embeds,
                              image_mask=batch.image_mask.to(device)).logits
         logp = answer_logprobs(logits, batch.labels.to(device)).sum()

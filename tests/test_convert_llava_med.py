@@ -154,7 +154,8 @@ def vlm(converted):
 def test_converted_logits_equal_the_original_forward(converted, vlm):
     original, tower_folder, _ = converted
     image = random_image((48, 48))
-    pixel_values = vlm.pixel_values([image])
+    images = vlm.pixel_values([image])
+    pixel_values = images.pixels
     # The converted processor is the tower's (LLaVA-Med's `vision_tower.image_processor`).
     tower_processor = CLIPImageProcessorPil.from_pretrained(tower_folder)
     assert torch.equal(pixel_values, tower_processor([image], return_tensors="pt")["pixel_values"])
@@ -171,7 +172,7 @@ def test_converted_logits_equal_the_original_forward(converted, vlm):
     assert prompt == spliced
     input_ids = torch.tensor([prompt])
     with torch.no_grad():
-        got = vlm.forward(torch.ones_like(input_ids), input_ids, pixel_values).logits[0]
+        got = vlm.forward(torch.ones_like(input_ids), input_ids, images).logits[0]
         plain = vlm.model(input_ids=input_ids, pixel_values=pixel_values).logits[0]  # transformers' own forward
     vocab = len(original_tokenizer)
     assert got.shape == (len(prompt), vocab + 1)
@@ -194,7 +195,7 @@ def test_left_padded_batch_through_the_pipeline_equals_the_original(converted, v
     vocab = len(original_tokenizer)
     for b, question in enumerate(questions):
         ids = tokenizer_image_token(llava_med_prompt(question), original_tokenizer)
-        expected = reference_logits(original, tower, ids, batch.pixel_values[b: b + 1])
+        expected = reference_logits(original, tower, ids, batch.pixel_values.pixels[b: b + 1])
         keep = batch.attention_mask[b].bool()
         torch.testing.assert_close(logits[b][keep][:, :vocab], expected, atol=TOLERANCE, rtol=0)
 
@@ -209,7 +210,8 @@ def test_tower_saved_in_the_checkpoint(tmp_path, tower_weights):
     vlm = load_vlm(tmp_path / "out", device="cpu", dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(original)
     ids = tokenizer_image_token(llava_med_prompt(QUESTION), tokenizer)
-    pixel_values = vlm.pixel_values([random_image((48, 48))])
+    images = vlm.pixel_values([random_image((48, 48))])
+    pixel_values = images.pixels
     if tower_weights == "checkpoint":
         tower = reference_tower_from_checkpoint(original, tower_folder)
         assert report.unused_checkpoint_tower is None and report.mapped["vision_tower"] == 39
@@ -220,7 +222,7 @@ def test_tower_saved_in_the_checkpoint(tmp_path, tower_weights):
     expected = reference_logits(original, tower, ids, pixel_values)
     input_ids = torch.tensor([vlm.prompt_ids(QUESTION)])
     with torch.no_grad():
-        got = vlm.forward(torch.ones_like(input_ids), input_ids, pixel_values).logits[0]
+        got = vlm.forward(torch.ones_like(input_ids), input_ids, images).logits[0]
     torch.testing.assert_close(got[:, : len(tokenizer)], expected, atol=TOLERANCE, rtol=0)
 
 
@@ -300,10 +302,10 @@ def test_pipeline_pads_non_square_images_as_llava_med(converted, vlm):
     tower_processor = CLIPImageProcessorPil.from_pretrained(converted[1])
     for wide in (random_image((64, 32)), random_image((30, 52), seed=1)):
         padded = tower_processor([expand2square_reference(wide, CLIP_MEAN)], return_tensors="pt")["pixel_values"]
-        assert torch.equal(vlm.pixel_values([wide]), padded)
+        assert torch.equal(vlm.pixel_values([wide]).pixels, padded)
         assert not torch.equal(tower_processor([wide], return_tensors="pt")["pixel_values"], padded)
     square = random_image((48, 48))
-    assert torch.equal(vlm.pixel_values([square]), tower_processor([square], return_tensors="pt")["pixel_values"])
+    assert torch.equal(vlm.pixel_values([square]).pixels, tower_processor([square], return_tensors="pt")["pixel_values"])
 
 
 # ----------------------------------------------------------------------------- pure functions

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from pipeline.batching import answer_logprobs, collate_prompts, collate_sequences
@@ -61,9 +60,12 @@ def reference(checkpoint):
     return AutoModelForImageTextToText.from_pretrained(checkpoint[1], dtype=torch.float32).eval()
 
 
+IMAGE_SIZES = [(48, 40), (40, 120), (120, 40)]  # (width, height): none square or the processed size
+
+
 def _images(n: int):
-    # neither square nor the processed size
-    return [random_image((48 + 8 * k, 40), seed=k) for k in range(n)]
+    # LLaVA-NeXT keeps each size, and these three differ in tiles and visual tokens (70, 40, 34)
+    return [random_image(IMAGE_SIZES[k], seed=k) for k in range(n)]
 
 
 def _reference_inputs(vlm, image, context) -> dict:
@@ -71,7 +73,7 @@ def _reference_inputs(vlm, image, context) -> dict:
     torchvision (not installed here), so for Qwen its image processor's output and the
     `mm_token_type_ids` it would add are assembled as the processor does. Qwen and LLaVA-NeXT take
     any size; the pipeline resizes every image to one side first, and so does the reference."""
-    ids = vlm.prompt_ids(QUESTION, context)
+    ids = vlm.prompt_ids(QUESTION, context, image)
     if vlm.family.name == "qwen2_vl":
         side = vlm.family.image_size
         out = vlm.image_processor(images=[image.convert("RGB").resize((side, side))], return_tensors="pt")
@@ -79,8 +81,6 @@ def _reference_inputs(vlm, image, context) -> dict:
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
                 "pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"],
                 "mm_token_type_ids": (input_ids == vlm.image_token_id).int()}
-    if vlm.family.name == "llava_next":  # any-resolution, with every image resized to one view first
-        image = image.convert("RGB").resize((vlm.family.image_size,) * 2, Image.Resampling.BICUBIC)
     processor = vlm.processor or AutoProcessor.from_pretrained(vlm.model.name_or_path)
     text = processor.apply_chat_template(vlm.prompt_messages(QUESTION, context), add_generation_prompt=True,
                                          tokenize=False)
@@ -98,14 +98,19 @@ def _removed_kwargs(vlm, image_mask: torch.Tensor) -> dict:
 
 def test_loads_as_its_family(checkpoint, vlm):
     assert vlm.family.name == FAMILY[checkpoint[0]]
-    ids = vlm.prompt_ids(QUESTION, CONTEXT)
-    assert sum(i == vlm.image_token_id for i in ids) == vlm.settings.num_image_tokens >= 16
+    image = _images(1)[0]
+    ids = vlm.prompt_ids(QUESTION, CONTEXT, image)
+    assert sum(i == vlm.image_token_id for i in ids) == vlm.image_token_count((image.height, image.width)) >= 16
+    if not vlm.variable_image_tokens:
+        assert vlm.image_token_count() == vlm.settings.num_image_tokens
 
 
 @pytest.mark.parametrize("context", [[], CONTEXT], ids=["single-turn", "with-context"])
 def test_forward_equals_the_models_own_forward(vlm, reference, context):
     images = _images(2)
     batch = collate_prompts(vlm, images, [QUESTION, QUESTION], [context, []])
+    counts = batch.pixel_values.token_counts.tolist()
+    assert counts[0] != counts[1] if vlm.variable_image_tokens else counts[0] == counts[1]
     with torch.no_grad():
         ours = vlm.forward(batch.attention_mask, batch.input_ids, batch.pixel_values).logits
         for b, (image, ctx) in enumerate(zip(images, [context, []], strict=True)):
@@ -125,7 +130,7 @@ def test_dropped_view_equals_the_visual_tokens_physically_removed(vlm, reference
         full = vlm.forward(batch.attention_mask, inputs_embeds=embeds, image_mask=batch.image_mask).logits
         for b in range(2):
             keep = kept[b]
-            assert int((batch.image_mask[b] & ~keep).sum()) == round(vlm.settings.num_image_tokens / 2)
+            assert int((batch.image_mask[b] & ~keep).sum()) == round(int(batch.image_mask[b].sum()) / 2)
             removed = reference(inputs_embeds=embeds[b:b + 1, keep], attention_mask=torch.ones(1, int(keep.sum())),
                                 position_ids=positions[..., b:b + 1, keep],
                                 **_removed_kwargs(vlm, batch.image_mask[b:b + 1, keep])).logits[0]
@@ -150,7 +155,7 @@ def test_token_strategy_gives_two_views(vlm):
     embeds, masks = two_view_embeddings(vlm, batch.input_ids, batch.attention_mask, batch.pixel_values,
                                         "token", 0.5, [1, 2])
     dropped = int((masks[2:] == 0).sum() - (masks[:2] == 0).sum())
-    assert embeds.shape[0] == 4 and dropped == 2 * round(vlm.settings.num_image_tokens / 2)
+    assert embeds.shape[0] == 4 and dropped == sum(round(int(row.sum()) / 2) for row in batch.image_mask)
     if not vlm.family.supports_vision_masks:
         for strategy in ("pixel", "patch", "latent"):
             with pytest.raises(NotImplementedError, match=f"{vlm.family.name} family"):
@@ -162,7 +167,7 @@ def test_grouped_scoring_equals_scoring_each_row_alone(vlm):
     images = _images(2)
     contexts = [[], CONTEXT]
     answers = [["yes, in the liver.", "no."], ["a ct scan.", "the left lung.", "normal chest."]]
-    prompts = [vlm.prompt_ids(QUESTION, c) for c in contexts]
+    prompts = [vlm.prompt_ids(QUESTION, c, im) for c, im in zip(contexts, images, strict=True)]
     groups = [[vlm.answer_ids(a) for a in group] for group in answers]
     with torch.no_grad():
         shared = group_logprobs(vlm, collate_groups(vlm, images, prompts, groups), share_prompt=True)
@@ -192,10 +197,11 @@ def test_batched_greedy_decoding_equals_generate(vlm, reference):
 
 def test_one_preference_step_changes_the_lora_weights(checkpoint):
     vlm = load_vlm(checkpoint[1], device="cpu", dtype=torch.float32)
-    prompts = [vlm.prompt_ids(QUESTION, c) for c in ([], CONTEXT)]
+    images = _images(2)
+    prompts = [vlm.prompt_ids(QUESTION, c, im) for c, im in zip(([], CONTEXT), images, strict=True)]
     groups = [[vlm.answer_ids("yes, in the liver."), vlm.answer_ids("no.")],
               [vlm.answer_ids("a ct scan."), vlm.answer_ids("normal chest.")]]
-    batch = collate_groups(vlm, _images(2), prompts, groups)
+    batch = collate_groups(vlm, images, prompts, groups)
     with torch.no_grad():
         ref = group_logprobs(vlm, batch, share_prompt=True)
     peft_lm = wrap_lora(vlm, LoraSettings(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_targets=("q_proj", "v_proj")))
@@ -223,7 +229,7 @@ def test_save_and_reload_give_the_same_logits(vlm, tmp_path):
     vlm.save(tmp_path / "sft")
     again = load_vlm(tmp_path / "sft", device="cpu", dtype=torch.float32)
     assert again.family.name == vlm.family.name and again.settings == vlm.settings
-    assert again.prompt_ids(QUESTION, CONTEXT) == vlm.prompt_ids(QUESTION, CONTEXT)
+    assert again.prompt_ids(QUESTION, CONTEXT, images[1]) == vlm.prompt_ids(QUESTION, CONTEXT, images[1])
     with torch.no_grad():
         before = vlm.forward(batch.attention_mask, batch.input_ids, batch.pixel_values).logits
         after = again.forward(batch.attention_mask, batch.input_ids, again.pixel_values(images)).logits

@@ -85,7 +85,7 @@ def test_prompt_ids_are_the_llava_15_format_expanded_by_the_processor(vlm, proce
 
 def test_pixel_values_are_the_processors_resize_and_centre_crop(vlm, processor):
     image = random_image((48, 40))  # not square: the shortest edge is resized to 32, then the centre cropped
-    ours = vlm.pixel_values([image])
+    ours = vlm.pixel_values([image]).pixels
     torch.testing.assert_close(ours, processor(images=image, text=IMAGE_TOKEN, return_tensors="pt")["pixel_values"])
     ip = vlm.image_processor
     assert ip.do_center_crop and dict(ip.size) == {"shortest_edge": 32}

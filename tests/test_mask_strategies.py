@@ -71,7 +71,8 @@ def test_pixel_keeps_one_crop_of_the_image_in_place():
 def test_pixel_runs_the_tower_on_the_cropped_image(tiny_vlm, rows):
     batch = _batch(tiny_vlm, rows)
     _, degraded, _, degraded_mask = _views(tiny_vlm, batch, "pixel", 0.6, [0, 1, 2])
-    expected = tiny_vlm.image_features(crop_pixels(batch.pixel_values, 0.6, [0, 1, 2]))
+    images = batch.pixel_values
+    expected = tiny_vlm.image_features(images.with_pixels(crop_pixels(images.pixels, 0.6, [0, 1, 2])))
     torch.testing.assert_close(_image_features(degraded, batch), expected, atol=1e-5, rtol=1e-4)
     assert torch.equal(degraded_mask, batch.attention_mask)  # the language model sees every token
 
@@ -99,7 +100,7 @@ def test_patch_equals_the_tower_on_the_kept_patches_alone(tiny_vlm, rows):
         dropped = dropped_indices(patches, 0.5, seed)
         kept = torch.tensor(sorted(set(range(patches)) - set(dropped.tolist())))
         assert len(kept) == patches // 2
-        torch.testing.assert_close(features[b, kept], _tower_on_kept_patches(tiny_vlm, batch.pixel_values[b], kept),
+        torch.testing.assert_close(features[b, kept], _tower_on_kept_patches(tiny_vlm, batch.pixel_values.pixels[b], kept),
                                    atol=1e-5, rtol=1e-4)
         # the language model gets no token for a dropped patch, and every other token
         positions = batch.image_mask[b].nonzero().squeeze(-1)

@@ -1,24 +1,41 @@
-"""The whole pipeline on model families other than the embedded LLaVA: a tiny random Qwen2-VL and a
-tiny random Gemma 3 checkpoint, laid out as on the Hub, imported by `sft` (`sft.epochs: 0`), then
+"""The whole pipeline on model families other than the embedded LLaVA: tiny random Qwen2-VL, Gemma 3
+and LLaVA-NeXT checkpoints, laid out as on the Hub, imported by `sft` (`sft.epochs: 0`), then
 every stage with dvc.yaml's command lines, the judge being the random tiny LM of
-tests/test_pipeline_tiny.py. No stage knows which family it runs."""
+tests/test_pipeline_tiny.py. For LLaVA-NeXT the prepared images are given three sizes, so every
+stage batches images with different numbers of visual tokens. No stage knows which family it runs."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
 
+from pipeline.data.images import decode_image, encode_png
 from pipeline.models.profiles import load_vlm
 from tests.gemma3_fixture import write_gemma3_checkpoint
+from tests.llava_next_fixture import write_llava_next_checkpoint
 from tests.qwen2_vl_fixture import write_qwen2_vl_checkpoint
 from tests.test_pipeline_tiny import run, save_tiny_judge, tiny_params
 
-WRITERS = {"qwen2_vl": write_qwen2_vl_checkpoint, "gemma3": write_gemma3_checkpoint}
+WRITERS = {"qwen2_vl": write_qwen2_vl_checkpoint, "gemma3": write_gemma3_checkpoint,
+           # a byte-fallback tokenizer: it needs no vocabulary from the texts
+           "llava_next": lambda folder, texts: write_llava_next_checkpoint(folder)}
+# (width, height) of the images LLaVA-NeXT gets: 70, 40 and 34 visual tokens
+MIXED_SIZES = [(48, 40), (40, 120), (120, 40)]
+
+
+def give_images_mixed_sizes(path: str) -> None:
+    """Resize a prepared split's images in turn to MIXED_SIZES."""
+    table = pq.read_table(path)
+    images = [encode_png(decode_image(data).resize(MIXED_SIZES[k % 3])) for k, data in
+              enumerate(table.column("image").to_pylist())]
+    pq.write_table(table.set_column(table.schema.get_field_index("image"), "image",
+                                    pa.array(images, type=table.schema.field("image").type)), path)
 
 
 @pytest.mark.parametrize("family", list(WRITERS))
@@ -31,11 +48,18 @@ def test_pipeline_runs_on_another_family(family, tmp_path, monkeypatch):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
     run("prepare")
+    if family == "llava_next":
+        for split in ("train", "test"):
+            give_images_mixed_sizes(f"data/prepared/{split}.parquet")
     rows = pq.read_table("data/prepared/train.parquet", columns=["question", "answer"]).to_pylist()
     WRITERS[family](Path(params["sft"]["model"]), texts=tuple(r["question"] + " " + r["answer"] for r in rows))
     run("sft")
     sft = load_vlm("models/sft", device="cpu", dtype=torch.float32)
     assert sft.family.name == family
+    if family == "llava_next":  # the stages below batch images of three token counts
+        images = pq.read_table("data/prepared/train.parquet", columns=["image"]).column("image").to_pylist()
+        sizes = {decode_image(data).size for data in images}
+        assert len(sizes) == 3 and len({sft.image_token_count((h, w)) for w, h in sizes}) == 3
     run("mine")
     run("sample")
     candidates = pq.read_table("data/candidates.parquet").to_pylist()

@@ -70,7 +70,7 @@ def test_an_answer_with_its_own_image_scores_as_its_own_group(share_prompt):
     images = [r["image"] for r in rows]
 
     batch = collate_groups(vlm, images, prompts, answers, answer_images=own)
-    assert batch["prompt_ids"].shape[0] == batch["pixel_values"].shape[0] == 3 + 2  # E + 2 extra rows
+    assert batch["prompt_ids"].shape[0] == len(batch["pixel_values"]) == 3 + 2  # E + 2 extra rows
     assert batch["slots"].shape == (3, max(len(a) for a in answers))
     last = batch["slots"][torch.arange(3), torch.tensor([len(a) - 1 for a in answers])]
     assert batch["row_entry"][last].tolist() == [3, 1, 4]  # the answer's own prompt row, or its group's

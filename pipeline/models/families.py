@@ -2,9 +2,9 @@
 
 A `Family` says, for one architecture, where its parts are (the decoder that LoRA wraps, the
 vision tower, the projector), which token stands for a visual feature, how images become the
-per-image pixel tensor the pipeline batches, how the vision tower turns that into one row of
-visual tokens per image, and which positions every token gets, also when visual tokens are
-dropped. Stages and library code call the `VLM`; only this module knows the family
+`ImageBatch` the pipeline batches (and, for any-resolution families, how many visual tokens an
+image of a given size becomes), how the vision tower turns that into one row of visual tokens per
+image, and which positions every token gets, also when visual tokens are dropped. Stages and library code call the `VLM`; only this module knows the family
 (docs/models.md § "Model families").
 
 What a dropped visual token means is the same for every family: it is masked out of attention in
@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 import torch
 from PIL import Image
 
+from pipeline.models.image_batch import ImageBatch, pad_features
 from pipeline.models.templates import (
     ContentStyle,
     content_style,
@@ -100,11 +101,16 @@ class Family:
     # crop (`pixel`) and vision-attention (`patch`, `latent`) mask strategies need a CLIP tower
     # on (B, C, H, W) pixels; families without one support the `token` strategy only.
     supports_vision_masks: ClassVar[bool] = False
+    # Whether an image's visual tokens follow its size (any resolution): prompts then need the
+    # image (`VLM.prompt_ids(..., image=...)`), and a batch's images may differ in tokens.
+    variable_image_tokens: ClassVar[bool] = False
 
-    def __init__(self, model: torch.nn.Module, image_processor: Any, image_size: int | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, image_processor: Any, image_size: int | None = None,
+                 processor: Any | None = None) -> None:
         self.model = model
         self.image_processor = image_processor
         self.image_size = image_size
+        self.processor = processor
 
     # ----- parts
     @property
@@ -145,33 +151,47 @@ class Family:
         return content_style(tokenizer, processor, prefer_processor=processor is not None)
 
     def render_prompt(self, tokenizer: Any, processor: Any | None, messages: list[dict[str, Any]],
-                      style: ContentStyle) -> list[int]:
+                      style: ContentStyle, image_size: tuple[int, int] | None = None) -> list[int]:
         """Token ids of the chat-formatted `messages` with the generation prompt, the image token
-        expanded to one per visual token."""
+        expanded to one per visual token (of an image of `image_size`, (height, width), for
+        families with `variable_image_tokens`)."""
         if style == "parts":
             text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            # The expansion depends only on the processed image's size, which the processor fixes.
-            return [int(i) for i in processor(images=[self.prompt_image()], text=[text])["input_ids"][0]]
+            # The expansion depends only on the image's size.
+            return [int(i) for i in processor(images=[self.prompt_image(image_size)], text=[text])["input_ids"][0]]
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return tokenizer.encode(text, add_special_tokens=False)
 
-    def prompt_image(self) -> Image.Image:
-        """An image of the size every image is processed at: the processor expands the image
-        token for it, and the expansion depends only on that size."""
+    def prompt_image(self, image_size: tuple[int, int] | None = None) -> Image.Image:
+        """A blank image for the processor to expand the image token for, which depends only on
+        the image's size: the one size every image is processed at, or `image_size` (height,
+        width) for families with `variable_image_tokens`."""
         raise NotImplementedError
+
+    def image_token_count(self, image_size: tuple[int, int]) -> int:
+        """Visual tokens of an image of `image_size` (height, width); families with
+        `variable_image_tokens` only."""
+        raise NotImplementedError(f"{self.name}: every image has the same visual tokens")
 
     def default_image_tokens(self, processor: Any | None = None) -> int:
         """Visual tokens per image of a checkpoint made elsewhere (no `medalign.json`)."""
         raise NotImplementedError
 
     # ----- images
-    def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
-        """(B, ...) one processed tensor per image, stackable and indexable along dim 0."""
+    def pixel_values(self, images: list[Image.Image], image_tokens: int) -> ImageBatch:
+        """The batch's processed images; `image_tokens`: every image's visual tokens (families
+        with `variable_image_tokens` count their own)."""
+        sizes = torch.tensor([[im.height, im.width] for im in images], dtype=torch.long).reshape(len(images), 2)
+        return ImageBatch(self.processed_pixels(images), sizes, torch.full((len(images),), image_tokens))
+
+    def processed_pixels(self, images: list[Image.Image]) -> torch.Tensor:
+        """(B, ...) one processed tensor per image, all of one shape."""
         raise NotImplementedError
 
-    def image_features(self, pixel_values: torch.Tensor,
+    def image_features(self, images: ImageBatch,
                        vision_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, visual tokens, hidden) projected visual tokens of `pixel_values`."""
+        """(B, visual tokens, hidden) projected visual tokens of `images` (rows past an image's
+        `token_counts` are zero where images differ in tokens)."""
         raise NotImplementedError
 
     def end_of_turn_id(self, tokenizer: Any) -> int:
@@ -210,7 +230,7 @@ class LlavaFamily(Family):
     def projector(self) -> torch.nn.Module:
         return self.model.model.multi_modal_projector
 
-    def prompt_image(self) -> Image.Image:
+    def prompt_image(self, image_size: tuple[int, int] | None = None) -> Image.Image:
         ip = self.image_processor
         size = dict(ip.crop_size if getattr(ip, "do_center_crop", False) else ip.size)
         side = size.get("height") or size.get("shortest_edge")
@@ -225,7 +245,7 @@ class LlavaFamily(Family):
             n += 1
         return n
 
-    def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
+    def processed_pixels(self, images: list[Image.Image]) -> torch.Tensor:
         # LLaVA's `process_images`: `image_aspect_ratio: pad` (LLaVA-Med v1.5, kept in a converted
         # config) pads to a square of the mean colour before the processor's resize and crop.
         aspect = getattr(self.model.config, "image_aspect_ratio", None)
@@ -237,10 +257,10 @@ class LlavaFamily(Family):
                                       "LlavaNextForConditionalGeneration (model_type llava_next)")
         return self.image_processor([im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
 
-    def image_features(self, pixel_values: torch.Tensor,
+    def image_features(self, images: ImageBatch,
                        vision_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         extra = {} if vision_attention_mask is None else {"attention_mask": vision_attention_mask}
-        out = self.model.get_image_features(pixel_values=pixel_values, return_dict=True, **extra)
+        out = self.model.get_image_features(pixel_values=images.pixels, return_dict=True, **extra)
         features = out.pooler_output
         if isinstance(features, (list, tuple)):
             features = torch.stack(list(features))
@@ -263,8 +283,9 @@ class Qwen2VLFamily(Family):
     # The side used for a checkpoint made elsewhere: 448 px, 16 x 16 = 256 visual tokens.
     DEFAULT_SIDE: ClassVar[int] = 448
 
-    def __init__(self, model: torch.nn.Module, image_processor: Any, image_size: int | None = None) -> None:
-        super().__init__(model, image_processor, image_size)
+    def __init__(self, model: torch.nn.Module, image_processor: Any, image_size: int | None = None,
+                 processor: Any | None = None) -> None:
+        super().__init__(model, image_processor, image_size, processor)
         vision = model.config.vision_config
         self.patch_size = int(vision.patch_size)
         self.merge_size = int(vision.spatial_merge_size)
@@ -313,20 +334,20 @@ class Qwen2VLFamily(Family):
         return "parts"
 
     def render_prompt(self, tokenizer: Any, processor: Any | None, messages: list[dict[str, Any]],
-                      style: ContentStyle) -> list[int]:
+                      style: ContentStyle, image_size: tuple[int, int] | None = None) -> list[int]:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         token = self.image_token(tokenizer, processor)
         # Qwen2VLProcessor.replace_image_token: one token per merged patch of the image's grid.
         text = text.replace(token, token * self.default_image_tokens())
         return [int(i) for i in tokenizer(text)["input_ids"]]
 
-    def prompt_image(self) -> Image.Image:
+    def prompt_image(self, image_size: tuple[int, int] | None = None) -> Image.Image:
         return Image.new("RGB", (self.image_size, self.image_size))
 
     def default_image_tokens(self, processor: Any | None = None) -> int:
         return self.llm_grid ** 2
 
-    def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
+    def processed_pixels(self, images: list[Image.Image]) -> torch.Tensor:
         side = self.image_size
         out = self.image_processor(images=square_images(images, side), return_tensors="pt")
         grids = out["image_grid_thw"]
@@ -336,9 +357,10 @@ class Qwen2VLFamily(Family):
         pixels = out["pixel_values"]
         return pixels.reshape(len(images), -1, pixels.shape[-1])
 
-    def image_features(self, pixel_values: torch.Tensor,
+    def image_features(self, images: ImageBatch,
                        vision_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         refuse_vision_mask(self.name, vision_attention_mask)
+        pixel_values = images.pixels
         n = pixel_values.shape[0]
         grid = self.grid_thw.to(pixel_values.device).repeat(n, 1)
         out = self.model.model.get_image_features(pixel_values=pixel_values.reshape(-1, pixel_values.shape[-1]),
@@ -470,12 +492,12 @@ class Idefics3Family(LlavaFamily):
         return True
 
     def render_prompt(self, tokenizer: Any, processor: Any | None, messages: list[dict[str, Any]],
-                      style: ContentStyle) -> list[int]:
+                      style: ContentStyle, image_size: tuple[int, int] | None = None) -> list[int]:
         text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        out = processor(images=[self.prompt_image()], text=[text], do_image_splitting=False)
+        out = processor(images=[self.prompt_image(image_size)], text=[text], do_image_splitting=False)
         return [int(i) for i in out["input_ids"][0]]
 
-    def prompt_image(self) -> Image.Image:
+    def prompt_image(self, image_size: tuple[int, int] | None = None) -> Image.Image:
         side = int(self.image_processor.max_image_size["longest_edge"])
         return Image.new("RGB", (side, side))
 
@@ -485,7 +507,7 @@ class Idefics3Family(LlavaFamily):
         return patches // config.scale_factor ** 2
 
 
-    def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
+    def processed_pixels(self, images: list[Image.Image]) -> torch.Tensor:
         out = self.image_processor([[im.convert("RGB")] for im in images], do_image_splitting=False,
                                    return_tensors="pt")
         return out["pixel_values"]  # (B, 1 image, C, side, side)
@@ -517,44 +539,75 @@ class SmolVLMFamily(Idefics3Family):
 
 class LlavaNextFamily(LlavaFamily):
     """LLaVA-NeXT (`LlavaNextForConditionalGeneration`, "any resolution"): an image is a base view
-    plus tiles at the best of `image_grid_pinpoints`, packed with a newline feature per row, so the
-    visual-token count depends on the image's size. Every image is resized to the processor's crop
-    size first, which fixes the grid (and the count) for all images; the prompt is
-    `LlavaNextProcessor`'s, 1-D positions as LLaVA's.
+    plus tiles at the best of `image_grid_pinpoints`, packed with a newline feature per row, so its
+    visual tokens follow its size. Each image keeps its own size (`variable_image_tokens`): its
+    prompt is `LlavaNextProcessor`'s expansion for that size, and a batch pads the tiles of its
+    images to the most any has, as the processor does. `PromptSettings.image_size`, when set,
+    resizes every image to that square first instead (one count for all). 1-D positions as LLaVA's.
     """
 
     name = "llava_next"
     model_types = ("llava_next",)
     supports_vision_masks = False
+    variable_image_tokens = True
 
-    def __init__(self, model: torch.nn.Module, image_processor: Any, image_size: int | None = None) -> None:
-        super().__init__(model, image_processor, image_size)
-        if self.image_size is None:
-            crop = getattr(image_processor, "crop_size", None) or {}
-            self.image_size = int(crop.get("height") or image_processor.size["shortest_edge"])
+    def __init__(self, model: torch.nn.Module, image_processor: Any, image_size: int | None = None,
+                 processor: Any | None = None) -> None:
+        super().__init__(model, image_processor, image_size, processor)
+        self._token_counts: dict[tuple[int, int], int] = {}
 
     def uses_processor(self, tokenizer_renders_text: bool) -> bool:
         return True
 
-    def prompt_image(self) -> Image.Image:
-        return Image.new("RGB", (self.image_size, self.image_size))
+    def processed_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """The (height, width) the processor sees for an image of `image_size`."""
+        return (self.image_size, self.image_size) if self.image_size else image_size
 
-    def default_image_tokens(self, processor: Any | None = None) -> int:
+    def crop_side(self) -> int:
+        crop = getattr(self.image_processor, "crop_size", None) or {}
+        return int(crop.get("height") or self.image_processor.size["shortest_edge"])
+
+    def prompt_image(self, image_size: tuple[int, int] | None = None) -> Image.Image:
+        height, width = self.processed_size(image_size or (self.crop_side(),) * 2)
+        return Image.new("RGB", (width, height))
+
+    def image_token_count(self, image_size: tuple[int, int]) -> int:
+        """The processor's expansion of the image token for an image of that size (cached per size)."""
+        size = self.processed_size(tuple(int(v) for v in image_size))
+        if size not in self._token_counts:
+            self._token_counts[size] = self._expanded_tokens(self.processor, size)
+        return self._token_counts[size]
+
+    def _expanded_tokens(self, processor: Any | None, size: tuple[int, int]) -> int:
         if processor is None:
             raise ValueError(f"{self.name}: the visual-token count comes from the processor's expansion")
-        ids = processor(images=[self.prompt_image()], text=[processor.image_token])["input_ids"][0]
+        ids = processor(images=[self.prompt_image(size)], text=[processor.image_token])["input_ids"][0]
         return sum(1 for i in ids if int(i) == int(self.model.config.image_token_id))
 
-    def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
-        # (B, tiles, C, H, W)
-        return self.image_processor(square_images(images, self.image_size), return_tensors="pt")["pixel_values"]
+    def default_image_tokens(self, processor: Any | None = None) -> int:
+        """The visual tokens of a crop-size square image (a reference count: each image has its own)."""
+        return self._expanded_tokens(processor, self.processed_size((self.crop_side(),) * 2))
 
-    def image_features(self, pixel_values: torch.Tensor,
+    def pixel_values(self, images: list[Image.Image], image_tokens: int) -> ImageBatch:
+        images = [im.convert("RGB") for im in images]
+        if self.image_size:
+            images = square_images(images, self.image_size)
+        out = self.image_processor(images, return_tensors="pt")  # tiles padded to the batch's most
+        sizes = torch.as_tensor(out["image_sizes"], dtype=torch.long).reshape(len(images), 2)
+        counts = torch.tensor([self.image_token_count((h, w)) for h, w in sizes.tolist()], dtype=torch.long)
+        return ImageBatch(out["pixel_values"], sizes, counts)
+
+    def image_features(self, images: ImageBatch,
                        vision_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         refuse_vision_mask(self.name, vision_attention_mask)
-        sizes = torch.tensor([[self.image_size, self.image_size]] * pixel_values.shape[0], device=pixel_values.device)
-        out = self.model.get_image_features(pixel_values=pixel_values, image_sizes=sizes, return_dict=True)
-        return torch.stack(list(out.pooler_output))
+        out = self.model.get_image_features(pixel_values=images.pixels,
+                                            image_sizes=images.sizes.to(images.pixels.device), return_dict=True)
+        features = list(out.pooler_output)
+        counts = [f.shape[0] for f in features]
+        if counts != images.token_counts.tolist():
+            raise ValueError(f"{self.name}: the model made {counts} visual tokens, the processor's expansion "
+                             f"{images.token_counts.tolist()}")
+        return pad_features(features)
 
 
 FAMILIES: tuple[type[Family], ...] = (LlavaFamily, LlavaNextFamily, Qwen2VLFamily, Gemma3Family, Idefics3Family,
@@ -572,6 +625,7 @@ def family_class(model_type: str | None) -> type[Family]:
     )
 
 
-def family_for(model: torch.nn.Module, image_processor: Any, image_size: int | None = None) -> Family:
+def family_for(model: torch.nn.Module, image_processor: Any, image_size: int | None = None,
+               processor: Any | None = None) -> Family:
     """The family of a loaded model, by its config's `model_type`; a clear error for any other."""
-    return family_class(getattr(model.config, "model_type", None))(model, image_processor, image_size)
+    return family_class(getattr(model.config, "model_type", None))(model, image_processor, image_size, processor)

@@ -20,10 +20,11 @@ from PIL import Image
 from transformers import PreTrainedModel
 
 from pipeline.models.families import Family, family_for, position_ids_from_mask
+from pipeline.models.image_batch import ImageBatch
 from pipeline.models.templates import ContentStyle, assistant_turn_ids, content_style, tokenizer_renders_text
 from pipeline.schema import Turn
 
-__all__ = ["IMAGE_TOKEN", "VLM", "ContentStyle", "PromptSettings", "content_style", "position_ids_from_mask",
+__all__ = ["IMAGE_TOKEN", "VLM", "ContentStyle", "ImageBatch", "PromptSettings", "content_style", "position_ids_from_mask",
            "tokenizer_renders_text"]
 
 IMAGE_TOKEN = "<image>"
@@ -36,8 +37,10 @@ class PromptSettings:
     system_prompt: str | None
     num_image_tokens: int
     profile: str
-    # The side every image is resized to, for families that take any size (Qwen2-VL); None for
-    # those whose image processor fixes it (LLaVA). Written only when set.
+    # The side every image is resized to, for families that take any size (Qwen2-VL; LLaVA-NeXT
+    # only when set, which otherwise keeps each image's size); None for those whose image
+    # processor fixes it (LLaVA). Written only when set. `num_image_tokens` is then the count of
+    # an image of the processor's crop size, for information; each image has its own.
     image_size: int | None = None
 
     def save(self, folder: str | Path) -> None:
@@ -69,7 +72,7 @@ class VLM:
         self.image_processor = image_processor
         self.settings = settings
         self.processor = processor
-        self.family: Family = family_for(model, image_processor, settings.image_size)
+        self.family: Family = family_for(model, image_processor, settings.image_size, processor)
         self.content_style: ContentStyle = self.family.content_style(tokenizer, processor)
         self.image_token = self.family.image_token(tokenizer, processor)
         self.image_token_id = int(model.config.image_token_id)
@@ -133,8 +136,8 @@ class VLM:
         return next(self.model.parameters()).dtype
 
     # ----- text
-    def prompt_messages(self, question: str, context: Sequence[Turn] = (), image_text: str | None = None
-                        ) -> list[dict[str, Any]]:
+    def prompt_messages(self, question: str, context: Sequence[Turn] = (), image_text: str | None = None,
+                        image_size: tuple[int, int] | None = None) -> list[dict[str, Any]]:
         """The chat messages of a prompt: the system prompt (if any), then each earlier turn of
         `context` as a user and an assistant message, then `question`. The image opens the FIRST
         user message, where LLaVA puts it; later questions refer back to it.
@@ -148,7 +151,7 @@ class VLM:
                 raise ValueError("image_text applies to plain-string chat templates; this model's template "
                                  "takes typed parts, where the image is {'type': 'image'}")
             return self._part_messages(question, context)
-        image = self.image_token * self.settings.num_image_tokens if image_text is None else image_text
+        image = self.image_token * self.image_token_count(image_size) if image_text is None else image_text
         questions = [turn["question"] for turn in context] + [question]
         answers = [turn["answer"] for turn in context]
         messages: list[dict[str, Any]] = []
@@ -177,7 +180,22 @@ class VLM:
                 messages.append({"role": "assistant", "content": [text(answers[k])]})
         return messages
 
-    def prompt_ids(self, question: str, context: Sequence[Turn] = ()) -> list[int]:
+    def image_token_count(self, image_size: tuple[int, int] | None = None) -> int:
+        """Visual tokens of an image of `image_size` (height, width): `settings.num_image_tokens`,
+        or, for families whose tokens follow the image's size, the family's count for that size."""
+        if not self.family.variable_image_tokens:
+            return self.settings.num_image_tokens
+        if image_size is None:
+            raise ValueError(f"{self.family.name}: an image's visual tokens follow its size; give the prompt its image")
+        return self.family.image_token_count(image_size)
+
+    @property
+    def variable_image_tokens(self) -> bool:
+        """Whether an image's visual tokens follow its size, so a prompt needs its image."""
+        return self.family.variable_image_tokens
+
+    def prompt_ids(self, question: str, context: Sequence[Turn] = (),
+                   image: Image.Image | bytes | None = None) -> list[int]:
         """Chat-formatted prompt with the image placeholder expanded, ending where the answer starts.
 
         `context` is the entry's earlier turns (its `context` column), rendered as real chat turns
@@ -185,19 +203,33 @@ class VLM:
         With a "parts" template the processor renders the prompt and tokenizes it as its own
         `processor(images=..., text=...)` does (its special tokens, its expansion of the image
         token), so the ids are those transformers' LLaVA examples feed the model.
+        `image` (decoded or encoded) is required where an image's visual tokens follow its size
+        (`variable_image_tokens`); only its size is read. Other families ignore it.
         """
-        messages = self.prompt_messages(question, context)
-        ids = self.family.render_prompt(self.tokenizer, self.processor, messages, self.content_style)
+        image_size = self._image_size(image) if self.variable_image_tokens else None
+        messages = self.prompt_messages(question, context, image_size=image_size)
+        ids = self.family.render_prompt(self.tokenizer, self.processor, messages, self.content_style, image_size)
         n_image = sum(1 for i in ids if i == self.image_token_id)
-        if n_image != self.settings.num_image_tokens:
+        expected = self.image_token_count(image_size)
+        if n_image != expected:
             raise ValueError(
-                f"prompt has {n_image} image tokens, expected {self.settings.num_image_tokens}: "
+                f"prompt has {n_image} image tokens, expected {expected}: "
                 "the tokenizer does not keep the image placeholder as one token, the processor does not expand "
                 "it to one token per visual feature (processor_config.json: patch_size, "
                 "vision_feature_select_strategy, num_additional_image_tokens), or a question or "
                 f"answer of the conversation contains {self.image_token!r}"
             )
         return [int(i) for i in ids]
+
+    @staticmethod
+    def _image_size(image: Image.Image | bytes | None) -> tuple[int, int] | None:
+        if image is None:
+            return None
+        if not isinstance(image, Image.Image):
+            from pipeline.data.images import decode_image
+
+            image = decode_image(image)
+        return image.height, image.width
 
     def answer_ids(self, answer: str) -> list[int]:
         """The answer's tokens as the chat template writes an assistant turn after the generation
@@ -224,12 +256,13 @@ class VLM:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     # ----- images
-    def pixel_values(self, images: list[Image.Image], on_model: bool = True) -> torch.Tensor:
-        """(B, ...) one processed tensor per image (the family's layout), on the model's device in
-        its dtype; `on_model=False` leaves it on the CPU as the processor made it (a collate
-        function's batch, which the caller or accelerate moves)."""
-        pixels = self.family.pixel_values(images)
-        return pixels.to(self.device, self.dtype) if on_model else pixels
+    def pixel_values(self, images: list[Image.Image], on_model: bool = True) -> ImageBatch:
+        """The processed images (`ImageBatch`: one tensor per image in the family's layout, each
+        image's size and visual-token count), on the model's device in its dtype; `on_model=False`
+        leaves the pixels on the CPU as the processor made them (a collate function's batch, which
+        the caller or accelerate moves)."""
+        batch = self.family.pixel_values(images, self.settings.num_image_tokens)
+        return batch.to(self.device, self.dtype) if on_model else batch
 
     @property
     def family_name(self) -> str:
@@ -242,39 +275,46 @@ class VLM:
         return self.family.supports_vision_masks
 
     # ----- forward
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, pixel_values: ImageBatch | None) -> torch.Tensor:
         """Input embeddings with the image features written over the image placeholder tokens."""
         if pixel_values is None:
             if (input_ids == self.image_token_id).any():
                 raise ValueError("input has image tokens but no pixel values were given")
             return self.input_embeddings(input_ids)
-        return self.embed_features(input_ids, self.image_features(pixel_values))
+        return self.embed_features(input_ids, self.image_features(pixel_values), pixel_values.token_counts)
 
-    def embed_features(self, input_ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """Input embeddings with given (B, num_image_tokens, hidden) image features written over the
-        image placeholder tokens (`embed` with the vision tower run by the caller)."""
+    def embed_features(self, input_ids: torch.Tensor, features: torch.Tensor,
+                       token_counts: torch.Tensor | None = None) -> torch.Tensor:
+        """Input embeddings with given (B, visual tokens, hidden) image features written over the
+        image placeholder tokens in order (`embed` with the vision tower run by the caller).
+        `token_counts` (B,): the tokens of each image where images differ (rows past it are
+        padding); None: every row of `features` is an image's."""
         image_mask = input_ids == self.image_token_id
         # The placeholder id may lie outside a resized vocabulary's trained rows; its embedding is
         # overwritten anyway, so look up the pad token instead.
         embeds = self.input_embeddings(input_ids.masked_fill(image_mask, self.pad_token_id))
-        if features.shape[0] * features.shape[1] != int(image_mask.sum()):
-            raise ValueError(
-                f"{int(image_mask.sum())} image tokens but {features.shape[0]}x{features.shape[1]} image features"
-            )
+        if token_counts is not None and bool((token_counts != features.shape[1]).any()):
+            valid = torch.arange(features.shape[1], device=features.device) < token_counts.to(features.device)[:, None]
+            features = features[valid]
+        else:
+            features = features.reshape(-1, features.shape[-1])
+        if features.shape[0] != int(image_mask.sum()):
+            raise ValueError(f"{int(image_mask.sum())} image tokens but {features.shape[0]} image features")
         return embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))
 
-    def image_features(self, pixel_values: torch.Tensor,
+    def image_features(self, images: ImageBatch,
                        vision_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, num_image_tokens, hidden) projected visual tokens. `vision_attention_mask`, an additive
-        (B, 1, T, T) mask, goes to the vision tower's self-attention (`pipeline.mask_strategies`;
-        CLIP towers only)."""
-        return self.family.image_features(pixel_values, vision_attention_mask)
+        """(B, visual tokens, hidden) projected visual tokens, zero past an image's
+        `token_counts` where images differ. `vision_attention_mask`, an additive (B, 1, T, T)
+        mask, goes to the vision tower's self-attention (`pipeline.mask_strategies`; CLIP towers
+        only)."""
+        return self.family.image_features(images, vision_attention_mask)
 
     def forward(
         self,
         attention_mask: torch.Tensor,
         input_ids: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
+        pixel_values: ImageBatch | None = None,
         inputs_embeds: torch.Tensor | None = None,
         cache=None,
         position_ids: torch.Tensor | None = None,

@@ -306,7 +306,7 @@ def build_entries(vlm: VLM, rows: list[dict], cfg: PreferenceConfig) -> list[Pre
             PreferenceEntry(
                 id=str(rid),
                 image=row["image"],
-                prompt=vlm.prompt_ids(row["question"], row["context"]),
+                prompt=vlm.prompt_ids(row["question"], row["context"], row["image"]),
                 chosen=chosen_ids,
                 rejected=rejected_ids,
                 weights=weights,

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from pipeline.batching import IGNORE_INDEX, collate_sequences, decode_image
 from pipeline.errors import DataError
 from pipeline.metrics import normalize_answer
-from pipeline.models.vlm import VLM
+from pipeline.models.vlm import VLM, ImageBatch
 from pipeline.training.checkpoints import Checkpoints, Delegate, LoopState, TrainedWeights
 from pipeline.training.common import (
     LoraSettings,
@@ -190,7 +190,7 @@ def pretrain_vision(vlm: VLM, rows: list[dict], cfg: SFTConfig, run: SFTRun) -> 
             ids = vlm.tokenizer.encode(r["question"], add_special_tokens=False)
             question_vecs.append(embed(torch.tensor(ids, device=device)).mean(0))
         question_vecs = torch.stack(question_vecs).float()
-    pixels = torch.cat(
+    pixels = ImageBatch.cat(
         [vlm.pixel_values([decode_image(r["image"]) for r in rows[i : i + 256]]) for i in range(0, len(rows), 256)]
     )
     targets = torch.tensor([answer_index[normalize_answer(r["answer"])] for r in rows], device=device)
@@ -212,7 +212,7 @@ def pretrain_vision(vlm: VLM, rows: list[dict], cfg: SFTConfig, run: SFTRun) -> 
             correct = 0
         for i in range(start_i if epoch == start_epoch else 0, len(order), cfg.vision_batch_size):
             idx = torch.tensor(order[i : i + cfg.vision_batch_size], device=device)
-            logits = probe(_patch_features(vlm, pixels[idx]).float(), question_vecs[idx])
+            logits = probe(_patch_features(vlm, pixels[idx].pixels).float(), question_vecs[idx])
             loss = nn.functional.cross_entropy(logits, targets[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
