@@ -251,3 +251,17 @@ def test_smolvlm_prompt_is_smolvlm_processors_own_expansion(tmp_path):
     expected = vlm.tokenizer.encode(text.replace("<image>", block), add_special_tokens=False)
     assert vlm.prompt_ids(QUESTION, CONTEXT) == expected
     assert vlm.tokenizer.convert_ids_to_tokens(expected).count("<image>") == 16
+
+
+def test_an_answer_image_with_other_visual_tokens_is_refused(tmp_path):
+    """An answer's own image (visual dispreference: a noised copy) reuses its group's prompt, so it
+    must have the group image's visual tokens; LLaVA-NeXT counts them per size."""
+    vlm = load_vlm(write_llava_next_checkpoint(tmp_path / "next"), device="cpu", dtype=torch.float32)
+    image, other = _images(2)
+    prompt = vlm.prompt_ids(QUESTION, [], image)
+    answers = [[vlm.answer_ids("yes."), vlm.answer_ids("no.")]]
+    same_size = random_image(IMAGE_SIZES[0], seed=9)
+    batch = collate_groups(vlm, [image], [prompt], answers, answer_images=[[None, same_size]])
+    assert batch["pixel_values"].token_counts.tolist() == [70, 70]
+    with pytest.raises(ValueError, match="answer image has 40 visual tokens, its prompt 70"):
+        collate_groups(vlm, [image], [prompt], answers, answer_images=[[None, other]])
