@@ -40,7 +40,7 @@ def greedy_generate_with_probs(
         cache=cache,
         logits_to_keep=1,
     )
-    positions = vlm.position_ids(mask, batch.image_mask)[..., -1:]
+    positions = vlm.position_ids(mask, batch.image_mask, batch.pixel_values)[..., -1:]
     finished = torch.zeros(n, dtype=torch.bool, device=mask.device)
     tokens: list[list[int]] = [[] for _ in range(n)]
     probs: list[list[float]] = [[] for _ in range(n)]

@@ -150,10 +150,10 @@ def group_logprobs(vlm: VLM, batch: dict[str, Tensor], share_prompt: bool) -> Te
 
         cache = DynamicCache()
         out = vlm.forward(prompt_mask, inputs_embeds=prompt_embeds, cache=cache, logits_to_keep=1,
-                          image_mask=prompt_image_mask)
+                          image_mask=prompt_image_mask, images=images)
         first = out.logits[:, -1]  # (prompt rows, V): predicts the first answer token
         cache.batch_select_indices(row_entry)
-        positions = vlm.position_ids(mask, image_mask)[..., n_prompt:]
+        positions = vlm.position_ids(mask, image_mask, images[row_entry])[..., n_prompt:]
         keep = torch.arange(n_answer - 1, device=mask.device)
         out = vlm.forward(mask, inputs_embeds=answer_embeds, cache=cache, position_ids=positions,
                           logits_to_keep=keep)
@@ -161,7 +161,8 @@ def group_logprobs(vlm: VLM, batch: dict[str, Tensor], share_prompt: bool) -> Te
     else:
         embeds = torch.cat([prompt_embeds[row_entry], answer_embeds], dim=1)
         keep = torch.arange(n_prompt - 1, n_prompt + n_answer - 1, device=mask.device)
-        logits = vlm.forward(mask, inputs_embeds=embeds, logits_to_keep=keep, image_mask=image_mask).logits
+        logits = vlm.forward(mask, inputs_embeds=embeds, logits_to_keep=keep, image_mask=image_mask,
+                             images=images[row_entry]).logits
     labels = answer_ids.masked_fill(answer_mask == 0, IGNORE_INDEX)
     row_logps = sequence_logprobs(logits, labels)  # logits[:, t] predicts answer token t
     slots = batch["slots"]

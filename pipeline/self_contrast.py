@@ -40,7 +40,7 @@ from pipeline.external_dispreferred import ExternalSourceConfig
 from pipeline.fingerprint import code_version, fingerprint
 from pipeline.grouped_scoring import collate_groups, group_logprobs
 from pipeline.mask_strategies import MaskStrategy, two_view_embeddings
-from pipeline.models.vlm import VLM
+from pipeline.models.vlm import VLM, ImageBatch
 from pipeline.params import Config
 from pipeline.resume import BatchRun, BatchStore, run_batches
 from pipeline.schema import VQA_NAMES, Turn
@@ -103,7 +103,7 @@ def two_view_answer_logits(vlm: VLM, batch: SequenceBatch, strategy: MaskStrateg
     embeds, masks = two_view_embeddings(vlm, batch.input_ids, batch.attention_mask, batch.pixel_values,
                                         strategy, ratio, seeds)
     image_mask = batch.image_mask.repeat(2, 1)
-    hidden = vlm.hidden_states(embeds, masks, image_mask)
+    hidden = vlm.hidden_states(embeds, masks, image_mask, ImageBatch.cat([batch.pixel_values, batch.pixel_values]))
     n = batch.input_ids.shape[0]
     length = int(batch.answer_length.max())
     cols = batch.answer_start.unsqueeze(1) - 1 + torch.arange(length, device=hidden.device).unsqueeze(0)
@@ -238,8 +238,9 @@ def two_view_decode(vlm: VLM, images: list, questions: list[str], prefixes: list
     embeds, masks = two_view_embeddings(vlm, input_ids, mask, pixel_values, strategy, mask_ratio, dropped_seeds)
     cache = DynamicCache()
     image_mask = (input_ids == vlm.image_token_id).repeat(2, 1)
-    out = vlm.forward(masks, inputs_embeds=embeds, cache=cache, logits_to_keep=1, image_mask=image_mask)
-    positions = vlm.position_ids(masks, image_mask)[..., -1:]
+    views = ImageBatch.cat([pixel_values, pixel_values])
+    out = vlm.forward(masks, inputs_embeds=embeds, cache=cache, logits_to_keep=1, image_mask=image_mask, images=views)
+    positions = vlm.position_ids(masks, image_mask, views)[..., -1:]
     finished = torch.zeros(n, dtype=torch.bool, device=device)
     tokens: list[list[int]] = [[] for _ in range(n)]
     logprob = torch.zeros(n, dtype=torch.float64, device=device)

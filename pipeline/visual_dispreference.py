@@ -126,7 +126,7 @@ def token_saliency(vlm: VLM, rows: Sequence[dict]) -> torch.Tensor:
     features = features.detach().requires_grad_(True)
     with torch.enable_grad():
         embeds = vlm.embed_features(batch.input_ids.to(device), features, images.token_counts)
-        logits = vlm.forward(batch.attention_mask.to(device), inputs_embeds=embeds,
+        logits = vlm.forward(batch.attention_mask.to(device), inputs_embeds=embeds, images=images,
                              image_mask=batch.image_mask.to(device)).logits
         logp = answer_logprobs(logits, batch.labels.to(device)).sum()
         (grad,) = torch.autograd.grad(logp, features)

@@ -18,6 +18,7 @@ from pipeline.grouped_scoring import collate_groups, group_logprobs
 from pipeline.losses import dpo_loss
 from pipeline.mask_strategies import two_view_embeddings
 from pipeline.models.profiles import load_vlm
+from pipeline.models.vlm import PromptSettings
 from pipeline.training.common import LoraSettings, wrap_lora
 from pipeline.visual_dropout import blind_mask, drop_visual_tokens
 from tests.gemma3_fixture import write_gemma3_checkpoint
@@ -37,12 +38,20 @@ WRITERS = {
     "llava_next": lambda folder: write_llava_next_checkpoint(folder),
     "qwen2_vl": lambda folder: write_qwen2_vl_checkpoint(folder, model_type="qwen2_vl"),
     "qwen2_5_vl": lambda folder: write_qwen2_vl_checkpoint(folder, model_type="qwen2_5_vl"),
+    "qwen2_vl_native": lambda folder: native_resolution(write_qwen2_vl_checkpoint(folder, model_type="qwen2_vl")),
     "gemma3": lambda folder: write_gemma3_checkpoint(folder),
     "idefics3": lambda folder: write_idefics3_checkpoint(folder),
     "smolvlm": lambda folder: write_smolvlm_checkpoint(folder),
 }
-FAMILY = {"llava": "llava", "llava_next": "llava_next", "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_vl", "gemma3": "gemma3",
+FAMILY = {"llava": "llava", "llava_next": "llava_next", "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_vl",
+          "qwen2_vl_native": "qwen2_vl", "gemma3": "gemma3",
           "idefics3": "idefics3", "smolvlm": "smolvlm"}
+
+
+def native_resolution(folder):
+    """The checkpoint with `medalign.json` asking for each image at its own size."""
+    PromptSettings(system_prompt=None, num_image_tokens=16, profile="external", image_size="native").save(folder)
+    return folder
 
 
 @pytest.fixture(scope="module", params=list(WRITERS))
@@ -75,8 +84,9 @@ def _reference_inputs(vlm, image, context) -> dict:
     any size; the pipeline resizes every image to one side first, and so does the reference."""
     ids = vlm.prompt_ids(QUESTION, context, image)
     if vlm.family.name == "qwen2_vl":
-        side = vlm.family.image_size
-        out = vlm.image_processor(images=[image.convert("RGB").resize((side, side))], return_tensors="pt")
+        side = vlm.family.image_size  # None at native resolution: the processor resizes within its pixel bounds
+        image = image.convert("RGB")
+        out = vlm.image_processor(images=[image.resize((side, side)) if side else image], return_tensors="pt")
         input_ids = torch.tensor([ids])
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
                 "pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"],
@@ -100,7 +110,7 @@ def test_loads_as_its_family(checkpoint, vlm):
     assert vlm.family.name == FAMILY[checkpoint[0]]
     image = _images(1)[0]
     ids = vlm.prompt_ids(QUESTION, CONTEXT, image)
-    assert sum(i == vlm.image_token_id for i in ids) == vlm.image_token_count((image.height, image.width)) >= 16
+    assert sum(i == vlm.image_token_id for i in ids) == vlm.image_token_count((image.height, image.width)) >= 12
     if not vlm.variable_image_tokens:
         assert vlm.image_token_count() == vlm.settings.num_image_tokens
 
@@ -109,8 +119,11 @@ def test_loads_as_its_family(checkpoint, vlm):
 def test_forward_equals_the_models_own_forward(vlm, reference, context):
     images = _images(2)
     batch = collate_prompts(vlm, images, [QUESTION, QUESTION], [context, []])
-    counts = batch.pixel_values.token_counts.tolist()
-    assert counts[0] != counts[1] if vlm.variable_image_tokens else counts[0] == counts[1]
+    counts, sizes = batch.pixel_values.token_counts.tolist(), batch.pixel_values.sizes.tolist()
+    if vlm.variable_image_tokens:  # LLaVA-NeXT: 70 and 40 tokens; Qwen2-VL native: 3 x 4 and 6 x 2 grids
+        assert counts[0] != counts[1] or sizes[0] != sizes[1]
+    else:
+        assert counts[0] == counts[1]
     with torch.no_grad():
         ours = vlm.forward(batch.attention_mask, batch.input_ids, batch.pixel_values).logits
         for b, (image, ctx) in enumerate(zip(images, [context, []], strict=True)):
@@ -122,12 +135,14 @@ def test_forward_equals_the_models_own_forward(vlm, reference, context):
 def test_dropped_view_equals_the_visual_tokens_physically_removed(vlm, reference):
     batch = collate_prompts(vlm, _images(2), [QUESTION, QUESTION], [[], CONTEXT])
     dropped = drop_visual_tokens(batch.attention_mask, batch.image_mask, 0.5, seeds=[3, 4])
-    positions = vlm.position_ids(dropped, batch.image_mask)
+    positions = vlm.position_ids(dropped, batch.image_mask, batch.pixel_values)
     kept = dropped.bool()
     with torch.no_grad():
         embeds = vlm.embed(batch.input_ids, batch.pixel_values)
-        masked = vlm.forward(dropped, inputs_embeds=embeds, image_mask=batch.image_mask).logits
-        full = vlm.forward(batch.attention_mask, inputs_embeds=embeds, image_mask=batch.image_mask).logits
+        masked = vlm.forward(dropped, inputs_embeds=embeds, image_mask=batch.image_mask,
+                             images=batch.pixel_values).logits
+        full = vlm.forward(batch.attention_mask, inputs_embeds=embeds, image_mask=batch.image_mask,
+                           images=batch.pixel_values).logits
         for b in range(2):
             keep = kept[b]
             assert int((batch.image_mask[b] & ~keep).sum()) == round(int(batch.image_mask[b].sum()) / 2)

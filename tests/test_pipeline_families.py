@@ -20,11 +20,16 @@ from pipeline.models.profiles import load_vlm
 from tests.gemma3_fixture import write_gemma3_checkpoint
 from tests.llava_next_fixture import write_llava_next_checkpoint
 from tests.qwen2_vl_fixture import write_qwen2_vl_checkpoint
+from tests.test_families import native_resolution
 from tests.test_pipeline_tiny import run, save_tiny_judge, tiny_params
 
 WRITERS = {"qwen2_vl": write_qwen2_vl_checkpoint, "gemma3": write_gemma3_checkpoint,
            # a byte-fallback tokenizer: it needs no vocabulary from the texts
-           "llava_next": lambda folder, texts: write_llava_next_checkpoint(folder)}
+           "llava_next": lambda folder, texts: write_llava_next_checkpoint(folder),
+           "qwen2_vl_native": lambda folder, texts: native_resolution(write_qwen2_vl_checkpoint(folder, texts=texts))}
+FAMILY = {"qwen2_vl_native": "qwen2_vl"}
+# each image at its own size: every stage batches images of different visual tokens or grids
+MIXED = ("llava_next", "qwen2_vl_native")
 # (width, height) of the images LLaVA-NeXT gets: 70, 40 and 34 visual tokens
 MIXED_SIZES = [(48, 40), (40, 120), (120, 40)]
 
@@ -48,18 +53,19 @@ def test_pipeline_runs_on_another_family(family, tmp_path, monkeypatch):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
     run("prepare")
-    if family == "llava_next":
+    if family in MIXED:
         for split in ("train", "test"):
             give_images_mixed_sizes(f"data/prepared/{split}.parquet")
     rows = pq.read_table("data/prepared/train.parquet", columns=["question", "answer"]).to_pylist()
     WRITERS[family](Path(params["sft"]["model"]), texts=tuple(r["question"] + " " + r["answer"] for r in rows))
     run("sft")
     sft = load_vlm("models/sft", device="cpu", dtype=torch.float32)
-    assert sft.family.name == family
-    if family == "llava_next":  # the stages below batch images of three token counts
+    assert sft.family.name == FAMILY.get(family, family)
+    if family in MIXED:  # the stages below batch images of three sizes and visual-token layouts
         images = pq.read_table("data/prepared/train.parquet", columns=["image"]).column("image").to_pylist()
         sizes = {decode_image(data).size for data in images}
-        assert len(sizes) == 3 and len({sft.image_token_count((h, w)) for w, h in sizes}) == 3
+        layouts = {tuple(sft.pixel_values([decode_image(d)], on_model=False).sizes[0].tolist()) for d in images}
+        assert len(sizes) == 3 and len(layouts) == 3
     run("mine")
     run("sample")
     candidates = pq.read_table("data/candidates.parquet").to_pylist()
@@ -68,7 +74,9 @@ def test_pipeline_runs_on_another_family(family, tmp_path, monkeypatch):
     run("score")
     run("train")
     aligned = load_vlm("models/aligned", device="cpu", dtype=torch.float32)
-    assert aligned.family.name == family
+    assert aligned.family.name == FAMILY.get(family, family)
+    if family == "qwen2_vl_native":  # kept through sft and train (medalign.json)
+        assert sft.settings.image_size == aligned.settings.image_size == "native"
     changed = [n for n, p in aligned.language_model.named_parameters()
                if not torch.equal(p, dict(sft.language_model.named_parameters())[n])]
     assert any("q_proj" in n for n in changed) and any("v_proj" in n for n in changed)  # the merged LoRA targets

@@ -105,3 +105,30 @@ def test_template_only_in_the_processors_file_is_read(tmp_path):
     (folder / "chat_template.json").unlink()
     with pytest.raises(ModelLoadError, match="no chat template that renders typed parts"):
         load_vlm(folder, device="cpu", dtype=torch.float32)
+
+
+def test_native_resolution_positions_follow_each_images_grid(tmp_path):
+    """`image_size: native`: each image keeps its aspect within the processor's pixel bounds, so a
+    batch holds grids of different shapes (here 3 x 4 and 6 x 2 visual tokens, the same count);
+    positions equal `get_rope_index` given those grids, and without the images they are refused."""
+    from pipeline.models.vlm import PromptSettings
+
+    folder = write_qwen2_vl_checkpoint(tmp_path / "q")
+    PromptSettings(system_prompt=None, num_image_tokens=16, profile="external", image_size="native").save(folder)
+    vlm = load_vlm(folder, device="cpu", dtype=torch.float32)
+    images = [random_image((48, 40), seed=0), random_image((40, 120), seed=1)]
+    batch = collate_prompts(vlm, images, [QUESTION, QUESTION], [CONTEXT, []])
+    patches = batch.pixel_values.sizes // vlm.family.patch_size
+    grids = torch.cat([torch.ones(2, 1, dtype=torch.long), patches], dim=1)
+    assert grids.tolist() == [[1, 6, 8], [1, 12, 4]] and batch.pixel_values.token_counts.tolist() == [12, 12]
+    ours = vlm.position_ids(batch.attention_mask, batch.image_mask, batch.pixel_values)
+    theirs, _ = vlm.model.model.get_rope_index(batch.input_ids, mm_token_type_ids=batch.image_mask.int(),
+                                               image_grid_thw=grids, attention_mask=batch.attention_mask)
+    attended = batch.attention_mask.bool()
+    assert torch.equal(ours[:, attended], theirs[:, attended])
+    tall = ours[:, 1, batch.image_mask[1]]
+    assert tall[1].unique().numel() == 6 and tall[2].unique().numel() == 2
+    with pytest.raises(ValueError, match="pass the batch's images"):
+        vlm.position_ids(batch.attention_mask, batch.image_mask)
+    with pytest.raises(ValueError, match="side in pixels or 'native'"):
+        PromptSettings(system_prompt=None, num_image_tokens=16, profile="external", image_size="any")

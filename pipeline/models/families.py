@@ -49,6 +49,10 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+# `PromptSettings.image_size` for any-resolution families: each image at its own size.
+NATIVE = "native"
+
+
 def square_images(images: list[Image.Image], side: int) -> list[Image.Image]:
     """RGB copies resized to `side` x `side` (bicubic): one grid, one visual-token count for all."""
     return [im.convert("RGB").resize((side, side), Image.Resampling.BICUBIC) for im in images]
@@ -204,8 +208,10 @@ class Family:
         return int(tokenizer.eos_token_id)
 
     # ----- positions and attention
-    def position_ids(self, attention_mask: torch.Tensor, image_mask: torch.Tensor | None) -> torch.Tensor:
-        """Position ids of a (B, T) batch whose attention mask may drop visual tokens."""
+    def position_ids(self, attention_mask: torch.Tensor, image_mask: torch.Tensor | None,
+                     images: ImageBatch | None = None) -> torch.Tensor:
+        """Position ids of a (B, T) batch whose attention mask may drop visual tokens (`images`:
+        the batch's images, one per row, for families whose positions follow each image's grid)."""
         return position_ids_from_mask(attention_mask)
 
     def forward_kwargs(self, image_mask: torch.Tensor | None, prefill: bool) -> dict[str, Any]:
@@ -271,10 +277,12 @@ class Qwen2VLFamily(Family):
     """Qwen2-VL and Qwen2.5-VL (`Qwen2VLForConditionalGeneration`,
     `Qwen2_5_VLForConditionalGeneration`): the base of Lingshu and HuatuoGPT-Vision.
 
-    Every image is resized to one square side (`PromptSettings.image_size`, a multiple of the
-    patch size times the merge size) before the family's own image processor, so every image
-    has the same (1, h, w) grid and the same number of visual tokens; Qwen's native dynamic
-    resolution is not used (docs/models.md).
+    By default every image is resized to one square side (`PromptSettings.image_size`, a multiple
+    of the patch size times the merge size) before the family's own image processor, so every
+    image has the same (1, h, w) grid and the same number of visual tokens. With `image_size:
+    native` each image keeps Qwen's native dynamic resolution: the processor resizes it within its
+    `min_pixels` / `max_pixels` keeping its aspect, its grid and visual tokens follow, and the
+    positions of a batch are computed from each row's image grid (docs/models.md).
     """
 
     name = "qwen2_vl"
@@ -283,13 +291,19 @@ class Qwen2VLFamily(Family):
     # The side used for a checkpoint made elsewhere: 448 px, 16 x 16 = 256 visual tokens.
     DEFAULT_SIDE: ClassVar[int] = 448
 
-    def __init__(self, model: torch.nn.Module, image_processor: Any, image_size: int | None = None,
+    def __init__(self, model: torch.nn.Module, image_processor: Any, image_size: int | str | None = None,
                  processor: Any | None = None) -> None:
         super().__init__(model, image_processor, image_size, processor)
         vision = model.config.vision_config
         self.patch_size = int(vision.patch_size)
         self.merge_size = int(vision.spatial_merge_size)
         self.factor = self.patch_size * self.merge_size
+        self._token_grids: dict[tuple[int, int], tuple[int, int]] = {}
+        self.variable_image_tokens = self.image_size == NATIVE
+        if self.variable_image_tokens:
+            self.image_size = None  # each image its own
+            self.llm_grid = None
+            return
         if self.image_size is None:
             self.image_size = self.default_side()
         if self.image_size % self.factor:
@@ -338,14 +352,33 @@ class Qwen2VLFamily(Family):
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         token = self.image_token(tokenizer, processor)
         # Qwen2VLProcessor.replace_image_token: one token per merged patch of the image's grid.
-        text = text.replace(token, token * self.default_image_tokens())
+        count = self.image_token_count(image_size) if self.variable_image_tokens else self.default_image_tokens()
+        text = text.replace(token, token * count)
         return [int(i) for i in tokenizer(text)["input_ids"]]
 
     def prompt_image(self, image_size: tuple[int, int] | None = None) -> Image.Image:
+        if self.variable_image_tokens:
+            height, width = image_size or (self.DEFAULT_SIDE, self.DEFAULT_SIDE)
+            return Image.new("RGB", (width, height))
         return Image.new("RGB", (self.image_size, self.image_size))
 
     def default_image_tokens(self, processor: Any | None = None) -> int:
+        if self.variable_image_tokens:  # for information: a DEFAULT_SIDE square's
+            return self.image_token_count((self.DEFAULT_SIDE, self.DEFAULT_SIDE))
         return self.llm_grid ** 2
+
+    def token_grid(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """(rows, columns) of visual tokens of an image of `image_size` (height, width) at native
+        resolution: the image processor's grid for that size, merged (cached per size)."""
+        size = (int(image_size[0]), int(image_size[1]))
+        if size not in self._token_grids:
+            grid = self.image_processor(images=[self.prompt_image(size)], return_tensors="pt")["image_grid_thw"][0]
+            self._token_grids[size] = (int(grid[1]) // self.merge_size, int(grid[2]) // self.merge_size)
+        return self._token_grids[size]
+
+    def image_token_count(self, image_size: tuple[int, int]) -> int:
+        rows, columns = self.token_grid(image_size)
+        return rows * columns
 
     def processed_pixels(self, images: list[Image.Image]) -> torch.Tensor:
         side = self.image_size
@@ -357,23 +390,51 @@ class Qwen2VLFamily(Family):
         pixels = out["pixel_values"]
         return pixels.reshape(len(images), -1, pixels.shape[-1])
 
+    def pixel_values(self, images: list[Image.Image], image_tokens: int) -> ImageBatch:
+        if not self.variable_image_tokens:
+            return super().pixel_values(images, image_tokens)
+        out = self.image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
+        grids = out["image_grid_thw"]  # (B, 3): t, h, w in patches
+        patches = out["pixel_values"].split(grids.prod(-1).tolist())
+        width = max(p.shape[0] for p in patches)
+        pixels = torch.stack([torch.nn.functional.pad(p, [0, 0, 0, width - p.shape[0]]) for p in patches])
+        sizes = grids[:, 1:] * self.patch_size  # the processed image, in pixels
+        return ImageBatch(pixels, sizes.long(), (grids.prod(-1) // self.merge_size ** 2).long())
+
     def image_features(self, images: ImageBatch,
                        vision_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         refuse_vision_mask(self.name, vision_attention_mask)
         pixel_values = images.pixels
         n = pixel_values.shape[0]
-        grid = self.grid_thw.to(pixel_values.device).repeat(n, 1)
-        out = self.model.model.get_image_features(pixel_values=pixel_values.reshape(-1, pixel_values.shape[-1]),
-                                                  image_grid_thw=grid, return_dict=True)
-        return torch.stack(list(out.pooler_output))
+        if not self.variable_image_tokens:
+            grid = self.grid_thw.to(pixel_values.device).repeat(n, 1)
+            flat = pixel_values.reshape(-1, pixel_values.shape[-1])
+        else:
+            patch_grid = images.sizes // self.patch_size
+            grid = torch.cat([torch.ones(n, 1, dtype=torch.long), patch_grid], dim=1).to(pixel_values.device)
+            flat = torch.cat([pixel_values[b, : int(grid[b].prod())] for b in range(n)])
+        out = self.model.model.get_image_features(pixel_values=flat, image_grid_thw=grid, return_dict=True)
+        return pad_features(list(out.pooler_output))
 
-    def position_ids(self, attention_mask: torch.Tensor, image_mask: torch.Tensor | None) -> torch.Tensor:
+    def row_grids(self, image_mask: torch.Tensor, images: ImageBatch | None) -> list[tuple[int, int]]:
+        """(rows, columns) of visual tokens of each batch row's images: the one square grid, or at
+        native resolution row b's image's (`images`, one image per row)."""
+        if not self.variable_image_tokens:
+            return [(self.llm_grid, self.llm_grid)] * image_mask.shape[0]
+        if images is None or len(images) != image_mask.shape[0]:
+            raise ValueError(f"{self.name}: at native resolution positions follow each image's grid; pass the "
+                             "batch's images (one per row)")
+        return [(int(h) // self.factor, int(w) // self.factor) for h, w in images.sizes.tolist()]
+
+    def position_ids(self, attention_mask: torch.Tensor, image_mask: torch.Tensor | None,
+                     images: ImageBatch | None = None) -> torch.Tensor:
         """(3, B, T) temporal / height / width positions (module docstring).
 
-        A run of `image_mask` tokens holds whole images, each `llm_grid`² tokens in row-major
-        order; its first token is at p, token (h, w) gets (p, p + h, p + w), and the text after
-        it starts at p + `llm_grid`, as Qwen's `get_rope_index` numbers it. An image with no
-        attended token takes no positions. Masked tokens' positions are never read.
+        A run of `image_mask` tokens holds whole images of a row's grid (h x w tokens in
+        row-major order: one square for all rows, or at native resolution each row's image's,
+        from `images`); its first token is at p, token (i, j) gets (p, p + i, p + j), and the
+        text after it starts at p + max(h, w), as Qwen's `get_rope_index` numbers it. An image
+        with no attended token takes no positions. Masked tokens' positions are never read.
         """
         if image_mask is None:
             raise ValueError(f"{self.name}: positions depend on where the visual tokens are; pass image_mask "
@@ -381,14 +442,13 @@ class Qwen2VLFamily(Family):
         batch, length = attention_mask.shape
         device = attention_mask.device
         attended = attention_mask.bool()
-        per_image = self.llm_grid ** 2
-        rows = torch.arange(self.llm_grid, device=device).repeat_interleave(self.llm_grid)
-        cols = torch.arange(self.llm_grid, device=device).repeat(self.llm_grid)
+        grids = self.row_grids(image_mask, images)
         # Each token's advance of the running position: 1 per attended text token, plus an
         # image's extent after its last token when any of it is attended.
         step = (attended & ~image_mask).long()
         starts: list[tuple[int, int]] = []  # (row, first column) of every image
         for b in range(batch):
+            per_image, extent = grids[b][0] * grids[b][1], max(grids[b])
             columns = image_mask[b].nonzero().squeeze(-1).tolist()
             if len(columns) % per_image:
                 raise ValueError(f"{self.name}: row {b} has {len(columns)} visual tokens, not a multiple of "
@@ -398,12 +458,15 @@ class Qwen2VLFamily(Family):
                     raise ValueError(f"{self.name}: row {b}'s visual tokens of one image are not contiguous")
                 starts.append((b, first))
                 if attended[b, first:first + per_image].any():
-                    step[b, first + per_image - 1] += self.llm_grid
+                    step[b, first + per_image - 1] += extent
         before = step.cumsum(-1) - step  # the running position at each token
         positions = before.unsqueeze(0).repeat(3, 1, 1)
         for b, first in starts:
+            height, width = grids[b]
+            rows = torch.arange(height, device=device).repeat_interleave(width)
+            cols = torch.arange(width, device=device).repeat(height)
             p = before[b, first]
-            span = slice(first, first + per_image)
+            span = slice(first, first + height * width)
             positions[0, b, span] = p
             positions[1, b, span] = p + rows
             positions[2, b, span] = p + cols
@@ -440,7 +503,8 @@ class Gemma3Family(LlavaFamily):
         return int(self.model.config.mm_tokens_per_image)
 
 
-    def position_ids(self, attention_mask: torch.Tensor, image_mask: torch.Tensor | None) -> torch.Tensor:
+    def position_ids(self, attention_mask: torch.Tensor, image_mask: torch.Tensor | None,
+                     images: ImageBatch | None = None) -> torch.Tensor:
         window = getattr(self.model.config.get_text_config(), "sliding_window", None)
         if window and attention_mask.shape[1] > window:
             attended = attention_mask.bool()
@@ -553,7 +617,7 @@ class LlavaNextFamily(LlavaFamily):
 
     def __init__(self, model: torch.nn.Module, image_processor: Any, image_size: int | None = None,
                  processor: Any | None = None) -> None:
-        super().__init__(model, image_processor, image_size, processor)
+        super().__init__(model, image_processor, None if image_size == NATIVE else image_size, processor)
         self._token_counts: dict[tuple[int, int], int] = {}
 
     def uses_processor(self, tokenizer_renders_text: bool) -> bool:

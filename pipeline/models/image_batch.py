@@ -1,11 +1,11 @@
 """The processed images of a batch, as the vision tower takes them.
 
 Families whose images all become the same tensor (LLaVA-1.5, Gemma 3, Idefics3, Qwen2-VL at one
-side) could batch a plain tensor; any-resolution families (LLaVA-NeXT) cannot: an image's tiles,
-and so its visual tokens, follow its size. An `ImageBatch` keeps, per image, the pixels (padded
-along dim 1 to the batch's largest where they differ), the size the family's processor saw, and
-the number of visual tokens the image becomes, so every stage batches, moves, indexes and
-concatenates images the same way whatever the family.
+side) could batch a plain tensor; any-resolution families (LLaVA-NeXT, Qwen2-VL at native
+resolution) cannot: an image's tiles or patches, and so its visual tokens, follow its size. An
+`ImageBatch` keeps, per image, the pixels (padded along dim 1 to the batch's largest where they
+differ), its size, and the number of visual tokens it becomes, so every stage batches, moves,
+indexes and concatenates images the same way whatever the family.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from torch.nn import functional
 @dataclass(frozen=True)
 class ImageBatch:
     """`pixels` (B, ...): one processed image per row (the family's layout, zero-padded along
-    dim 1 where images differ in tiles); `sizes` (B, 2): each image's (height, width) as given
-    to the processor; `token_counts` (B,): the visual tokens each image becomes, which its
-    prompt holds (`VLM.prompt_ids(..., image=...)`)."""
+    dim 1 where images differ in tiles or patches); `sizes` (B, 2): each image's (height, width),
+    as given to the processor (Qwen2-VL at native resolution: as the processor resized it, a
+    multiple of the patch, which fixes its grid); `token_counts` (B,): the visual tokens each image
+    becomes, which its prompt holds (`VLM.prompt_ids(..., image=...)`)."""
 
     pixels: torch.Tensor
     sizes: torch.Tensor

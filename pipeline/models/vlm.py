@@ -37,11 +37,16 @@ class PromptSettings:
     system_prompt: str | None
     num_image_tokens: int
     profile: str
-    # The side every image is resized to, for families that take any size (Qwen2-VL; LLaVA-NeXT
-    # only when set, which otherwise keeps each image's size); None for those whose image
-    # processor fixes it (LLaVA). Written only when set. `num_image_tokens` is then the count of
-    # an image of the processor's crop size, for information; each image has its own.
-    image_size: int | None = None
+    # The side every image is resized to, for families that take any size (Qwen2-VL, LLaVA-NeXT),
+    # or "native": each image at its own size (LLaVA-NeXT's default, Qwen2-VL's dynamic
+    # resolution); None: the family's default (Qwen2-VL: 448 px squares; LLaVA-NeXT: native) or
+    # the one size the image processor fixes (LLaVA). Written only when set. With images at their
+    # own size `num_image_tokens` is a reference image's count, for information.
+    image_size: int | str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.image_size, str) and self.image_size != "native":
+            raise ValueError(f"{SETTINGS_FILE}: image_size is a side in pixels or 'native', not {self.image_size!r}")
 
     def save(self, folder: str | Path) -> None:
         values = {k: v for k, v in self.__dict__.items() if k != "image_size" or v is not None}
@@ -110,19 +115,22 @@ class VLM:
     def lm_head(self) -> torch.nn.Module:
         return self.model.lm_head
 
-    def position_ids(self, attention_mask: torch.Tensor, image_mask: torch.Tensor | None) -> torch.Tensor:
+    def position_ids(self, attention_mask: torch.Tensor, image_mask: torch.Tensor | None,
+                     images: ImageBatch | None = None) -> torch.Tensor:
         """Positions of a batch whose attention mask may drop visual tokens: (B, T) for 1-D
         rotary families, (3, B, T) for Qwen2-VL's; the last one is `[..., -1:]` either way.
-        `image_mask` (True at visual tokens) is required by families whose positions depend on it."""
-        return self.family.position_ids(attention_mask, image_mask)
+        `image_mask` (True at visual tokens) is required by families whose positions depend on it,
+        and `images` (the batch's images, row b's image at b) by those whose positions follow each
+        image's grid (Qwen2-VL at native resolution)."""
+        return self.family.position_ids(attention_mask, image_mask, images)
 
     def hidden_states(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-                      image_mask: torch.Tensor | None = None) -> torch.Tensor:
+                      image_mask: torch.Tensor | None = None, images: ImageBatch | None = None) -> torch.Tensor:
         """Last hidden states of the language model (no LM head), positions from the mask."""
         return self.model.model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            position_ids=self.position_ids(attention_mask, image_mask),
+            position_ids=self.position_ids(attention_mask, image_mask, images),
             **self.family.forward_kwargs(image_mask, prefill=True),
         ).last_hidden_state
 
@@ -320,15 +328,18 @@ class VLM:
         position_ids: torch.Tensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         image_mask: torch.Tensor | None = None,
+        images: ImageBatch | None = None,
     ):
         """One language-model forward. Positions are the family's for the attention mask
-        (`position_ids`) unless given; `image_mask` defaults to where `input_ids` has the image token."""
+        (`position_ids`) unless given; `image_mask` defaults to where `input_ids` has the image
+        token; `images` (row b's image at b, for positions that follow each image's grid)
+        defaults to `pixel_values`."""
         if image_mask is None and input_ids is not None:
             image_mask = input_ids == self.image_token_id
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, pixel_values)
         if position_ids is None:
-            position_ids = self.position_ids(attention_mask, image_mask)
+            position_ids = self.position_ids(attention_mask, image_mask, images if images is not None else pixel_values)
         prefill = cache is None or cache.get_seq_length() == 0
         return self.model(
             inputs_embeds=inputs_embeds,
