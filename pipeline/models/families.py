@@ -107,7 +107,7 @@ class Family:
     supports_vision_masks: ClassVar[bool] = False
     # Whether an image's visual tokens follow its size (any resolution): prompts then need the
     # image (`VLM.prompt_ids(..., image=...)`), and a batch's images may differ in tokens.
-    variable_image_tokens: ClassVar[bool] = False
+    variable_image_tokens: bool = False
 
     def __init__(self, model: torch.nn.Module, image_processor: Any, image_size: int | None = None,
                  processor: Any | None = None) -> None:
