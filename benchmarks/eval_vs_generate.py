@@ -56,7 +56,7 @@ from machine import (  # noqa: E402
 )
 from shapes import build_llava_med_shape, is_shape  # noqa: E402
 
-from pipeline.batching import decode_image  # noqa: E402
+from pipeline.data.images import decode_image  # noqa: E402
 from pipeline.evaluation import EvaluateConfig, MaxNewTokens, predict  # noqa: E402
 from pipeline.models.vlm import VLM  # noqa: E402
 from pipeline.params import project_config  # noqa: E402

@@ -51,7 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_vs_generate import load_model, load_rows, path_report, timed  # noqa: E402
 from machine import count_flops, matmul_peak, pick_device, run_header, save_run, speedup_verdict  # noqa: E402
 
-from pipeline.batching import collate_sequences, decode_image  # noqa: E402
+from pipeline.batching import collate_sequences  # noqa: E402
+from pipeline.data.images import decode_images  # noqa: E402
 from pipeline.mask_strategies import MaskStrategy, two_view_embeddings  # noqa: E402
 from pipeline.models.vlm import VLM  # noqa: E402
 from pipeline.params import project_config  # noqa: E402
@@ -161,7 +162,7 @@ def generate_two_view(vlm: VLM, images: list, questions: list[str], prefixes: li
                       strategy: MaskStrategy, *, contexts: Sequence[Sequence[Turn]]
                       ) -> tuple[list[list[int]], list[float]]:
     """`two_view_decode`'s contract, through transformers' `generate` with `DroppedViewPicks`."""
-    pil = [decode_image(im) if isinstance(im, bytes) else im for im in images]
+    pil = decode_images(images)
     rows = [vlm.prompt_ids(q, c, im) + p for im, q, c, p in zip(pil, questions, contexts, prefixes, strict=True)]
     width, n = max(len(r) for r in rows), len(rows)
     input_ids = torch.full((n, width), vlm.pad_token_id, dtype=torch.long)

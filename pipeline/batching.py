@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from pipeline.data.images import decode_image
+from pipeline.data.images import decode_images
 from pipeline.models.vlm import VLM, ImageBatch
 from pipeline.schema import Turn
 
@@ -59,7 +59,7 @@ def collate_sequences(
     `contexts` holds each row's earlier turns (its `context` column, `[]` for a single-turn row):
     they are part of the prompt, never of the labelled answer.
     """
-    pil = [im if isinstance(im, Image.Image) else decode_image(im) for im in images]
+    pil = decode_images(images)
     rows = []
     for image, question, answer, context in zip(pil, questions, answers, contexts, strict=True):
         prompt = vlm.prompt_ids(question, context, image)
@@ -95,7 +95,7 @@ def collate_prompts(vlm: VLM, images: Sequence[bytes | Image.Image], questions: 
     """Left-padded prompts of (image, question) rows, each after its earlier turns in `contexts`
     (the rows' `context` column; an empty list for a single-turn row). Required: a multi-turn
     row's prompt without its earlier turns is a different question."""
-    pil = [im if isinstance(im, Image.Image) else decode_image(im) for im in images]
+    pil = decode_images(images)
     prompts = [vlm.prompt_ids(q, c, im) for im, q, c in zip(pil, questions, contexts, strict=True)]
     width = max(len(p) for p in prompts)
     n = len(prompts)

@@ -200,7 +200,7 @@ def image_data_url(image: bytes) -> str:
     elif image.startswith(b"\xff\xd8\xff"):
         mime, data = "image/jpeg", image
     else:
-        from pipeline.batching import decode_image
+        from pipeline.data.images import decode_image
 
         buf = io.BytesIO()
         decode_image(image).convert("RGB").save(buf, format="PNG")

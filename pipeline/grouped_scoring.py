@@ -27,7 +27,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from pipeline.batching import IGNORE_INDEX, decode_image
+from pipeline.batching import IGNORE_INDEX
+from pipeline.data.images import decode_images
 from pipeline.losses import sequence_logprobs
 from pipeline.models.vlm import VLM
 
@@ -104,8 +105,7 @@ def collate_groups(
     for r, ids in enumerate(rows):
         answer_ids[r, : len(ids)] = torch.tensor(ids)
         answer_mask[r, : len(ids)] = 1
-    pil = [im if isinstance(im, Image.Image) else decode_image(im) for im in row_images]
-    pixel_values = vlm.pixel_values(pil, on_model=False)
+    pixel_values = vlm.pixel_values(decode_images(row_images), on_model=False)
     counts = pixel_values.token_counts.tolist()
     for j, (b, _) in enumerate(extra):
         if counts[n + j] != counts[b]:
@@ -150,10 +150,10 @@ def group_logprobs(vlm: VLM, batch: dict[str, Tensor], share_prompt: bool) -> Te
 
         cache = DynamicCache()
         out = vlm.forward(prompt_mask, inputs_embeds=prompt_embeds, cache=cache, logits_to_keep=1,
-                          image_mask=prompt_image_mask, images=images)
+                          image_mask=prompt_image_mask, image_layout=images)
         first = out.logits[:, -1]  # (prompt rows, V): predicts the first answer token
         cache.batch_select_indices(row_entry)
-        positions = vlm.position_ids(mask, image_mask, images[row_entry])[..., n_prompt:]
+        positions = vlm.position_ids(mask, image_mask, images.layout()[row_entry])[..., n_prompt:]
         keep = torch.arange(n_answer - 1, device=mask.device)
         out = vlm.forward(mask, inputs_embeds=answer_embeds, cache=cache, position_ids=positions,
                           logits_to_keep=keep)
@@ -162,7 +162,7 @@ def group_logprobs(vlm: VLM, batch: dict[str, Tensor], share_prompt: bool) -> Te
         embeds = torch.cat([prompt_embeds[row_entry], answer_embeds], dim=1)
         keep = torch.arange(n_prompt - 1, n_prompt + n_answer - 1, device=mask.device)
         logits = vlm.forward(mask, inputs_embeds=embeds, logits_to_keep=keep, image_mask=image_mask,
-                             images=images[row_entry]).logits
+                             image_layout=images.layout()[row_entry]).logits
     labels = answer_ids.masked_fill(answer_mask == 0, IGNORE_INDEX)
     row_logps = sequence_logprobs(logits, labels)  # logits[:, t] predicts answer token t
     slots = batch["slots"]

@@ -95,7 +95,7 @@ def answer_batch(vlm: VLM, rows: Sequence[Mapping[str, Any]], max_new_tokens: in
 @torch.no_grad()
 def visual_batch(vlm: VLM, rows: Sequence[Mapping[str, Any]]) -> list[dict]:
     """The SFT model's visual tokens (projector output), mean-pooled: one vector per entry."""
-    from pipeline.batching import decode_image
+    from pipeline.data.images import decode_image
 
     pixels = vlm.pixel_values([decode_image(r["image"]) for r in rows])
     pooled = mean_visual_token(vlm.image_features(pixels).float(), pixels.token_counts).cpu()

@@ -35,7 +35,8 @@ import torch
 from pydantic import Field
 from transformers import DynamicCache
 
-from pipeline.batching import SequenceBatch, collate_sequences, decode_image
+from pipeline.batching import SequenceBatch, collate_sequences
+from pipeline.data.images import decode_images
 from pipeline.external_dispreferred import ExternalSourceConfig
 from pipeline.fingerprint import code_version, fingerprint
 from pipeline.grouped_scoring import collate_groups, group_logprobs
@@ -103,7 +104,8 @@ def two_view_answer_logits(vlm: VLM, batch: SequenceBatch, strategy: MaskStrateg
     embeds, masks = two_view_embeddings(vlm, batch.input_ids, batch.attention_mask, batch.pixel_values,
                                         strategy, ratio, seeds)
     image_mask = batch.image_mask.repeat(2, 1)
-    hidden = vlm.hidden_states(embeds, masks, image_mask, ImageBatch.cat([batch.pixel_values, batch.pixel_values]))
+    layout = batch.pixel_values.layout()
+    hidden = vlm.hidden_states(embeds, masks, image_mask, ImageBatch.cat([layout, layout]))
     n = batch.input_ids.shape[0]
     length = int(batch.answer_length.max())
     cols = batch.answer_start.unsqueeze(1) - 1 + torch.arange(length, device=hidden.device).unsqueeze(0)
@@ -223,7 +225,7 @@ def two_view_decode(vlm: VLM, images: list, questions: list[str], prefixes: list
     continuations (EOS appended when reached) and the full-view log-probability of each
     continuation's tokens, EOS included. `contexts` holds each row's earlier turns (`[]`: none).
     """
-    pil = [im if not isinstance(im, bytes) else decode_image(im) for im in images]
+    pil = decode_images(images)
     rows = [vlm.prompt_ids(q, c, im) + p for im, q, c, p in zip(pil, questions, contexts, prefixes, strict=True)]
     width = max(len(r) for r in rows)
     n = len(rows)
@@ -238,8 +240,9 @@ def two_view_decode(vlm: VLM, images: list, questions: list[str], prefixes: list
     embeds, masks = two_view_embeddings(vlm, input_ids, mask, pixel_values, strategy, mask_ratio, dropped_seeds)
     cache = DynamicCache()
     image_mask = (input_ids == vlm.image_token_id).repeat(2, 1)
-    views = ImageBatch.cat([pixel_values, pixel_values])
-    out = vlm.forward(masks, inputs_embeds=embeds, cache=cache, logits_to_keep=1, image_mask=image_mask, images=views)
+    views = ImageBatch.cat([pixel_values.layout(), pixel_values.layout()])
+    out = vlm.forward(masks, inputs_embeds=embeds, cache=cache, logits_to_keep=1, image_mask=image_mask,
+                      image_layout=views)
     positions = vlm.position_ids(masks, image_mask, views)[..., -1:]
     finished = torch.zeros(n, dtype=torch.bool, device=device)
     tokens: list[list[int]] = [[] for _ in range(n)]

@@ -40,7 +40,8 @@ import torch
 from PIL import Image
 from pydantic import Field
 
-from pipeline.batching import answer_logprobs, collate_sequences, decode_image
+from pipeline.batching import answer_logprobs, collate_sequences
+from pipeline.data.images import decode_image
 from pipeline.models.vlm import VLM
 from pipeline.params import Config
 
@@ -126,16 +127,18 @@ def token_saliency(vlm: VLM, rows: Sequence[dict]) -> torch.Tensor:
     features = features.detach().requires_grad_(True)
     with torch.enable_grad():
         embeds = vlm.embed_features(batch.input_ids.to(device), features, images.token_counts)
-        logits = vlm.forward(batch.attention_mask.to(device), inputs_embeds=embeds, images=images,
+        logits = vlm.forward(batch.attention_mask.to(device), inputs_embeds=embeds, image_layout=images,
                              image_mask=batch.image_mask.to(device)).logits
         logp = answer_logprobs(logits, batch.labels.to(device)).sum()
         (grad,) = torch.autograd.grad(logp, features)
     return (grad * features).sum(-1).detach().float().cpu()
 
 
-def saliency_region(saliency: torch.Tensor, side: int, first: int, fraction: float, size: tuple[int, int]
-                    ) -> Region:
-    """The patches of the `fraction` largest-|attribution| visual tokens, upsampled to `size` (w, h)."""
+def saliency_region(saliency: torch.Tensor, side: int, first: int, fraction: float, size: tuple[int, int],
+                    view: tuple[int, int, int, int] | None = None) -> Region:
+    """The patches of the `fraction` largest-|attribution| visual tokens, on an image of `size`
+    (w, h): the patch grid stretched over `view` (left, top, width, height: what the tower sees
+    of the image, `VLM.tower_view`; default the whole image), nothing outside it."""
     scores = saliency[first: first + side * side].abs()
     k = max(1, round(fraction * side * side))
     top = torch.topk(scores, k).indices
@@ -143,7 +146,9 @@ def saliency_region(saliency: torch.Tensor, side: int, first: int, fraction: flo
     confidence = float(scores[top].sum()) / total if total > 0 else 0.0
     grid = np.zeros((side, side), dtype=np.uint8)
     grid.flat[top.numpy()] = 255
-    mask = Image.fromarray(grid, mode="L").resize(size, Image.NEAREST)
+    left, top, width, height = view or (0, 0, *size)
+    mask = Image.new("L", size, 0)
+    mask.paste(Image.fromarray(grid, mode="L").resize((width, height), Image.NEAREST), (left, top))
     return Region((np.asarray(mask) > 0).astype(np.float64), "saliency", confidence)
 
 
@@ -155,7 +160,8 @@ def saliency_localizer(vlm: VLM, fraction: float, batch_size: int) -> Localizer:
         for i in range(0, len(rows), batch_size):
             chunk = rows[i: i + batch_size]
             for row, sal in zip(chunk, token_saliency(vlm, chunk), strict=True):
-                regions.append(saliency_region(sal, side, first, fraction, decode_image(row["image"]).size))
+                size = decode_image(row["image"]).size
+                regions.append(saliency_region(sal, side, first, fraction, size, vlm.tower_view(size)))
         return regions
     return localize
 

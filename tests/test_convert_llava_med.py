@@ -304,6 +304,7 @@ def test_pipeline_pads_non_square_images_as_llava_med(converted, vlm):
         padded = tower_processor([expand2square_reference(wide, CLIP_MEAN)], return_tensors="pt")["pixel_values"]
         assert torch.equal(vlm.pixel_values([wide]).pixels, padded)
         assert not torch.equal(tower_processor([wide], return_tensors="pt")["pixel_values"], padded)
+    assert vlm.tower_view((64, 32)) == (0, -16, 64, 64)  # the padded square, for saliency regions
     square = random_image((48, 48))
     assert torch.equal(vlm.pixel_values([square]).pixels, tower_processor([square], return_tensors="pt")["pixel_values"])
 

@@ -140,9 +140,9 @@ def test_dropped_view_equals_the_visual_tokens_physically_removed(vlm, reference
     with torch.no_grad():
         embeds = vlm.embed(batch.input_ids, batch.pixel_values)
         masked = vlm.forward(dropped, inputs_embeds=embeds, image_mask=batch.image_mask,
-                             images=batch.pixel_values).logits
+                             image_layout=batch.pixel_values).logits
         full = vlm.forward(batch.attention_mask, inputs_embeds=embeds, image_mask=batch.image_mask,
-                           images=batch.pixel_values).logits
+                           image_layout=batch.pixel_values).logits
         for b in range(2):
             keep = kept[b]
             assert int((batch.image_mask[b] & ~keep).sum()) == round(int(batch.image_mask[b].sum()) / 2)

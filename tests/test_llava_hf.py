@@ -86,6 +86,9 @@ def test_prompt_ids_are_the_llava_15_format_expanded_by_the_processor(vlm, proce
 def test_pixel_values_are_the_processors_resize_and_centre_crop(vlm, processor):
     image = random_image((48, 40))  # not square: the shortest edge is resized to 32, then the centre cropped
     ours = vlm.pixel_values([image]).pixels
+    width, height = image.size
+    side = min(width, height)  # the processor's shortest-edge resize and centre crop keep this square
+    assert vlm.tower_view(image.size) == ((width - side) // 2, (height - side) // 2, side, side)
     torch.testing.assert_close(ours, processor(images=image, text=IMAGE_TOKEN, return_tensors="pt")["pixel_values"])
     ip = vlm.image_processor
     assert ip.do_center_crop and dict(ip.size) == {"shortest_edge": 32}

@@ -9,6 +9,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pipeline.data.ingest import ingest
@@ -146,6 +147,16 @@ def test_saliency_gives_one_score_per_visual_token_and_a_patch_region(tiny_vlm, 
     top = int(saliency[0, first:].abs().argmax())
     patch = 32 // side
     assert region.mask[(top // side) * patch, (top % side) * patch] == 1
+
+
+def test_saliency_region_covers_only_what_the_tower_sees_of_a_non_square_image():
+    """With LLaVA-Med's padding the 2 x 2 grid spans a 64 x 64 square around a 64 x 32 image
+    (`tower_view` (0, -16, 64, 64)); with a centre crop it spans the middle 32 x 32 square."""
+    saliency = torch.tensor([5.0, 0.0, 0.0, 0.0])  # the top-left patch
+    padded = saliency_region(saliency, 2, 0, 0.25, (64, 32), view=(0, -16, 64, 64)).mask
+    assert padded.shape == (32, 64) and padded[:16, :32].all() and padded.sum() == 16 * 32
+    cropped = saliency_region(saliency, 2, 0, 0.25, (64, 32), view=(16, 0, 32, 32)).mask
+    assert cropped[:16, 16:32].all() and cropped.sum() == 16 * 16
 
 
 def test_auto_uses_the_annotation_where_there_is_one_and_saliency_elsewhere(tiny_vlm, rows):

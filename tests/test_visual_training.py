@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.batching import decode_image
+from pipeline.data.images import decode_image
 from pipeline.errors import DataError, ParamsError
 from pipeline.grouped_scoring import collate_groups, group_logprobs
 from pipeline.training.preference import (

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import io
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -138,6 +139,11 @@ def load_image(source: str | Path | bytes, name: str | None = None) -> Image.Ima
 def decode_image(data: bytes, name: str | None = None) -> Image.Image:
     """Decode encoded image bytes (as stored in artifacts) into an RGB image (see `load_image`)."""
     return load_image(bytes(data), name=name)
+
+
+def decode_images(images: Sequence[bytes | Image.Image]) -> list[Image.Image]:
+    """Each item decoded (`decode_image`) unless it is an image already."""
+    return [im if isinstance(im, Image.Image) else decode_image(im) for im in images]
 
 
 def encode_png(image: Image.Image) -> bytes:

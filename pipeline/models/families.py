@@ -64,8 +64,9 @@ def pad_to_square(image: Image.Image, image_mean: Iterable[float]) -> Image.Imag
     The colour is `int(255 * m)` per channel of the image processor's `image_mean` (for a
     grey-scale image, of their average). LLaVA-Med's `process_images` places the image at a
     random offset of `d // 2` or `d // 2 + 1` pixels (d: side difference); this uses `d // 2`,
-    as upstream LLaVA does. Call it on the image as decoded (L or RGB), before any RGB
-    conversion: a grey-scale image is padded with a grey, as in LLaVA-Med.
+    as upstream LLaVA does. An L image is padded with a grey, as LLaVA-Med pads the grey-scale
+    files it opens; the pipeline decodes every image to RGB (`decode_image`), so there a
+    grey-scale file gets the RGB mean colour.
     """
     if image.mode not in ("L", "RGB"):
         raise ValueError(f"pad_to_square takes an L or RGB image, got mode {image.mode!r}; convert it first")
@@ -108,9 +109,14 @@ class Family:
     # Whether an image's visual tokens follow its size (any resolution): prompts then need the
     # image (`VLM.prompt_ids(..., image=...)`), and a batch's images may differ in tokens.
     variable_image_tokens: bool = False
+    # Whether `image_size: native` (each image at its own size) applies.
+    takes_native_resolution: ClassVar[bool] = False
 
-    def __init__(self, model: torch.nn.Module, image_processor: Any, image_size: int | None = None,
+    def __init__(self, model: torch.nn.Module, image_processor: Any, image_size: int | str | None = None,
                  processor: Any | None = None) -> None:
+        if image_size == NATIVE and not self.takes_native_resolution:
+            raise ValueError(f"{self.name}: image_size 'native' is for any-resolution families (LLaVA-NeXT, Qwen2-VL); "
+                             "this family processes every image at one size")
         self.model = model
         self.image_processor = image_processor
         self.image_size = image_size
@@ -209,9 +215,10 @@ class Family:
 
     # ----- positions and attention
     def position_ids(self, attention_mask: torch.Tensor, image_mask: torch.Tensor | None,
-                     images: ImageBatch | None = None) -> torch.Tensor:
-        """Position ids of a (B, T) batch whose attention mask may drop visual tokens (`images`:
-        the batch's images, one per row, for families whose positions follow each image's grid)."""
+                     image_layout: ImageBatch | None = None) -> torch.Tensor:
+        """Position ids of a (B, T) batch whose attention mask may drop visual tokens
+        (`image_layout`: the batch's images, one per row, for families whose positions follow
+        each image's grid)."""
         return position_ids_from_mask(attention_mask)
 
     def forward_kwargs(self, image_mask: torch.Tensor | None, prefill: bool) -> dict[str, Any]:
@@ -243,6 +250,22 @@ class LlavaFamily(Family):
         if not side:
             raise ValueError(f"the image processor's output size is not fixed ({size})")
         return Image.new("RGB", (int(size.get("width") or side), int(side)))
+
+    def tower_view(self, image_size: tuple[int, int]) -> tuple[int, int, int, int]:
+        """(left, top, width, height): the part of an image of `image_size` (width, height), in its
+        pixels, that the tower's square patch grid covers: the padded square for
+        `image_aspect_ratio: pad` (reaching past the image), the centred square the processor's
+        shortest-edge resize and centre crop keep, or the whole image for a processor that
+        resizes to a fixed size without cropping."""
+        width, height = image_size
+        if getattr(self.model.config, "image_aspect_ratio", None) == "pad":
+            side = max(width, height)
+            return -((side - width) // 2), -((side - height) // 2), side, side
+        ip = self.image_processor
+        if getattr(ip, "do_center_crop", False) and (dict(ip.size).get("shortest_edge")):
+            side = min(width, height)
+            return (width - side) // 2, (height - side) // 2, side, side
+        return 0, 0, width, height
 
     def default_image_tokens(self, processor: Any | None = None) -> int:
         vision = self.model.config.vision_config
@@ -287,6 +310,7 @@ class Qwen2VLFamily(Family):
 
     name = "qwen2_vl"
     model_types = ("qwen2_vl", "qwen2_5_vl")
+    takes_native_resolution = True
     full_precision_modules = ("visual", "lm_head")
     # The side used for a checkpoint made elsewhere: 448 px, 16 x 16 = 256 visual tokens.
     DEFAULT_SIDE: ClassVar[int] = 448
@@ -395,9 +419,7 @@ class Qwen2VLFamily(Family):
             return super().pixel_values(images, image_tokens)
         out = self.image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
         grids = out["image_grid_thw"]  # (B, 3): t, h, w in patches
-        patches = out["pixel_values"].split(grids.prod(-1).tolist())
-        width = max(p.shape[0] for p in patches)
-        pixels = torch.stack([torch.nn.functional.pad(p, [0, 0, 0, width - p.shape[0]]) for p in patches])
+        pixels = pad_features(out["pixel_values"].split(grids.prod(-1).tolist()))
         sizes = grids[:, 1:] * self.patch_size  # the processed image, in pixels
         return ImageBatch(pixels, sizes.long(), (grids.prod(-1) // self.merge_size ** 2).long())
 
@@ -416,23 +438,23 @@ class Qwen2VLFamily(Family):
         out = self.model.model.get_image_features(pixel_values=flat, image_grid_thw=grid, return_dict=True)
         return pad_features(list(out.pooler_output))
 
-    def row_grids(self, image_mask: torch.Tensor, images: ImageBatch | None) -> list[tuple[int, int]]:
+    def row_grids(self, image_mask: torch.Tensor, image_layout: ImageBatch | None) -> list[tuple[int, int]]:
         """(rows, columns) of visual tokens of each batch row's images: the one square grid, or at
-        native resolution row b's image's (`images`, one image per row)."""
+        native resolution row b's image's (`image_layout`, one image per row)."""
         if not self.variable_image_tokens:
             return [(self.llm_grid, self.llm_grid)] * image_mask.shape[0]
-        if images is None or len(images) != image_mask.shape[0]:
+        if image_layout is None or len(image_layout) != image_mask.shape[0]:
             raise ValueError(f"{self.name}: at native resolution positions follow each image's grid; pass the "
-                             "batch's images (one per row)")
-        return [(int(h) // self.factor, int(w) // self.factor) for h, w in images.sizes.tolist()]
+                             "batch's images (image_layout, one per row)")
+        return [(int(h) // self.factor, int(w) // self.factor) for h, w in image_layout.sizes.tolist()]
 
     def position_ids(self, attention_mask: torch.Tensor, image_mask: torch.Tensor | None,
-                     images: ImageBatch | None = None) -> torch.Tensor:
+                     image_layout: ImageBatch | None = None) -> torch.Tensor:
         """(3, B, T) temporal / height / width positions (module docstring).
 
         A run of `image_mask` tokens holds whole images of a row's grid (h x w tokens in
         row-major order: one square for all rows, or at native resolution each row's image's,
-        from `images`); its first token is at p, token (i, j) gets (p, p + i, p + j), and the
+        from `image_layout`); its first token is at p, token (i, j) gets (p, p + i, p + j), and the
         text after it starts at p + max(h, w), as Qwen's `get_rope_index` numbers it. An image
         with no attended token takes no positions. Masked tokens' positions are never read.
         """
@@ -442,7 +464,7 @@ class Qwen2VLFamily(Family):
         batch, length = attention_mask.shape
         device = attention_mask.device
         attended = attention_mask.bool()
-        grids = self.row_grids(image_mask, images)
+        grids = self.row_grids(image_mask, image_layout)
         # Each token's advance of the running position: 1 per attended text token, plus an
         # image's extent after its last token when any of it is attended.
         step = (attended & ~image_mask).long()
@@ -504,7 +526,7 @@ class Gemma3Family(LlavaFamily):
 
 
     def position_ids(self, attention_mask: torch.Tensor, image_mask: torch.Tensor | None,
-                     images: ImageBatch | None = None) -> torch.Tensor:
+                     image_layout: ImageBatch | None = None) -> torch.Tensor:
         window = getattr(self.model.config.get_text_config(), "sliding_window", None)
         if window and attention_mask.shape[1] > window:
             attended = attention_mask.bool()
@@ -614,10 +636,13 @@ class LlavaNextFamily(LlavaFamily):
     model_types = ("llava_next",)
     supports_vision_masks = False
     variable_image_tokens = True
+    takes_native_resolution = True
 
-    def __init__(self, model: torch.nn.Module, image_processor: Any, image_size: int | None = None,
+    def __init__(self, model: torch.nn.Module, image_processor: Any, image_size: int | str | None = None,
                  processor: Any | None = None) -> None:
-        super().__init__(model, image_processor, None if image_size == NATIVE else image_size, processor)
+        super().__init__(model, image_processor, image_size, processor)
+        if self.image_size == NATIVE:  # the default: each image its own size
+            self.image_size = None
         self._token_counts: dict[tuple[int, int], int] = {}
 
     def uses_processor(self, tokenizer_renders_text: bool) -> bool:
@@ -689,7 +714,7 @@ def family_class(model_type: str | None) -> type[Family]:
     )
 
 
-def family_for(model: torch.nn.Module, image_processor: Any, image_size: int | None = None,
+def family_for(model: torch.nn.Module, image_processor: Any, image_size: int | str | None = None,
                processor: Any | None = None) -> Family:
     """The family of a loaded model, by its config's `model_type`; a clear error for any other."""
     return family_class(getattr(model.config, "model_type", None))(model, image_processor, image_size, processor)

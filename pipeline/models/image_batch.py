@@ -17,7 +17,7 @@ import torch
 from torch.nn import functional
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ImageBatch:
     """`pixels` (B, ...): one processed image per row (the family's layout, zero-padded along
     dim 1 where images differ in tiles or patches); `sizes` (B, 2): each image's (height, width),
@@ -39,10 +39,13 @@ class ImageBatch:
         return self.pixels.shape[0]
 
     def __getitem__(self, index: int | slice | torch.Tensor | Sequence[int]) -> ImageBatch:
+        """The images at `index` (an int keeps a batch of one; a tensor or list holds row indices)."""
         if isinstance(index, int):
-            index = slice(index, index + 1)
+            index = slice(index, index + 1 or None)
         if isinstance(index, slice):
             return ImageBatch(self.pixels[index], self.sizes[index], self.token_counts[index])
+        if isinstance(index, torch.Tensor) and index.dtype == torch.bool:
+            raise TypeError("ImageBatch: index with row numbers, not a boolean mask")
         index = torch.as_tensor(index, dtype=torch.long)
         rows = index.cpu()
         return ImageBatch(self.pixels[index.to(self.pixels.device)], self.sizes[rows], self.token_counts[rows])
@@ -51,6 +54,11 @@ class ImageBatch:
         """Pixels moved or cast as `Tensor.to` does; sizes and counts stay on the CPU (read as
         Python numbers). Accepts what `accelerate.utils.send_to_device` passes (`non_blocking`)."""
         return ImageBatch(self.pixels.to(*args, **kwargs), self.sizes, self.token_counts)
+
+    def layout(self) -> ImageBatch:
+        """The sizes and visual-token counts without the pixels (an empty (B, 0) tensor): what
+        positions need, cheap to index and stack per row."""
+        return ImageBatch(self.pixels.new_empty((len(self), 0)), self.sizes, self.token_counts)
 
     def with_pixels(self, pixels: torch.Tensor) -> ImageBatch:
         """The same images with other pixels of the same shape (a crop, a noised copy)."""

@@ -87,6 +87,7 @@ class VLM:
                 f"the model expects {self.image_token_id}"
             )
         self.eos_token_id = self.family.end_of_turn_id(tokenizer)
+        self._answer_ids: dict[str, list[int]] = {}  # answer text -> its tokens (the template renders each once)
         self.pad_token_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_id)
 
     # ----- parts (the family knows where they are)
@@ -116,21 +117,22 @@ class VLM:
         return self.model.lm_head
 
     def position_ids(self, attention_mask: torch.Tensor, image_mask: torch.Tensor | None,
-                     images: ImageBatch | None = None) -> torch.Tensor:
+                     image_layout: ImageBatch | None = None) -> torch.Tensor:
         """Positions of a batch whose attention mask may drop visual tokens: (B, T) for 1-D
         rotary families, (3, B, T) for Qwen2-VL's; the last one is `[..., -1:]` either way.
         `image_mask` (True at visual tokens) is required by families whose positions depend on it,
-        and `images` (the batch's images, row b's image at b) by those whose positions follow each
-        image's grid (Qwen2-VL at native resolution)."""
-        return self.family.position_ids(attention_mask, image_mask, images)
+        and `image_layout` (row b's image at b; `ImageBatch.layout()`, no pixels needed) by those
+        whose positions follow each image's grid (Qwen2-VL at native resolution)."""
+        return self.family.position_ids(attention_mask, image_mask, image_layout)
 
     def hidden_states(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-                      image_mask: torch.Tensor | None = None, images: ImageBatch | None = None) -> torch.Tensor:
+                      image_mask: torch.Tensor | None = None, image_layout: ImageBatch | None = None
+                      ) -> torch.Tensor:
         """Last hidden states of the language model (no LM head), positions from the mask."""
         return self.model.model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            position_ids=self.position_ids(attention_mask, image_mask, images),
+            position_ids=self.position_ids(attention_mask, image_mask, image_layout),
             **self.family.forward_kwargs(image_mask, prefill=True),
         ).last_hidden_state
 
@@ -243,8 +245,11 @@ class VLM:
         """The answer's tokens as the chat template writes an assistant turn after the generation
         prompt (a leading space where it writes `Assistant: yes`), up to and including the
         end-of-turn token the model must learn to emit (`assistant_turn_ids`)."""
-        return assistant_turn_ids(self._render_chat, self._tokenize, self.tokenizer.decode, self._message,
-                                  answer.strip(), self.eos_token_id)
+        answer = answer.strip()
+        if answer not in self._answer_ids:
+            self._answer_ids[answer] = assistant_turn_ids(self._render_chat, self._tokenize, self.tokenizer.decode,
+                                                          self._message, answer, self.eos_token_id)
+        return list(self._answer_ids[answer])
 
     def _render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
         # The template `prompt_ids` renders with: the processor's for typed parts where one is loaded.
@@ -276,6 +281,11 @@ class VLM:
     def family_name(self) -> str:
         """The model family (`pipeline.models.families`), for messages and reports."""
         return self.family.name
+
+    def tower_view(self, image_size: tuple[int, int]) -> tuple[int, int, int, int]:
+        """(left, top, width, height) of an image of `image_size` (width, height) that the vision
+        tower's patch grid covers (single-view CLIP towers, `supports_vision_masks`)."""
+        return self.family.tower_view(image_size)
 
     @property
     def supports_vision_masks(self) -> bool:
@@ -328,18 +338,19 @@ class VLM:
         position_ids: torch.Tensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         image_mask: torch.Tensor | None = None,
-        images: ImageBatch | None = None,
+        image_layout: ImageBatch | None = None,
     ):
         """One language-model forward. Positions are the family's for the attention mask
         (`position_ids`) unless given; `image_mask` defaults to where `input_ids` has the image
-        token; `images` (row b's image at b, for positions that follow each image's grid)
+        token; `image_layout` (row b's image at b, for positions that follow each image's grid)
         defaults to `pixel_values`."""
         if image_mask is None and input_ids is not None:
             image_mask = input_ids == self.image_token_id
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, pixel_values)
         if position_ids is None:
-            position_ids = self.position_ids(attention_mask, image_mask, images if images is not None else pixel_values)
+            layout = image_layout if image_layout is not None else pixel_values
+            position_ids = self.position_ids(attention_mask, image_mask, layout)
         prefill = cache is None or cache.get_seq_length() == 0
         return self.model(
             inputs_embeds=inputs_embeds,

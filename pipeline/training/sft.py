@@ -28,7 +28,8 @@ from pydantic import Field, field_validator
 from torch import nn
 from tqdm.auto import tqdm
 
-from pipeline.batching import IGNORE_INDEX, collate_sequences, decode_image
+from pipeline.batching import IGNORE_INDEX, collate_sequences
+from pipeline.data.images import decode_image
 from pipeline.errors import DataError
 from pipeline.metrics import normalize_answer
 from pipeline.models.vlm import VLM, ImageBatch
