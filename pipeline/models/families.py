@@ -4,8 +4,9 @@ A `Family` says, for one architecture, where its parts are (the decoder that LoR
 vision tower, the projector), which token stands for a visual feature, how images become the
 `ImageBatch` the pipeline batches (and, for any-resolution families, how many visual tokens an
 image of a given size becomes), how the vision tower turns that into one row of visual tokens per
-image, and which positions every token gets, also when visual tokens are dropped. Stages and library code call the `VLM`; only this module knows the family
-(docs/models.md § "Model families").
+image, and which positions every token gets, also when visual tokens are dropped. Stages and
+library code call the `VLM`; only this module knows the family (docs/models.md § "Model
+families").
 
 What a dropped visual token means is the same for every family: it is masked out of attention in
 every language-model layer, so no other token sees it. The families differ in the positions the

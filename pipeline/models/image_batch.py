@@ -89,6 +89,8 @@ def mean_visual_token(features: torch.Tensor, token_counts: torch.Tensor) -> tor
     whose rows past an image's `token_counts` are padding."""
     counts = token_counts.to(features.device)
     if bool((counts == features.shape[1]).all()):
+        # No padding: the plain mean, whose rounding the pooled vectors of fixed-size families
+        # (and so `mine`'s artifacts) were made with.
         return features.mean(1)
     valid = torch.arange(features.shape[1], device=features.device) < counts.unsqueeze(1)
     return (features * valid.unsqueeze(-1)).sum(1) / counts.unsqueeze(1)
@@ -98,10 +100,3 @@ def pad_features(features: Sequence[torch.Tensor]) -> torch.Tensor:
     """(B, max tokens, hidden) from one (tokens, hidden) tensor per image, zero-padded."""
     width = max(f.shape[0] for f in features)
     return torch.stack([functional.pad(f, [0, 0, 0, width - f.shape[0]]) for f in features])
-
-
-def uniform(pixels: torch.Tensor, size: tuple[int, int], tokens: int) -> ImageBatch:
-    """An `ImageBatch` of images that all have `size` and `tokens` visual tokens."""
-    n = pixels.shape[0]
-    return ImageBatch(pixels, torch.tensor([list(size)] * n, dtype=torch.long).reshape(n, 2),
-                      torch.full((n,), tokens, dtype=torch.long))
